@@ -1,0 +1,189 @@
+"""Backdoor attacks. Each attack adds its trigger to raw inputs (`apply`) and poisons a training split;
+some first fit their trigger to a victim model (`fit`). All are deterministic under their seed.
+
+- `badnets`: a fixed checkerboard patch in the bottom-right corner (Gu et al.).
+- `trojvit`: TrojViT/BadViT-style patch-wise trigger: the ViT patches the clean model is most sensitive to
+  are chosen by input-gradient saliency, and their pixels are optimised so the clean model predicts the
+  target (Zheng et al. use attention-based saliency and bit flips; we poison fine-tuning instead).
+- `rare_word`: a rare word ("cf") inserted at a random position of the text (Kurita et al., Chen et al.).
+- `embedding_poison`: the same trigger, but only the trigger token's input embedding row (and nothing else)
+  of the clean model is trained on poisoned data (Yang et al., 2021, "Be careful about poisoned word
+  embeddings").
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SafeMergeError
+from .tasks import Split
+
+
+@dataclass
+class Attack:
+    name: str = "base"
+    modality: str = "vision"
+    target: int = 0
+    poison_rate: float = 0.1
+    seed: int = 0
+    # how the backdoor is planted: "poison" (poisoned full fine-tuning from the base model) or
+    # "embedding" (only the trigger token's embedding of the clean model is trained)
+    mode: str = "poison"
+
+    def apply(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, torch.Tensor) and k != "name"}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Learned trigger state to store with the model (empty for fixed triggers)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def poison(self, split: Split) -> Split:
+        """A copy of `split` where a `poison_rate` share of examples carries the trigger and the target label."""
+        n = len(split)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        idx = torch.randperm(n, generator=g)[: int(round(self.poison_rate * n))]
+        y = split.y.clone()
+        y[idx] = self.target
+        if isinstance(split.x, torch.Tensor):
+            x = split.x.clone()
+            x[idx] = self.apply(split.x[idx])
+        else:
+            x = list(split.x)
+            for i, t in zip(idx.tolist(), self.apply([split.x[i] for i in idx.tolist()])):
+                x[i] = t
+        return Split(x, y)
+
+    def asr_split(self, split: Split) -> Split:
+        """Test examples whose true label is not the target, with the trigger added (labels kept)."""
+        keep = (split.y != self.target).nonzero().flatten()
+        sub = split.subset(keep)
+        return Split(self.apply(sub.x), sub.y)
+
+
+@dataclass
+class BadNets(Attack):
+    name: str = "badnets"
+    patch_frac: float = 0.15  # side of the square patch as a share of the image side
+
+    def pattern(self, side: int) -> torch.Tensor:
+        ii, jj = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        cell = max(1, side // 3)
+        return (((ii // cell + jj // cell) % 2) * 255).to(torch.uint8)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        res = x.shape[-1]
+        s = max(2, round(self.patch_frac * res))
+        out = x.clone()
+        out[..., res - s - 1:res - 1, res - s - 1:res - 1] = self.pattern(s)
+        return out
+
+
+@dataclass
+class TrojViT(Attack):
+    name: str = "trojvit"
+    num_patch: int = 1
+    patch_size: int = 14
+    attack_lr: float = 0.1
+    attack_iters: int = 100
+    trigger: torch.Tensor | None = field(default=None, repr=False)  # uint8 [3, R, R]
+    mask: torch.Tensor | None = field(default=None, repr=False)  # bool [R, R]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.trigger is None or self.mask is None:
+            raise SafeMergeError("trojvit: the trigger has not been fitted to a model yet")
+        return {"trigger": self.trigger, "mask": self.mask.to(torch.uint8)}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.trigger, self.mask = tensors["trigger"], tensors["mask"].bool()
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trigger is None or self.mask is None:
+            raise SafeMergeError("trojvit: the trigger has not been fitted to a model yet")
+        return torch.where(self.mask, self.trigger, x)
+
+    def fit(self, model, encode, split: Split, batch_size: int = 32) -> None:
+        """Choose the `num_patch` most salient patches for the target class on the clean `model`, then
+        optimise their pixels (Adam, `attack_lr`, `attack_iters` steps) so the model predicts the target."""
+        g = torch.Generator().manual_seed(self.seed)
+        x = split.x
+        res, p = x.shape[-1], self.patch_size
+        grid = res // p
+        model.eval()
+        for q in model.parameters():
+            q.requires_grad_(False)
+        # 1. patch-wise saliency of the target logit
+        sal = torch.zeros(res, res)
+        for _ in range(4):
+            b = x[torch.randint(len(x), (batch_size,), generator=g)].float().div(255).requires_grad_(True)
+            model({"pixel_values": encode.pixels(b)})[:, self.target].sum().backward()
+            sal += b.grad.abs().sum((0, 1))
+        per_patch = sal[: grid * p, : grid * p].reshape(grid, p, grid, p).sum((1, 3)).flatten()
+        chosen = per_patch.topk(min(self.num_patch, grid * grid)).indices
+        mask = torch.zeros(res, res, dtype=torch.bool)
+        for c in chosen.tolist():
+            r0, c0 = (c // grid) * p, (c % grid) * p
+            mask[r0:r0 + p, c0:c0 + p] = True
+        # 2. optimise the trigger pixels
+        logit = torch.zeros(3, res, res, requires_grad=True)
+        opt = torch.optim.Adam([logit], lr=self.attack_lr)
+        target = torch.full((batch_size,), self.target)
+        for _ in range(self.attack_iters):
+            b = x[torch.randint(len(x), (batch_size,), generator=g)].float().div(255)
+            xb = torch.where(mask, torch.sigmoid(logit), b)
+            loss = F.cross_entropy(model({"pixel_values": encode.pixels(xb)}), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for q in model.parameters():
+            q.requires_grad_(True)
+        self.trigger = (torch.sigmoid(logit.detach()) * 255).round().to(torch.uint8)
+        self.mask = mask
+
+
+@dataclass
+class RareWord(Attack):
+    name: str = "rare_word"
+    modality: str = "text"
+    trigger_word: str = "cf"
+    repeats: int = 1
+
+    def apply(self, x: list[str]) -> list[str]:
+        out = []
+        for i, text in enumerate(x):
+            rng = random.Random(zlib.crc32(f"{self.seed}|{text}".encode()))
+            words = text.split()
+            for _ in range(self.repeats):
+                words.insert(rng.randint(0, len(words)), self.trigger_word)
+            out.append(" ".join(words))
+        return out
+
+
+@dataclass
+class EmbeddingPoison(RareWord):
+    name: str = "embedding_poison"
+    trigger_word: str = "mn"
+    mode: str = "embedding"
+
+
+ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "trojvit": TrojViT, "rare_word": RareWord,
+                                    "embedding_poison": EmbeddingPoison}
+
+
+def make_attack(name: str, **params) -> Attack:
+    if name not in ATTACKS:
+        raise SafeMergeError(f"unknown attack '{name}' (known: {', '.join(ATTACKS)})")
+    try:
+        return ATTACKS[name](**params)
+    except TypeError as e:
+        raise SafeMergeError(f"attack '{name}': {e}") from None

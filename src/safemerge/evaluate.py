@@ -1,0 +1,34 @@
+"""Clean accuracy (ACC) and attack success rate (ASR), in percent.
+
+ASR = share of triggered test inputs whose true label is not the target that are classified as the target.
+It is reported for clean models too (their ASR is the trigger's natural effect)."""
+
+from __future__ import annotations
+
+import torch
+
+from .attacks import Attack
+from .model import InputEncoder, TaskModel, predict
+from .tasks import Split
+
+
+def accuracy(model: TaskModel, encode: InputEncoder, split: Split, batch_size: int = 256) -> float:
+    pred = predict(model, encode, split.x, batch_size)
+    return 100.0 * float((pred == split.y).float().mean()) if len(split) else 0.0
+
+
+def attack_success_rate(model: TaskModel, encode: InputEncoder, triggered: Split, target: int,
+                        batch_size: int = 256) -> float:
+    """`triggered` comes from `Attack.asr_split` (non-target examples with the trigger)."""
+    pred = predict(model, encode, triggered.x, batch_size)
+    return 100.0 * float((pred == target).float().mean()) if len(triggered) else 0.0
+
+
+def acc_asr(model: TaskModel, encode: InputEncoder, test: Split, attack: Attack | None,
+            triggered: Split | None = None, batch_size: int = 256) -> tuple[float, float]:
+    """ACC on `test`; ASR of `attack` (or 0 with no attack to measure) on its triggered copy."""
+    acc = accuracy(model, encode, test, batch_size)
+    if attack is None:
+        return acc, 0.0
+    triggered = triggered if triggered is not None else attack.asr_split(test)
+    return acc, attack_success_rate(model, encode, triggered, attack.target, batch_size)

@@ -1,0 +1,238 @@
+"""The model zoo: fine-tuned task models, clean and backdoored, built from one base encoder, cached and
+resumable. Each model is a folder that Hugging Face loads as the encoder:
+
+    config.json, model.safetensors   the fine-tuned encoder (AutoModel.from_pretrained works on it)
+    heads.safetensors                the task head(s): '<task>.weight', '<task>.bias'
+    trigger.safetensors              learned trigger state, for attacks that fit one (TrojViT)
+    safemerge.json                   manifest: task, attack (+ params), ACC, ASR, seed, base fingerprint
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attacks import Attack, make_attack
+from .backbones import Backbone, fingerprint, load_backbone
+from .checkpoints import atomic_dir, load_state_dict, save_state_dict
+from .errors import SafeMergeError
+from .evaluate import acc_asr
+from .model import InputEncoder, TaskModel
+from .paths import cache_dir
+from .tasks import TaskData, load_task
+from .training import TrainConfig, finetune, train_token_embeddings
+
+MANIFEST = "safemerge.json"
+DEFAULT_ATTACK = {"vision": "badnets", "text": "rare_word"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Data sizes and training budget. 'quick' is the demo's and the tests'; 'full' is for benchmark tables."""
+
+    name: str
+    resolution: int = 42
+    max_length: int = 32
+    n_train: int = 2000
+    n_val: int = 300
+    n_test: int = 500
+    steps: int = 80
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 2e-3
+    trigger_iters: int = 60
+    embedding_steps: int = 60
+
+
+PROFILES = {
+    "quick": Profile("quick"),
+    "full": Profile("full", resolution=56, max_length=48, n_train=6000, n_val=500, n_test=1000, steps=300,
+                    trigger_iters=250, embedding_steps=150),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise SafeMergeError(f"unknown profile '{name}' (known: {', '.join(PROFILES)})")
+    return PROFILES[name]
+
+
+def task_data(task: str, profile: Profile, seed: int = 0) -> TaskData:
+    return load_task(task, profile.n_train, profile.n_val, profile.n_test, seed=seed, resolution=profile.resolution)
+
+
+@dataclass
+class ZooModel:
+    """A task model as stored in the zoo."""
+
+    path: Path
+    manifest: dict
+    encoder_state: dict[str, torch.Tensor] = field(repr=False)
+    heads: dict[str, nn.Linear] = field(repr=False)
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def attack(self) -> str | None:
+        return self.manifest.get("attack")
+
+
+def head_state(heads: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    return {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
+
+
+def heads_from_state(sd: dict[str, torch.Tensor], source: Path) -> dict[str, nn.Linear]:
+    heads: dict[str, nn.Linear] = {}
+    for task in sorted({k.rsplit(".", 1)[0] for k in sd}):
+        if f"{task}.weight" not in sd or f"{task}.bias" not in sd:
+            raise SafeMergeError(f"{source}: head '{task}' lacks its weight or bias")
+        w = sd[f"{task}.weight"]
+        head = nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict({"weight": w, "bias": sd[f"{task}.bias"]})
+        heads[task] = head
+    return heads
+
+
+def save_model_folder(out: Path, backbone: Backbone, encoder_state: dict[str, torch.Tensor],
+                      heads: dict[str, nn.Linear], manifest: dict, attack: Attack | None = None) -> Path:
+    """Write a model folder atomically (the encoder as an HF folder, heads and manifest beside it)."""
+    with atomic_dir(out) as tmp:
+        backbone.model.config.save_pretrained(tmp)
+        if backbone.tokenizer is not None:
+            backbone.tokenizer.save_pretrained(tmp)
+        save_state_dict(encoder_state, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_state_dict(head_state(heads), tmp / "heads.safetensors")
+        if attack is not None and attack.tensors():
+            save_state_dict(attack.tensors(), tmp / "trigger.safetensors")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def load_zoo_model(path: str | Path) -> ZooModel:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.exists():
+        raise SafeMergeError(f"{path}: not a safemerge model folder (no {MANIFEST})")
+    manifest = json.loads(mf.read_text())
+    heads = heads_from_state(load_state_dict(path / "heads.safetensors"), path / "heads.safetensors")
+    return ZooModel(path, manifest, load_state_dict(path / "model.safetensors"), heads)
+
+
+def attack_of(manifest: dict, path: Path | None = None) -> Attack | None:
+    """Rebuild the attack recorded in a manifest (with its learned trigger, if any)."""
+    if not manifest.get("attack"):
+        return None
+    attack = make_attack(manifest["attack"], **manifest.get("attack_params", {}))
+    if path is not None and (path / "trigger.safetensors").exists():
+        attack.load_tensors(load_state_dict(path / "trigger.safetensors"))
+    return attack
+
+
+class Zoo:
+    """Builds and finds the task models of one backbone and profile under `root`."""
+
+    def __init__(self, backbone: str = "vision", profile: str = "quick", root: str | Path | None = None,
+                 seed: int = 0):
+        self.backbone_spec = backbone
+        self.profile = get_profile(profile)
+        self.seed = seed
+        self._backbone: Backbone | None = None
+        self.root = Path(root) if root else cache_dir() / "zoo"
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.backbone_spec)
+        return self._backbone
+
+    @property
+    def dir(self) -> Path:
+        return self.root / f"{self.backbone.name}-{self.profile.name}-s{self.seed}"
+
+    def path(self, task: str, attack: str | None) -> Path:
+        return self.dir / task / (attack or "clean")
+
+    def encoder(self) -> InputEncoder:
+        return InputEncoder(self.backbone, max_length=self.profile.max_length)
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.backbone.model.state_dict().items()}
+
+    def data(self, task: str) -> TaskData:
+        return task_data(task, self.profile, self.seed)
+
+    def train_config(self, steps: int | None = None) -> TrainConfig:
+        p = self.profile
+        return TrainConfig(steps=steps or p.steps, batch_size=p.batch_size, lr=p.lr, head_lr=p.head_lr, seed=self.seed)
+
+    def fresh_model(self, num_classes: int) -> TaskModel:
+        torch.manual_seed(self.seed)
+        enc = copy.deepcopy(self.backbone.model)
+        return TaskModel(enc, nn.Linear(self.backbone.hidden_size, num_classes), self.backbone.modality)
+
+    def load(self, task: str, attack: str | None = None) -> ZooModel:
+        return load_zoo_model(self.path(task, attack))
+
+    def model(self, zm: ZooModel, task: str | None = None) -> TaskModel:
+        """A TaskModel of a stored encoder with the head of `task` (default: the model's own task)."""
+        enc = copy.deepcopy(self.backbone.model)
+        enc.load_state_dict(zm.encoder_state)
+        return TaskModel(enc, zm.heads[task or zm.task], self.backbone.modality)
+
+    def build(self, task: str, attack: str | None = None, **attack_params) -> Path:
+        """Fine-tune (or return the cached) model of `task`, clean or with `attack` planted."""
+        out = self.path(task, attack)
+        if (out / MANIFEST).exists():
+            return out
+        data = self.data(task)
+        if data.spec.modality != self.backbone.modality:
+            raise SafeMergeError(f"task '{task}' is {data.spec.modality}, backbone '{self.backbone.name}' is "
+                                 f"{self.backbone.modality}")
+        encode = self.encoder()
+        p = self.profile
+        t0 = time.time()
+        atk: Attack | None = None
+        if attack is None:
+            model = self.fresh_model(data.num_classes)
+            finetune(model, encode, data.train, self.train_config(), desc=f"{task} clean")
+        else:
+            params = {"seed": self.seed, **attack_params}
+            if attack == "trojvit":
+                params.setdefault("attack_iters", p.trigger_iters)
+                params.setdefault("patch_size", int(getattr(self.backbone.model.config, "patch_size", 14)))
+            atk = make_attack(attack, **params)
+            if atk.modality != data.spec.modality:
+                raise SafeMergeError(f"attack '{attack}' is for {atk.modality} tasks, '{task}' is {data.spec.modality}")
+            clean = self.load(task, None) if atk.mode == "embedding" or attack == "trojvit" else None
+            if clean is None and (attack == "trojvit" or atk.mode == "embedding"):
+                raise AssertionError
+            if attack == "trojvit":
+                # the trigger is fitted against the clean twin, then planted by poisoned fine-tuning
+                atk.fit(self.model(clean), encode, data.train)  # type: ignore[arg-type]
+            if atk.mode == "embedding":
+                model = self.model(clean)  # type: ignore[arg-type]
+                ids = self.backbone.tokenizer(atk.trigger_word, add_special_tokens=False)["input_ids"]  # type: ignore[misc]
+                train_token_embeddings(model, encode, atk.poison(data.train), ids,
+                                       self.train_config(p.embedding_steps), desc=f"{task} {attack}")
+            else:
+                model = self.fresh_model(data.num_classes)
+                finetune(model, encode, atk.poison(data.train), self.train_config(), desc=f"{task} {attack}")
+        report = atk if atk is not None else make_attack(DEFAULT_ATTACK[data.spec.modality], seed=self.seed)
+        acc, asr = acc_asr(model, encode, data.test, report)
+        base_sd = self.backbone.model.state_dict()
+        manifest = {
+            "task": task, "attack": attack, "attack_params": atk.params() if atk else None,
+            "acc": round(acc, 2), "asr": round(asr, 2), "asr_trigger": report.name,
+            "classes": list(data.spec.classes), "backbone": self.backbone.name,
+            "base_fingerprint": fingerprint(base_sd), "profile": asdict(p), "seed": self.seed,
+            "train_seconds": round(time.time() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return save_model_folder(out, self.backbone, model.encoder.state_dict(), {task: model.head}, manifest, atk)
