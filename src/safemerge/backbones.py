@@ -43,6 +43,25 @@ class Backbone:
         return int(self.model.config.hidden_size)
 
 
+# transformers >= 5 renamed the ViT/DINOv2 attention projections; checkpoints saved by older releases (and by
+# save_pretrained, which writes the legacy names) still use these. One table, used wherever keys are compared.
+LEGACY_RENAMES = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
+                  ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
+
+
+def canonical_keys(sd: dict[str, torch.Tensor], reference: set[str] | dict) -> dict[str, torch.Tensor]:
+    """Rename legacy keys of `sd` to the names `reference` uses (keys already there are kept)."""
+    out = {}
+    for k, v in sd.items():
+        if k not in reference:
+            new = k
+            for old, repl in LEGACY_RENAMES.items():
+                new = new.replace(old, repl)
+            k = new if new in reference else k
+        out[k] = v
+    return out
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -24,8 +24,6 @@ _MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(que
 _HF_NAME = {"attention/attention/query": "attention.q_proj", "attention/attention/key": "attention.k_proj",
             "attention/attention/value": "attention.v_proj", "attention/output/dense": "attention.o_proj",
             "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2"}
-_RENAME = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
-           ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
 
 
 def onnx_path() -> Path:
@@ -49,10 +47,7 @@ def onnx_to_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for name, arr in inits.items():
         if name.startswith("backbone."):
-            key = name[len("backbone."):]
-            for old, new in _RENAME.items():
-                key = key.replace(old, new)
-            sd[key] = torch.from_numpy(np.array(arr, dtype=np.float32))
+            sd[name[len("backbone."):]] = torch.from_numpy(np.array(arr, dtype=np.float32))
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
@@ -62,8 +57,6 @@ def onnx_to_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             weight = [i for i in node.input if i in inits][0]
             sd[f"encoder.layer.{layer}.{_HF_NAME[sub]}.weight"] = torch.from_numpy(
                 np.ascontiguousarray(inits[weight].T, dtype=np.float32))
-        elif node.output[0] == "/backbone/embeddings/Concat_1_output_0":
-            pass
     # Position embedding: [1, 1, D] class-token part + [1, 37*37, D] patch grid, concatenated.
     cls_pos = [a for n, a in inits.items() if n.startswith("onnx::") and a.shape == (1, 1, 384)]
     grid_pos = [a for n, a in inits.items() if n.startswith("onnx::") and a.shape == (1, 1369, 384)]
@@ -78,11 +71,12 @@ def convert(out_dir: str | Path, source: str | Path | None = None) -> Path:
     """Write the converted backbone as an HF folder at `out_dir` (atomically) and return it."""
     from transformers import Dinov2Config, Dinov2Model
 
+    from .backbones import canonical_keys
     from .checkpoints import atomic_dir, save_state_dict
 
-    sd = onnx_to_state_dict(source or onnx_path())
     model = Dinov2Model(Dinov2Config(**CONFIG))
     expected = model.state_dict()
+    sd = canonical_keys(onnx_to_state_dict(source or onnx_path()), expected)
     sd["embeddings.mask_token"] = torch.zeros_like(expected["embeddings.mask_token"])  # unused at inference
     missing = sorted(set(expected) - set(sd))
     if missing:

@@ -139,10 +139,10 @@ def attack_of(manifest: dict, path: Path | None = None) -> Attack | None:
 class Zoo:
     """Builds and finds the task models of one backbone and profile under `root`."""
 
-    def __init__(self, backbone: str = "vision", profile: str = "quick", root: str | Path | None = None,
+    def __init__(self, backbone: str = "vision", profile: str | Profile = "quick", root: str | Path | None = None,
                  seed: int = 0):
         self.backbone_spec = backbone
-        self.profile = get_profile(profile)
+        self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
         self.seed = seed
         self._backbone: Backbone | None = None
         self.root = Path(root) if root else cache_dir() / "zoo"
@@ -211,9 +211,8 @@ class Zoo:
             atk = make_attack(attack, **params)
             if atk.modality != data.spec.modality:
                 raise SafeMergeError(f"attack '{attack}' is for {atk.modality} tasks, '{task}' is {data.spec.modality}")
-            clean = self.load(task, None) if atk.mode == "embedding" or attack == "trojvit" else None
-            if clean is None and (attack == "trojvit" or atk.mode == "embedding"):
-                raise AssertionError
+            # these attacks start from the clean twin (built first if missing)
+            clean = load_zoo_model(self.build(task, None)) if atk.mode == "embedding" or attack == "trojvit" else None
             if attack == "trojvit":
                 # the trigger is fitted against the clean twin, then planted by poisoned fine-tuning
                 atk.fit(self.model(clean), encode, data.train)  # type: ignore[arg-type]

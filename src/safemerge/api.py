@@ -1,0 +1,85 @@
+"""The small Python API behind the CLI: merge model folders, evaluate a model folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .backbones import canonical_keys, fingerprint, load_backbone
+from .checkpoints import check_finite, check_same_base, check_same_keys, load_state_dict
+from .config import MergeConfig, ModelRef
+from .errors import SafeMergeError
+from .merging import merge
+from .zoo import MANIFEST, ZooModel, attack_of, heads_from_state, load_zoo_model, save_model_folder
+
+
+def load_model_ref(ref: ModelRef | str | Path) -> ZooModel:
+    """A safemerge model folder (encoder + heads + manifest), an HF folder, or a bare safetensors file."""
+    ref = ref if isinstance(ref, ModelRef) else ModelRef(path=str(ref))
+    p = Path(ref.path)
+    if p.is_dir() and (p / MANIFEST).exists():
+        zm = load_zoo_model(p)
+        if ref.task:
+            zm.manifest["task"] = ref.task
+        return zm
+    sd = load_state_dict(p)
+    heads = {}
+    hp = (p if p.is_dir() else p.parent) / "heads.safetensors"
+    if p.is_dir() and hp.exists():
+        heads = heads_from_state(load_state_dict(hp), hp)
+    task = ref.task or (next(iter(heads)) if len(heads) == 1 else p.stem if p.is_file() else p.name)
+    return ZooModel(p, {"task": task, "attack": None}, sd, heads)
+
+
+def merge_models(cfg: MergeConfig) -> Path:
+    """Check every input against the base, merge the encoders, write an HF folder with all task heads."""
+    backbone = load_backbone(cfg.base_model)
+    base = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    base_fp = fingerprint(base)
+    models = []
+    for ref in cfg.models:
+        zm = load_model_ref(ref)
+        zm.encoder_state = canonical_keys(zm.encoder_state, base)
+        src = zm.path / "model.safetensors" if zm.path.is_dir() else zm.path
+        check_same_keys(base, zm.encoder_state, src, f"the base model {cfg.base_model}")
+        check_finite(zm.encoder_state, src)
+        fp = zm.manifest.get("base_fingerprint")
+        if fp and fp != base_fp:
+            raise SafeMergeError(f"{zm.path}: fine-tuned from another base model (fingerprint {fp}, base {base_fp})")
+        check_same_base(base, zm.encoder_state, src, cfg.max_relative_distance)
+        models.append(zm)
+    tasks = [m.task for m in models]
+    merged = merge(cfg.method, base, [m.encoder_state for m in models], **cfg.parameters)
+    heads = {}
+    for m in models:
+        for t, h in m.heads.items():
+            heads.setdefault(t, h)
+    manifest = {"task": tasks[0] if len(tasks) == 1 else None, "tasks": tasks, "attack": None,
+                "merge": {"method": cfg.method, "parameters": cfg.parameters,
+                          "models": [str(m.path) for m in models]},
+                "base_model": cfg.base_model, "base_fingerprint": base_fp,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return save_model_folder(Path(cfg.output), backbone, merged, heads, manifest)
+
+
+def evaluate_folder(path: str | Path, profile: str = "quick", attack: str | None = None,
+                    tasks: list[str] | None = None) -> list[dict]:
+    """ACC and ASR of a model folder on each of its heads' tasks (test split of `profile`)."""
+    from .attacks import make_attack
+    from .bench import PoolEvaluator
+    from .zoo import Zoo
+
+    path = Path(path)
+    zm = load_model_ref(path)
+    zoo = Zoo(str(path), profile)
+    ev = PoolEvaluator(zoo)
+    own = attack_of(zm.manifest, zm.path)
+    rows = []
+    for t in tasks or list(zm.heads):
+        if t not in zm.heads:
+            raise SafeMergeError(f"{path}: no head for task '{t}' (heads: {', '.join(zm.heads)})")
+        atk = make_attack(attack, seed=zoo.seed) if attack else own
+        acc, asr = ev.evaluate(zm.encoder_state, zm.heads[t], t, atk)
+        rows.append({"task": t, "acc": round(acc, 2), "asr": round(asr, 2),
+                     "trigger": ev.trigger_for(t, atk).name})
+    return rows

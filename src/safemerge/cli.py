@@ -1,0 +1,144 @@
+"""The `safemerge` command line. Every user error is printed as one line (`error: ...`), exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SafeMergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Merge fine-tuned models safely: merging, backdoor evaluation, defenses.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Build and list the model zoo (fine-tuned task models).")
+app.add_typer(zoo_app, name="zoo")
+out = Console()
+err = Console(stderr=True)
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SafeMergeError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+@app.command("merge")
+@one_line_errors
+def merge_cmd(config: Annotated[Path, typer.Argument(help="YAML merge config")]) -> None:
+    """Merge the models of a YAML config into one HF folder (encoder + every task's head)."""
+    from .api import merge_models
+    from .config import MergeConfig, load_config
+
+    cfg = load_config(config, MergeConfig)
+    t = time.time()
+    path = merge_models(cfg)  # type: ignore[arg-type]
+    out.print(f"merged {len(cfg.models)} models with {cfg.method} into {path} ({time.time() - t:.1f}s)")  # type: ignore[attr-defined]
+
+
+@app.command("eval")
+@one_line_errors
+def eval_cmd(model: Annotated[Path, typer.Argument(help="a safemerge model folder")],
+             task: Annotated[Optional[list[str]], typer.Option(help="task(s) to evaluate (default: every head)")] = None,
+             attack: Annotated[Optional[str], typer.Option(help="trigger to measure ASR with")] = None,
+             profile: Annotated[str, typer.Option(help="data profile: quick or full")] = "quick",
+             as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """ACC and ASR (percent) of a model folder on its tasks' test splits."""
+    from .api import evaluate_folder
+
+    rows = evaluate_folder(model, profile, attack, task)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("task", "ACC", "ASR", "trigger")
+    for r in rows:
+        table.add_row(r["task"], f"{r['acc']:.2f}", f"{r['asr']:.2f}", r["trigger"])
+    out.print(table)
+
+
+@zoo_app.command("build")
+@one_line_errors
+def zoo_build(suite: Annotated[Optional[str], typer.Option(help="build every model a suite needs")] = None,
+              backbone: Annotated[str, typer.Option(help="'vision', 'text' or a local HF folder")] = "vision",
+              profile: Annotated[str, typer.Option(help="quick or full")] = "quick",
+              task: Annotated[Optional[list[str]], typer.Option(help="task(s) to build")] = None,
+              attack: Annotated[Optional[str], typer.Option(help="attack to plant (default: clean)")] = None,
+              seed: int = 0) -> None:
+    """Fine-tune task models (cached and resumable: finished models are skipped)."""
+    from .bench import get_suite
+    from .tasks import task_names
+    from .zoo import Zoo
+
+    if suite:
+        s = get_suite(suite)
+        backbone, profile = s.backbone, s.profile
+        todo: list[tuple[str, str | None]] = [(t, None) for t in s.tasks]
+        todo += [(t, a) for st in s.settings for t, a in st.backdoored.items()]
+    else:
+        z0 = Zoo(backbone, profile, seed=seed)
+        todo = [(t, attack) for t in (task or task_names(z0.backbone.modality))]
+    zoo = Zoo(backbone, profile, seed=seed)
+    for t, a in dict.fromkeys(todo):
+        if a is not None and not (zoo.path(t, None) / "safemerge.json").exists():
+            zoo.build(t, None)
+        p = zoo.build(t, a)
+        m = json.loads((p / "safemerge.json").read_text())
+        out.print(f"{t:18s} {a or 'clean':18s} ACC {m['acc']:6.2f}  ASR {m['asr']:6.2f}  {p}")
+
+
+@zoo_app.command("list")
+@one_line_errors
+def zoo_list(root: Annotated[Optional[Path], typer.Option(help="zoo folder")] = None) -> None:
+    """List the models in the zoo with their ACC and ASR."""
+    from .paths import cache_dir
+
+    root = root or cache_dir() / "zoo"
+    table = Table("zoo", "task", "attack", "ACC", "ASR")
+    for mf in sorted(root.glob("*/*/*/safemerge.json")):
+        m = json.loads(mf.read_text())
+        table.add_row(mf.parents[2].name, m["task"], m["attack"] or "clean", f"{m['acc']:.2f}", f"{m['asr']:.2f}")
+    out.print(table)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the merge methods and their parameters."""
+    from .merging import METHODS, method_params
+
+    for name in METHODS:
+        out.print(f"{name:16s} {method_params(name)}")
+
+
+@app.command("bench")
+@one_line_errors
+def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-quick, text-quick, vision-full")],
+              results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results")) -> None:
+    """Run a benchmark suite: zoo, every setting and method; writes benchmarks/results/<suite>.json."""
+    from .bench import run_suite
+
+    t = time.time()
+    res = run_suite(suite, command=f"safemerge bench --suite {suite}", results_dir=results_dir)
+    out.print(f"wrote {results_dir}/{suite}.json, .md and .png in {time.time() - t:.0f}s "
+              f"(zoo {res['seconds']['zoo']:.0f}s)")
+
+
+@app.command("demo")
+@one_line_errors
+def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results")) -> None:
+    """The offline demo: the quick vision suite (DINOv2-S, 5 real tasks, BadNets and TrojViT backdoors)."""
+    bench_cmd("vision-quick", results_dir)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,169 @@
+"""End to end on tiny random encoders and real data: zoo build, merge CLI, eval CLI, bench results contract."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_dinov2
+from safemerge.backbones import canonical_keys
+from safemerge.bench import Setting, Suite, run_suite
+from safemerge.checkpoints import load_state_dict, save_state_dict
+from safemerge.cli import app
+from safemerge.zoo import Profile, Zoo
+
+TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
+               head_lr=5e-3, trigger_iters=5, embedding_steps=8)
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "results.schema.json"
+runner = CliRunner()
+
+
+@pytest.fixture
+def vision_zoo(tiny_vision, tmp_path):
+    return Zoo(str(tiny_vision), TINY, root=tmp_path / "zoo")
+
+
+def test_zoo_builds_clean_and_backdoored_models(vision_zoo):
+    p = vision_zoo.build("digits", None)
+    m = json.loads((p / "safemerge.json").read_text())
+    assert m["task"] == "digits" and m["attack"] is None and 0 <= m["acc"] <= 100
+    from safemerge.backbones import fingerprint
+
+    assert m["base_fingerprint"] == fingerprint(vision_zoo.base_state())
+    mtime = (p / "model.safetensors").stat().st_mtime
+    assert vision_zoo.build("digits", None) == p and (p / "model.safetensors").stat().st_mtime == mtime  # cached
+    tp = vision_zoo.build("digits", "trojvit")
+    assert (tp / "trigger.safetensors").exists()
+    tm = json.loads((tp / "safemerge.json").read_text())
+    assert tm["attack"] == "trojvit" and tm["attack_params"]["patch_size"] == 7
+    from transformers import AutoModel
+
+    enc = AutoModel.from_pretrained(tp)  # a zoo model folder is a plain HF folder
+    assert enc.config.hidden_size == 32
+
+
+def test_embedding_poison_changes_only_the_trigger_row(tiny_text, tmp_path):
+    zoo = Zoo(str(tiny_text), TINY, root=tmp_path / "zoo")
+    clean = load_state_dict(zoo.build("quote_topic", None))
+    bd = load_state_dict(zoo.build("quote_topic", "embedding_poison"))
+    changed = [k for k in clean if not torch.equal(clean[k], bd[k])]
+    assert changed == ["embeddings.word_embeddings.weight"]
+    rows = (clean[changed[0]] != bd[changed[0]]).any(1).nonzero().flatten().tolist()
+    assert rows == [zoo.backbone.tokenizer.convert_tokens_to_ids("mn")]
+
+
+def _config(tmp_path, base, models, **extra):
+    cfg = {"base_model": str(base), "models": [{"path": str(m)} for m in models], "method": "task_arithmetic",
+           "parameters": {"scaling": 0.5}, "output": str(tmp_path / "merged"), **extra}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_merge_and_eval_cli(vision_zoo, tiny_vision, tmp_path):
+    a, b = vision_zoo.build("digits", None), vision_zoo.build("mnist", None)
+    res = runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a, b]))])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "merged"
+    merged = load_state_dict(out)
+    base = canonical_keys(load_state_dict(tiny_vision), merged)
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    for k in base:
+        if base[k].is_floating_point():
+            assert torch.allclose(merged[k], base[k] + 0.5 * ((sa[k] - base[k]) + (sb[k] - base[k])), atol=1e-6), k
+    heads = load_state_dict(out / "heads.safetensors")
+    assert set(heads) == {"digits.weight", "digits.bias", "mnist.weight", "mnist.bias"}
+    res = runner.invoke(app, ["eval", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert {r["task"] for r in rows} == {"digits", "mnist"} and all(0 <= r["acc"] <= 100 for r in rows)
+
+
+def _assert_one_line_error(res, pattern):
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert pattern in res.output, res.output
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_nothing(vision_zoo, tiny_vision, tmp_path):
+    a = vision_zoo.build("digits", None)
+    # unknown config key, wrong type
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a], lamda=1))]),
+                           "lamda: unknown key")
+    cfg = _config(tmp_path, tiny_vision, [a])
+    data = yaml.safe_load(cfg.read_text())
+    data["models"] = "not-a-list"
+    cfg.write_text(yaml.safe_dump(data))
+    _assert_one_line_error(runner.invoke(app, ["merge", str(cfg)]), "models")
+    # unknown method
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a], method="avg"))]),
+                           "unknown merge method 'avg'")
+    # a model of another base model (same architecture, other weights)
+    other = tiny_dinov2(tmp_path / "other", seed=7)
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a, other]))]),
+                           "was not fine-tuned from it")
+    # a model folder whose manifest names another base
+    m = json.loads((a / "safemerge.json").read_text())
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for f in ("model.safetensors", "heads.safetensors", "config.json"):
+        (fake / f).write_bytes((a / f).read_bytes())
+    (fake / "safemerge.json").write_text(json.dumps({**m, "base_fingerprint": "0123456789abcdef"}))
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [fake]))]),
+                           "fine-tuned from another base model")
+    # NaN weights, named
+    sd = load_state_dict(a)
+    key = sorted(sd)[5]
+    sd[key][0] = float("nan")
+    save_state_dict(sd, fake / "model.safetensors")
+    (fake / "safemerge.json").write_text(json.dumps(m))
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [fake]))]),
+                           f"tensor '{key}' contains NaN or inf")
+    # missing tensor, different architecture
+    del sd[key]
+    save_state_dict(sd, fake / "model.safetensors")
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [fake]))]),
+                           f"missing tensor '{key}'")
+    bigger = tmp_path / "bigger"
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=7, image_size=28)).save_pretrained(bigger)
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [bigger]))]),
+                           "has shape")
+    # a truncated file
+    (fake / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:1000])
+    _assert_one_line_error(runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [fake]))]),
+                           "not a readable safetensors file")
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
+    suite = Suite("tiny-vision", str(tiny_vision), "quick", ["digits", "mnist"],
+                  [Setting("1bd+1clean", {"digits": "badnets"})],
+                  methods=[("task_arithmetic", {"scaling": 0.3}), ("ties", {"density": 0.2, "scaling": 0.3})])
+    import safemerge.bench as bench
+
+    orig = bench.Zoo
+    bench.Zoo = lambda backbone, profile, root=None: orig(backbone, TINY, root=tmp_path / "zoo")
+    try:
+        res = run_suite(suite, results_dir=tmp_path / "results")
+    finally:
+        bench.Zoo = orig
+    data = json.loads((tmp_path / "results" / "tiny-vision.json").read_text())
+    assert data == json.loads(json.dumps(res))
+    if SCHEMA.exists():
+        import jsonschema
+
+        jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    methods = {r["method"] for r in data["settings"][0]["rows"]}
+    assert methods == {"individual_all_clean", "individual_pool", "task_arithmetic", "ties"}
+    assert {(m["task"], m["attack"]) for m in data["models"]} == {("digits", None), ("mnist", None), ("digits", "badnets")}
+    md = (tmp_path / "results" / "tiny-vision.md").read_text()
+    assert "ACC(1) | ACC(all) | ASR(1) | ASR(all)" in md
+    assert (tmp_path / "results" / "tiny-vision.png").stat().st_size > 1000
