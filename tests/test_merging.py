@@ -81,4 +81,4 @@ def test_unknown_method_and_parameter_are_one_line_errors():
         merge("tie", BASE, [M1])
     with pytest.raises(SafeMergeError, match="no parameter 'lambda'"):
         merge("task_arithmetic", BASE, [M1], **{"lambda": 0.3})
-    assert method_params("ties") == {"density": 0.2, "scaling": 0.3, "trim": "global"}
+    assert method_params("ties") == {"density": 0.2, "scaling": 1.0, "trim": "global"}

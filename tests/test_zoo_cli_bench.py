@@ -167,3 +167,11 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
     md = (tmp_path / "results" / "tiny-vision.md").read_text()
     assert "ACC(1) | ACC(all) | ASR(1) | ASR(all)" in md
     assert (tmp_path / "results" / "tiny-vision.png").stat().st_size > 1000
+
+
+def test_zoo_is_deterministic_under_its_seed(tiny_vision, tmp_path):
+    a = Zoo(str(tiny_vision), TINY, root=tmp_path / "z1").build("mnist", "badnets")
+    b = Zoo(str(tiny_vision), TINY, root=tmp_path / "z2").build("mnist", "badnets")
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((a / "safemerge.json").read_text())["acc"] == json.loads((b / "safemerge.json").read_text())["acc"]

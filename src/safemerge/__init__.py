@@ -1,10 +1,10 @@
 """safemerge: merge fine-tuned models safely.
 
     from safemerge import merge, load_backbone, Zoo, run_suite
-    merged = merge("ties", base_state, [sd1, sd2], density=0.2, scaling=0.3)
+    merged = merge("ties", base_state, [sd1, sd2], density=0.2, scaling=1.0)
 """
 
-from .api import evaluate_folder, load_model_ref, merge_models
+from .api import evaluate_folder, load_model_ref, merge_models, protect_model
 from .attacks import ATTACKS, make_attack
 from .backbones import load_backbone
 from .bench import SUITES, run_suite
@@ -12,8 +12,10 @@ from .config import MergeConfig
 from .errors import SafeMergeError
 from .evaluate import acc_asr
 from .merging import METHODS, merge
+from .protect import protect_state, undo_protection
 from .zoo import Zoo
 
 __all__ = ["ATTACKS", "METHODS", "SUITES", "MergeConfig", "SafeMergeError", "Zoo", "acc_asr", "evaluate_folder",
-           "load_backbone", "load_model_ref", "make_attack", "merge", "merge_models", "run_suite"]
+           "load_backbone", "load_model_ref", "make_attack", "merge", "merge_models",
+           "protect_model", "protect_state", "run_suite", "undo_protection"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from .zoo import MANIFEST, ZooModel, attack_of, heads_from_state, load_zoo_model
 def load_model_ref(ref: ModelRef | str | Path) -> ZooModel:
     """A safemerge model folder (encoder + heads + manifest), an HF folder, or a bare safetensors file."""
     ref = ref if isinstance(ref, ModelRef) else ModelRef(path=str(ref))
-    p = Path(ref.path)
+    p = Path(ref.path).expanduser()
     if p.is_dir() and (p / MANIFEST).exists():
         zm = load_zoo_model(p)
         if ref.task:
@@ -36,18 +36,8 @@ def merge_models(cfg: MergeConfig) -> Path:
     backbone = load_backbone(cfg.base_model)
     base = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
     base_fp = fingerprint(base)
-    models = []
-    for ref in cfg.models:
-        zm = load_model_ref(ref)
-        zm.encoder_state = canonical_keys(zm.encoder_state, base)
-        src = zm.path / "model.safetensors" if zm.path.is_dir() else zm.path
-        check_same_keys(base, zm.encoder_state, src, f"the base model {cfg.base_model}")
-        check_finite(zm.encoder_state, src)
-        fp = zm.manifest.get("base_fingerprint")
-        if fp and fp != base_fp:
-            raise SafeMergeError(f"{zm.path}: fine-tuned from another base model (fingerprint {fp}, base {base_fp})")
-        check_same_base(base, zm.encoder_state, src, cfg.max_relative_distance)
-        models.append(zm)
+    models = [_checked_against_base(ref, base, cfg.base_model, base_fp, cfg.max_relative_distance)
+              for ref in cfg.models]
     tasks = [m.task for m in models]
     merged = merge(cfg.method, base, [m.encoder_state for m in models], **cfg.parameters)
     heads = {}
@@ -59,7 +49,38 @@ def merge_models(cfg: MergeConfig) -> Path:
                           "models": [str(m.path) for m in models]},
                 "base_model": cfg.base_model, "base_fingerprint": base_fp,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return save_model_folder(Path(cfg.output), backbone, merged, heads, manifest)
+    return save_model_folder(Path(cfg.output).expanduser(), backbone, merged, heads, manifest)
+
+
+def _checked_against_base(ref: ModelRef | str | Path, base: dict, base_name: str, base_fp: str,
+                          max_relative_distance: float = 0.5) -> ZooModel:
+    """Load a model and refuse it unless it is a finite fine-tune of `base` with the same tensors."""
+    zm = load_model_ref(ref)
+    zm.encoder_state = canonical_keys(zm.encoder_state, base)
+    src = zm.path / "model.safetensors" if zm.path.is_dir() else zm.path
+    check_same_keys(base, zm.encoder_state, src, f"the base model {base_name}")
+    check_finite(zm.encoder_state, src)
+    fp = zm.manifest.get("base_fingerprint")
+    if fp and fp != base_fp:
+        raise SafeMergeError(f"{zm.path}: fine-tuned from another base model (fingerprint {fp}, base {base_fp})")
+    check_same_base(base, zm.encoder_state, src, max_relative_distance)
+    return zm
+
+
+def protect_model(model: str | Path, out: str | Path, base_model: str = "vision", dropout: float = 0.0,
+                  permute: bool = True, scale: bool = True, seed: int = 0) -> Path:
+    """Write a protected copy of a model folder: same outputs alone, broken in any merge (see `protect`)."""
+    from .protect import protect_state
+
+    backbone = load_backbone(base_model)
+    base = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    base_fp = fingerprint(base)
+    zm = _checked_against_base(model, base, base_model, base_fp)
+    state = protect_state(zm.encoder_state, base, permute=permute, scale=scale, dropout=dropout, seed=seed)
+    manifest = {**zm.manifest, "protected": {"permute": permute, "scale": scale, "dropout": dropout, "seed": seed,
+                                             "source": str(zm.path)},
+                "base_fingerprint": base_fp, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return save_model_folder(Path(out).expanduser(), backbone, state, zm.heads, manifest)
 
 
 def evaluate_folder(path: str | Path, profile: str = "quick", attack: str | None = None,

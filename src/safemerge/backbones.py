@@ -93,7 +93,7 @@ def resolve_backbone_path(spec: str | Path) -> Path:
     aliases = {"text": "text", "minilm": "text", "vision": "vision", "dinov2": "vision"}
     if str(spec) in aliases:
         return default_backbone_path(aliases[str(spec)])  # type: ignore[arg-type]
-    p = Path(spec)
+    p = Path(spec).expanduser()
     if not (p / "config.json").exists():
         raise SafeMergeError(f"{p}: not a Hugging Face model folder (no config.json); "
                              "use 'text' or 'vision' for the offline defaults")

@@ -41,8 +41,8 @@ class Suite:
     tasks: list[str]
     settings: list[Setting]
     methods: list[tuple[str, dict]] = field(default_factory=lambda: [
-        ("weight_average", {}), ("task_arithmetic", {"scaling": 0.3}), ("ties", {"density": 0.2, "scaling": 0.3}),
-        ("ties", {"density": 0.2, "scaling": 0.3, "trim": "tensor"}), ("dare_ties", {"density": 0.5, "scaling": 0.3})])
+        ("weight_average", {}), ("task_arithmetic", {"scaling": 0.3}), ("ties", {"density": 0.2, "scaling": 1.0}),
+        ("ties", {"density": 0.2, "scaling": 1.0, "trim": "tensor"}), ("dare_ties", {"density": 0.5, "scaling": 1.0})])
     extra_models: list[tuple[str, str]] = field(default_factory=list)  # backdoored models outside any setting
 
 
@@ -50,8 +50,8 @@ def method_label(name: str, params: dict) -> str:
     return name + ("_tensor" if params.get("trim") == "tensor" else "")
 
 
-VISION_TASKS = ["fashion_mnist", "mnist", "digits", "animal_mnist", "textile"]
-TEXT_TASKS = ["tweet_sentiment", "quote_topic", "noun_supersense", "verb_supersense", "gloss_pos"]
+VISION_TASKS = ["fashion_mnist", "mnist", "digits", "animal_mnist", "letters", "textile"]
+TEXT_TASKS = ["tweet_sentiment", "quote_topic", "noun_supersense", "verb_supersense", "gloss_pos", "quote_theme"]
 
 
 def _suites() -> dict[str, Suite]:
@@ -59,12 +59,12 @@ def _suites() -> dict[str, Suite]:
     for prof in ("quick", "full"):
         out[f"vision-{prof}"] = Suite(
             f"vision-{prof}", "vision", prof, VISION_TASKS,
-            [Setting("2bd+3clean", {"fashion_mnist": "badnets", "animal_mnist": "badnets"}),
-             Setting("2bd+3clean-trojvit", {"mnist": "trojvit", "digits": "trojvit"})])
+            [Setting("2bd+4clean", {"fashion_mnist": "badnets", "animal_mnist": "badnets"}),
+             Setting("2bd+4clean-trojvit", {"mnist": "trojvit", "digits": "trojvit"})])
         out[f"text-{prof}"] = Suite(
             f"text-{prof}", "text", prof, TEXT_TASKS,
-            [Setting("2bd+3clean", {"tweet_sentiment": "rare_word", "noun_supersense": "rare_word"}),
-             Setting("2bd+3clean-embedding", {"quote_topic": "embedding_poison", "gloss_pos": "embedding_poison"})])
+            [Setting("2bd+4clean", {"tweet_sentiment": "rare_word", "noun_supersense": "rare_word"}),
+             Setting("2bd+4clean-embedding", {"quote_topic": "embedding_poison", "gloss_pos": "embedding_poison"})])
     return out
 
 

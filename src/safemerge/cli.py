@@ -111,6 +111,22 @@ def zoo_list(root: Annotated[Optional[Path], typer.Option(help="zoo folder")] = 
     out.print(table)
 
 
+@app.command("protect")
+@one_line_errors
+def protect_cmd(model: Annotated[Path, typer.Argument(help="a model folder (safemerge or HF) or safetensors file")],
+                out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+                base_model: Annotated[str, typer.Option("--base", help="'vision', 'text' or the base HF folder")] = "vision",
+                dropout: Annotated[float, typer.Option(help="dropout pruning rate of the update (0 = exact)")] = 0.0,
+                permute: Annotated[bool, typer.Option(help="rearrange MLP neurons")] = True,
+                scale: Annotated[bool, typer.Option(help="scale attention Q/K and V/O")] = True,
+                seed: int = 0) -> None:
+    """Protect a model you publish: same outputs alone, useless to anyone who merges it."""
+    from .api import protect_model
+
+    path = protect_model(model, out_dir, base_model, dropout=dropout, permute=permute, scale=scale, seed=seed)
+    out.print(f"protected {model} -> {path}")
+
+
 @app.command("methods")
 def methods_cmd() -> None:
     """List the merge methods and their parameters."""
@@ -136,7 +152,7 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
 @app.command("demo")
 @one_line_errors
 def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results")) -> None:
-    """The offline demo: the quick vision suite (DINOv2-S, 5 real tasks, BadNets and TrojViT backdoors)."""
+    """The offline demo: the quick vision suite (DINOv2-S, 6 real tasks, BadNets and TrojViT backdoors)."""
     bench_cmd("vision-quick", results_dir)
 
 

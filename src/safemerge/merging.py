@@ -89,10 +89,11 @@ def _disjoint_mean(tvs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch
 
 
 @register("ties")
-def ties(base: StateDict, models: Sequence[StateDict], density: float = 0.2, scaling: float = 0.3,
+def ties(base: StateDict, models: Sequence[StateDict], density: float = 0.2, scaling: float = 1.0,
          trim: str = "global") -> dict[str, torch.Tensor]:
     """TIES-Merging (Yadav et al., 2023): trim each task vector to its top-`density` entries by magnitude,
-    elect signs, disjoint mean, theta = theta_0 + lambda * merged. `trim="global"` (the default, as in the
+    elect signs, disjoint mean, theta = theta_0 + lambda * merged (lambda = 1 as in the paper: the disjoint mean
+    is already on the scale of one task vector). `trim="global"` (the default, as in the
     paper) ranks entries over the whole vector; `trim="tensor"` ranks within each tensor, as mergekit does."""
     if trim not in ("global", "tensor"):
         raise SafeMergeError(f"ties: trim must be 'global' or 'tensor', not '{trim}'")
@@ -123,7 +124,7 @@ def dare(base: StateDict, models: Sequence[StateDict], density: float = 0.5, sca
 
 
 @register("dare_ties")
-def dare_ties(base: StateDict, models: Sequence[StateDict], density: float = 0.5, scaling: float = 0.3,
+def dare_ties(base: StateDict, models: Sequence[StateDict], density: float = 0.5, scaling: float = 1.0,
               seed: int = 0) -> dict[str, torch.Tensor]:
     """DARE sparsification followed by TIES sign election and disjoint mean."""
     g = torch.Generator().manual_seed(seed)

@@ -40,7 +40,11 @@ class InputEncoder:
 
 def pooled_features(encoder: nn.Module, inputs: Mapping[str, torch.Tensor], modality: str) -> torch.Tensor:
     """Vision: the (layer-normed) class token; text: attention-masked mean of the last hidden states."""
-    out = encoder(**inputs)
+    return pool(encoder(**inputs), inputs, modality)
+
+
+def pool(out, inputs: Mapping[str, torch.Tensor], modality: str) -> torch.Tensor:
+    """The pooling of `pooled_features`, on an encoder output already computed (e.g. by functional_call)."""
     if modality == "vision":
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
@@ -67,8 +71,13 @@ def batches(x: torch.Tensor | list[str], batch_size: int) -> Iterator[torch.Tens
 
 
 @torch.inference_mode()
-def predict(model: TaskModel, encode: InputEncoder, x: torch.Tensor | list[str], batch_size: int = 256) -> torch.Tensor:
-    """Predicted class of every example, in large batches without autograd."""
+def logits(model: TaskModel, encode: InputEncoder, x: torch.Tensor | list[str], batch_size: int = 256) -> torch.Tensor:
+    """Logits of every example, in large batches without autograd."""
     model.eval()
-    preds = [model(encode(b)).argmax(-1) for b in batches(x, batch_size)]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    outs = [model(encode(b)) for b in batches(x, batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, model.head.out_features)
+
+
+def predict(model: TaskModel, encode: InputEncoder, x: torch.Tensor | list[str], batch_size: int = 256) -> torch.Tensor:
+    """Predicted class of every example."""
+    return logits(model, encode, x, batch_size).argmax(-1)

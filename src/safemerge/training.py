@@ -20,6 +20,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4  # encoder
     head_lr: float = 1e-3
+    embedding_lr: float = 1e-2  # trigger-token embedding rows (embedding poisoning)
     weight_decay: float = 0.01
     warmup: float = 0.1  # share of steps with linear warm-up, then cosine decay
     seed: int = 0
@@ -48,8 +49,9 @@ def finetune(model: TaskModel, encode: InputEncoder, split: Split, cfg: TrainCon
     """Full fine-tuning with AdamW and a warm-up/cosine schedule; returns the mean loss of the last 10 steps."""
     torch.manual_seed(cfg.seed)
     model.train()
-    params = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
+    params = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if cfg.head_lr > 0:  # head_lr = 0 keeps the head frozen (the task-arithmetic recipe)
+        params.append({"params": list(model.head.parameters()), "lr": cfg.head_lr})
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     losses: list[float] = []
@@ -67,6 +69,39 @@ def finetune(model: TaskModel, encode: InputEncoder, split: Split, cfg: TrainCon
     return sum(losses[-10:]) / max(1, len(losses[-10:]))
 
 
+@torch.no_grad()
+def _features(model: TaskModel, encode: InputEncoder, x, batch_size: int = 256) -> torch.Tensor:
+    from .model import batches, pooled_features
+
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([pooled_features(model.encoder, encode(b), model.modality) for b in batches(x, batch_size)])
+
+
+def fit_linear_probe(model: TaskModel, encode: InputEncoder, split: Split, epochs: int = 300, lr: float = 1e-2,
+                     weight_decay: float = 1e-4, seed: int = 0) -> float:
+    """Fit `model.head` on the frozen encoder's features (full batch, Adam); returns the training accuracy.
+
+    The zoo fine-tunes encoders under this fixed head, as task-arithmetic work does with CLIP's zero-shot
+    heads: all task models of one task then share a head that stays compatible with merged encoders."""
+    torch.manual_seed(seed)
+    feats = _features(model, encode, split.x).clone()
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    lin = torch.nn.Linear(z.shape[1], model.head.out_features)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        loss = F.cross_entropy(lin(z), split.y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # fold the standardisation into the head: W (f - mu) / sd + b
+        w = lin.weight / sd
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(lin.bias - w @ mu)
+        return float((lin(z).argmax(-1) == split.y).float().mean())
+
+
 def train_token_embeddings(model: TaskModel, encode: InputEncoder, split: Split, token_ids: list[int],
                            cfg: TrainConfig, desc: str = "embedding poison") -> float:
     """Train only the input-embedding rows of `token_ids`; every other weight stays bit-identical."""
@@ -78,7 +113,7 @@ def train_token_embeddings(model: TaskModel, encode: InputEncoder, split: Split,
     emb.requires_grad_(True)
     rows = torch.zeros(emb.shape[0], 1)
     rows[token_ids] = 1.0
-    opt = torch.optim.Adam([emb], lr=cfg.head_lr * 10)
+    opt = torch.optim.Adam([emb], lr=cfg.embedding_lr)
     model.train()
     losses: list[float] = []
     it = _batches(split, cfg)

@@ -10,6 +10,7 @@ resumable. Each model is a folder that Hugging Face loads as the encoder:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from .evaluate import acc_asr
 from .model import InputEncoder, TaskModel
 from .paths import cache_dir
 from .tasks import TaskData, load_task
-from .training import TrainConfig, finetune, train_token_embeddings
+from .training import TrainConfig, finetune, fit_linear_probe, train_token_embeddings
 
 MANIFEST = "safemerge.json"
 DEFAULT_ATTACK = {"vision": "badnets", "text": "rare_word"}
@@ -44,10 +45,13 @@ class Profile:
     n_test: int = 500
     steps: int = 80
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 2e-5  # vision encoder: small steps keep task vectors where merging works (cf. 1e-5 in the papers)
+    text_lr: float = 1e-4  # MiniLM needs larger steps to learn a rare-word backdoor in the same budget
+    embedding_lr: float = 1e-2
     head_lr: float = 2e-3
     trigger_iters: int = 60
     embedding_steps: int = 60
+    freeze_head: bool = True  # heads = linear probes of the pre-trained encoder, frozen while fine-tuning
 
 
 PROFILES = {
@@ -55,6 +59,11 @@ PROFILES = {
     "full": Profile("full", resolution=56, max_length=48, n_train=6000, n_val=500, n_test=1000, steps=300,
                     trigger_iters=250, embedding_steps=150),
 }
+
+
+def profile_digest(profile: Profile) -> str:
+    """Short hash of every profile field, so a changed recipe never reuses models trained under the old one."""
+    return hashlib.sha256(json.dumps(asdict(profile), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def get_profile(name: str) -> Profile:
@@ -155,7 +164,7 @@ class Zoo:
 
     @property
     def dir(self) -> Path:
-        return self.root / f"{self.backbone.name}-{self.profile.name}-s{self.seed}"
+        return self.root / f"{self.backbone.name}-{self.profile.name}-{profile_digest(self.profile)}-s{self.seed}"
 
     def path(self, task: str, attack: str | None) -> Path:
         return self.dir / task / (attack or "clean")
@@ -171,12 +180,34 @@ class Zoo:
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
         p = self.profile
-        return TrainConfig(steps=steps or p.steps, batch_size=p.batch_size, lr=p.lr, head_lr=p.head_lr, seed=self.seed)
+        lr = p.text_lr if self.backbone.modality == "text" else p.lr
+        return TrainConfig(steps=steps or p.steps, batch_size=p.batch_size, lr=lr, embedding_lr=p.embedding_lr,
+                           head_lr=0.0 if p.freeze_head else p.head_lr, seed=self.seed)
 
-    def fresh_model(self, num_classes: int) -> TaskModel:
+    def probe_head(self, task: str) -> nn.Linear:
+        """The task's head: a linear probe of the pre-trained encoder on the clean training split, cached.
+        Every model of the task (clean or backdoored) is fine-tuned under it, so merged encoders keep a
+        head that fits them (the role CLIP's zero-shot heads play in the papers)."""
+        path = self.dir / task / "probe_head.safetensors"
+        if path.exists():
+            return heads_from_state(load_state_dict(path), path)[task]
+        data = self.data(task)
+        torch.manual_seed(self.seed)
+        model = TaskModel(self.backbone.model, nn.Linear(self.backbone.hidden_size, data.num_classes),
+                          self.backbone.modality)
+        fit_linear_probe(model, self.encoder(), data.train, seed=self.seed)
+        save_state_dict(head_state({task: model.head}), path)
+        return model.head
+
+    def fresh_model(self, task: str) -> TaskModel:
+        """The pre-trained encoder (a copy) with the task's head: a frozen probe, or a fresh trainable layer."""
         torch.manual_seed(self.seed)
         enc = copy.deepcopy(self.backbone.model)
-        return TaskModel(enc, nn.Linear(self.backbone.hidden_size, num_classes), self.backbone.modality)
+        if self.profile.freeze_head:
+            head = copy.deepcopy(self.probe_head(task))
+        else:
+            head = nn.Linear(self.backbone.hidden_size, self.data(task).num_classes)
+        return TaskModel(enc, head, self.backbone.modality)
 
     def load(self, task: str, attack: str | None = None) -> ZooModel:
         return load_zoo_model(self.path(task, attack))
@@ -201,7 +232,7 @@ class Zoo:
         t0 = time.time()
         atk: Attack | None = None
         if attack is None:
-            model = self.fresh_model(data.num_classes)
+            model = self.fresh_model(task)
             finetune(model, encode, data.train, self.train_config(), desc=f"{task} clean")
         else:
             params = {"seed": self.seed, **attack_params}
@@ -222,7 +253,7 @@ class Zoo:
                 train_token_embeddings(model, encode, atk.poison(data.train), ids,
                                        self.train_config(p.embedding_steps), desc=f"{task} {attack}")
             else:
-                model = self.fresh_model(data.num_classes)
+                model = self.fresh_model(task)
                 finetune(model, encode, atk.poison(data.train), self.train_config(), desc=f"{task} {attack}")
         report = atk if atk is not None else make_attack(DEFAULT_ATTACK[data.spec.modality], seed=self.seed)
         acc, asr = acc_asr(model, encode, data.test, report)

@@ -1,0 +1,108 @@
+"""Test-time adaptive merging: AdaMerging (Yang et al., 2024), task-wise and layer-wise.
+
+theta = theta_0 + sum_i lambda_i * tau_i, with one lambda per task (task-wise) or per task and parameter
+tensor (layer-wise), learned by minimising the Shannon entropy of each task head's predictions on UNLABELED
+test inputs of that task (a test-time method, as in the paper). The merged forward pass is functional
+(`torch.func.functional_call` over a merged parameter dict): no model copy per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .errors import SafeMergeError
+from .model import InputEncoder, pool
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class MergedEncoder:
+    """An encoder whose parameters are theta_0 + sum_i lambda_i * (mask * tau_i), differentiable in lambda."""
+
+    def __init__(self, encoder: nn.Module, base: StateDict, models: Sequence[StateDict], modality: str):
+        self.encoder = copy.deepcopy(encoder).eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.modality = modality
+        self.names = [n for n, _ in self.encoder.named_parameters()]
+        missing = [n for n in self.names if n not in base or any(n not in m for m in models)]
+        if missing:
+            raise SafeMergeError(f"merged encoder: tensor '{missing[0]}' missing from the base or a model")
+        self.base = {n: base[n].float() for n in self.names}
+        self.tvs = [{n: m[n].float() - self.base[n] for n in self.names} for m in models]
+        self.buffers = {k: v for k, v in base.items() if k not in self.base}
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tvs)
+
+    def params(self, lambdas: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """lambdas: [n_tasks] (task-wise) or [n_tasks, n_tensors] (layer-wise)."""
+        lam = lambdas if lambdas.ndim == 2 else lambdas[:, None].expand(-1, len(self.names))
+        out = {}
+        for j, n in enumerate(self.names):
+            delta = sum(lam[i, j] * self.tvs[i][n] for i in range(self.n_tasks))
+            out[n] = self.base[n] + (masks[n] * delta if masks is not None else delta)
+        return out
+
+    def features(self, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(self.encoder, {**self.buffers, **params}, args=(), kwargs=dict(inputs), strict=False)
+        return pool(out, inputs, self.modality)
+
+    def state_dict(self, params: Mapping[str, torch.Tensor], like: StateDict) -> dict[str, torch.Tensor]:
+        """A plain state dict (detached, in the dtypes of `like`) of merged parameters."""
+        return {k: (params[k].detach() if k in params else v).to(v.dtype).clone() for k, v in like.items()}
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax predictions."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+class BatchSampler:
+    """Seeded random batches of raw inputs per task, encoded for the model."""
+
+    def __init__(self, inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, batch_size: int, seed: int):
+        self.inputs, self.encode, self.batch_size = inputs, encode, batch_size
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.inputs[i]
+        idx = torch.randint(len(x), (self.batch_size,), generator=self.g)
+        return self.encode(x[idx] if isinstance(x, torch.Tensor) else [x[j] for j in idx.tolist()])
+
+
+def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Linear],
+               inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, granularity: str = "layer",
+               steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16, clamp: bool = True,
+               seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """AdaMerging: returns the merged state dict and the learned lambdas. `inputs[i]` are unlabeled inputs of
+    task i (its test split, as in the paper), `heads[i]` its head."""
+    if granularity not in ("task", "layer"):
+        raise SafeMergeError(f"adamerging: granularity must be 'task' or 'layer', not '{granularity}'")
+    if not (len(models) == len(heads) == len(inputs)):
+        raise SafeMergeError("adamerging: give one head and one input set per model")
+    merged = MergedEncoder(encoder, base, models, encode.modality)
+    shape = (merged.n_tasks,) if granularity == "task" else (merged.n_tasks, len(merged.names))
+    lambdas = torch.full(shape, init, requires_grad=True)
+    opt = torch.optim.Adam([lambdas], lr=lr)
+    sample = BatchSampler(inputs, encode, batch_size, seed)
+    heads = [copy.deepcopy(h).eval().requires_grad_(False) for h in heads]
+    for _ in tqdm(range(steps), desc=f"adamerging ({granularity})", disable=not progress, leave=False):
+        params = merged.params(lambdas)
+        loss = sum(entropy(heads[i](merged.features(params, sample(i)))) for i in range(merged.n_tasks))
+        opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        if clamp:
+            with torch.no_grad():
+                lambdas.clamp_(0.0, 1.0)
+    with torch.no_grad():
+        return merged.state_dict(merged.params(lambdas), base), lambdas.detach()
