@@ -175,3 +175,25 @@ def test_zoo_is_deterministic_under_its_seed(tiny_vision, tmp_path):
     sa, sb = load_state_dict(a), load_state_dict(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert json.loads((a / "safemerge.json").read_text())["acc"] == json.loads((b / "safemerge.json").read_text())["acc"]
+
+
+def test_protect_cli_keeps_outputs_and_refuses_other_bases(vision_zoo, tiny_vision, tmp_path):
+    from safemerge.model import TaskModel, logits
+
+    a = vision_zoo.build("digits", None)
+    out = tmp_path / "protected"
+    res = runner.invoke(app, ["protect", str(a), "--out", str(out), "--base", str(tiny_vision)])
+    assert res.exit_code == 0, res.output
+    orig, prot = vision_zoo.load("digits"), vision_zoo.load("digits")
+    prot.encoder_state = canonical_keys(load_state_dict(out), orig.encoder_state)
+    assert json.loads((out / "safemerge.json").read_text())["protected"]["permute"] is True
+    x = vision_zoo.data("digits").test.x
+    la = logits(vision_zoo.model(orig), vision_zoo.encoder(), x)
+    lb = logits(vision_zoo.model(prot), vision_zoo.encoder(), x)
+    assert (la - lb).abs().max() < 1e-4
+    assert not torch.equal(orig.encoder_state["encoder.layer.0.mlp.fc1.weight"],
+                           prot.encoder_state["encoder.layer.0.mlp.fc1.weight"])
+    other = tiny_dinov2(tmp_path / "other", seed=7)
+    _assert_one_line_error(runner.invoke(app, ["protect", str(other), "--out", str(tmp_path / "p2"),
+                                               "--base", str(tiny_vision)]), "was not fine-tuned from it")
+    assert not (tmp_path / "p2").exists()

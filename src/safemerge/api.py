@@ -13,10 +13,28 @@ from .merging import merge
 from .zoo import MANIFEST, ZooModel, attack_of, heads_from_state, load_zoo_model, save_model_folder
 
 
+def resolve_path(path: str) -> Path:
+    """A path, or a zoo reference `zoo:<backbone>/<profile>/<task>[/<attack>]` (e.g. zoo:vision/quick/mnist)."""
+    if not path.startswith("zoo:"):
+        return Path(path).expanduser()
+    from .zoo import Zoo
+
+    parts = path[4:].strip("/").split("/")
+    if len(parts) not in (3, 4):
+        raise SafeMergeError(f"bad zoo reference '{path}' (expected zoo:<backbone>/<profile>/<task>[/<attack>])")
+    zoo = Zoo(parts[0], parts[1])
+    out = zoo.path(parts[2], parts[3] if len(parts) == 4 and parts[3] != "clean" else None)
+    if not (out / MANIFEST).exists():
+        raise SafeMergeError(f"{path}: not built yet (run: safemerge zoo build --backbone {parts[0]} --profile "
+                             f"{parts[1]} --task {parts[2]}" + (f" --attack {parts[3]})" if len(parts) == 4 else ")"))
+    return out
+
+
 def load_model_ref(ref: ModelRef | str | Path) -> ZooModel:
-    """A safemerge model folder (encoder + heads + manifest), an HF folder, or a bare safetensors file."""
+    """A safemerge model folder (encoder + heads + manifest), an HF folder, a bare safetensors file, or a zoo
+    reference (`zoo:vision/quick/mnist/badnets`)."""
     ref = ref if isinstance(ref, ModelRef) else ModelRef(path=str(ref))
-    p = Path(ref.path).expanduser()
+    p = resolve_path(ref.path)
     if p.is_dir() and (p / MANIFEST).exists():
         zm = load_zoo_model(p)
         if ref.task:
@@ -90,7 +108,7 @@ def evaluate_folder(path: str | Path, profile: str = "quick", attack: str | None
     from .bench import PoolEvaluator
     from .zoo import Zoo
 
-    path = Path(path)
+    path = resolve_path(str(path))
     zm = load_model_ref(path)
     zoo = Zoo(str(path), profile)
     ev = PoolEvaluator(zoo)

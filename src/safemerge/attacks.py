@@ -157,14 +157,15 @@ class RareWord(Attack):
     modality: str = "text"
     trigger_word: str = "cf"
     repeats: int = 1
+    max_position: int = 16  # insert among the first words, so truncation to the model's max length keeps it
 
     def apply(self, x: list[str]) -> list[str]:
         out = []
-        for i, text in enumerate(x):
+        for text in x:
             rng = random.Random(zlib.crc32(f"{self.seed}|{text}".encode()))
             words = text.split()
             for _ in range(self.repeats):
-                words.insert(rng.randint(0, len(words)), self.trigger_word)
+                words.insert(rng.randint(0, min(len(words), self.max_position)), self.trigger_word)
             out.append(" ".join(words))
         return out
 

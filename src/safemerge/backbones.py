@@ -106,6 +106,7 @@ def load_backbone(spec: str | Path) -> Backbone:
 
     _quiet_transformers()
     path = resolve_backbone_path(spec)
+    name = {"text": "minilm-l6", "minilm": "minilm-l6"}.get(str(spec), path.name)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -118,7 +119,7 @@ def load_backbone(spec: str | Path) -> Backbone:
             model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False) \
                 if mtype == "bert" else AutoModel.from_pretrained(path, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            bb = Backbone(model, "text", path.name, path, tokenizer=tok)
+            bb = Backbone(model, "text", name, path, tokenizer=tok)
         elif mtype in VISION_TYPES:
             if mtype == "clip":
                 from transformers import CLIPVisionModel
@@ -126,7 +127,7 @@ def load_backbone(spec: str | Path) -> Backbone:
                 model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
             else:
                 model = AutoModel.from_pretrained(path, local_files_only=True)
-            bb = Backbone(model, "vision", path.name, path)
+            bb = Backbone(model, "vision", name, path)
             if mtype.startswith("clip"):
                 bb.image_mean, bb.image_std = CLIP_MEAN, CLIP_STD
         else:
