@@ -50,7 +50,15 @@ def load_model_ref(ref: ModelRef | str | Path) -> ZooModel:
 
 
 def merge_models(cfg: MergeConfig) -> Path:
-    """Check every input against the base, merge the encoders, write an HF folder with all task heads."""
+    """Check every input against the base, merge the encoders, write an HF folder with all task heads.
+    With `streaming`, merge checkpoint files tensor by tensor instead (see `streaming.py`)."""
+    if cfg.streaming:
+        from .backbones import resolve_backbone_path
+        from .streaming import streaming_merge
+
+        base_path = resolve_backbone_path(cfg.base_model) if cfg.base_model in ("vision", "text") else cfg.base_model
+        return streaming_merge(cfg.method, base_path, [resolve_path(m.path) for m in cfg.models], cfg.output,
+                               cfg.parameters, out_dtype=cfg.out_dtype, max_shard_size=cfg.max_shard_size)
     backbone = load_backbone(cfg.base_model)
     base = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
     base_fp = fingerprint(base)

@@ -65,6 +65,8 @@ def _suites() -> dict[str, Suite]:
             f"text-{prof}", "text", prof, TEXT_TASKS,
             [Setting("2bd+4clean", {"tweet_sentiment": "rare_word", "noun_supersense": "rare_word"}),
              Setting("2bd+4clean-embedding", {"quote_topic": "embedding_poison", "gloss_pos": "embedding_poison"})])
+    # the offline demo: the quick vision zoo's BadNets setting (a subset of vision-quick, sharing its models)
+    out["vision-demo"] = Suite("vision-demo", "vision", "quick", VISION_TASKS, out["vision-quick"].settings[:1])
     return out
 
 

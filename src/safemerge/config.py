@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +30,11 @@ class MergeConfig(Strict):
     output: str
     max_relative_distance: float = Field(default=0.5, gt=0,
                                          description="refuse a model this far (relative L2) from the base")
+    streaming: bool = Field(default=False, description="merge tensor by tensor from disk (checkpoints larger "
+                            "than memory); writes the encoder only, as sharded safetensors")
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        default=None, description="streaming: output dtype (default: the inputs')")
+    max_shard_size: str = Field(default="2GB", description="streaming: largest output shard")
 
 
 def _one_line(e: ValidationError, source: str) -> str:

@@ -7,6 +7,7 @@ Task vectors are tau_i = theta_i - theta_0. Methods register themselves in `METH
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -105,21 +106,46 @@ def ties(base: StateDict, models: Sequence[StateDict], density: float = 0.2, sca
     return _apply(base, _disjoint_mean(tvs), scaling)
 
 
-def _dare(tv: Mapping[str, torch.Tensor], density: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+DARE_BLOCK = 1 << 22  # elements per block of rows in which DARE's random masks are drawn
+
+
+def block_rows(shape: Sequence[int]) -> int:
+    """Rows per DARE block (and per streaming chunk) of a tensor of this shape."""
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    return max(1, DARE_BLOCK // max(1, row))
+
+
+def dare_keep(name: str, shape: Sequence[int], density: float, seed: int, index: int,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """DARE's Bernoulli(`density`) keep-mask for tensor `name` of model `index`, drawn in blocks of rows, each
+    from a generator seeded by (seed, index, name, block): any row range can be drawn alone (streaming) and
+    equals the same rows of the whole mask (in memory)."""
+    shape = tuple(shape)
+    if not shape:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{index}|{name}|0".encode()))
+        return torch.rand((), generator=g) < density
+    br = block_rows(shape)
+    r0, r1 = rows if rows is not None else (0, shape[0])
+    parts = []
+    for b in range(r0 // br, -(-r1 // br)):
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{index}|{name}|{b}".encode()))
+        block = torch.rand((min(br, shape[0] - b * br), *shape[1:]), generator=g) < density
+        parts.append(block[max(r0, b * br) - b * br: min(r1, (b + 1) * br) - b * br])
+    return torch.cat(parts) if parts else torch.zeros((0, *shape[1:]), dtype=torch.bool)
+
+
+def _dare(tv: Mapping[str, torch.Tensor], density: float, seed: int, index: int) -> dict[str, torch.Tensor]:
     """DARE (Yu et al., 2024): keep each entry with probability `density`, rescale kept ones by 1/density."""
-    out = {}
-    for k in sorted(tv):
-        keep = torch.rand(tv[k].shape, generator=generator) < density
-        out[k] = tv[k] * keep / density
-    return out
+    return {k: v * dare_keep(k, v.shape, density, seed, index) / density for k, v in tv.items()}
 
 
 @register("dare")
 def dare(base: StateDict, models: Sequence[StateDict], density: float = 0.5, scaling: float = 0.3,
          seed: int = 0) -> dict[str, torch.Tensor]:
     """DARE + task arithmetic: theta = theta_0 + lambda * sum_i DARE(tau_i)."""
-    g = torch.Generator().manual_seed(seed)
-    tvs = [_dare(tv, density, g) for tv in task_vectors(base, models)]
+    tvs = [_dare(tv, density, seed, i) for i, tv in enumerate(task_vectors(base, models))]
     return _apply(base, {k: sum(tv[k] for tv in tvs) for k in tvs[0]}, scaling)
 
 
@@ -127,8 +153,7 @@ def dare(base: StateDict, models: Sequence[StateDict], density: float = 0.5, sca
 def dare_ties(base: StateDict, models: Sequence[StateDict], density: float = 0.5, scaling: float = 1.0,
               seed: int = 0) -> dict[str, torch.Tensor]:
     """DARE sparsification followed by TIES sign election and disjoint mean."""
-    g = torch.Generator().manual_seed(seed)
-    tvs = [_dare(tv, density, g) for tv in task_vectors(base, models)]
+    tvs = [_dare(tv, density, seed, i) for i, tv in enumerate(task_vectors(base, models))]
     return _apply(base, _disjoint_mean(tvs), scaling)
 
 
