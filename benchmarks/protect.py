@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants["attacker_on_protected_dropout"] = undo_protection(variants["protected_dropout"], base)
 
     def acc(state: dict, task: str) -> float:
-        return round(ev.evaluate(state, models[task].heads[task], task, None)[0], 2)
+        return round(ev.accuracy(state, models[task].heads[task], task), 2)
 
     # 1. exactness: the protected model's own logits on every task's test inputs
     console.log("exactness")

@@ -17,7 +17,7 @@ from rich.console import Console
 from .attacks import Attack, make_attack
 from .checkpoints import atomic_write_json, atomic_write_text
 from .errors import SafeMergeError
-from .evaluate import acc_asr
+from .evaluate import acc_asr, accuracy
 from .merging import merge
 from .model import TaskModel
 from .report import markdown_report, scatter_plot, setting_table
@@ -95,6 +95,11 @@ class PoolEvaluator:
     def trigger_for(self, task: str, attack: Attack | None) -> Attack:
         return attack if attack is not None else make_attack(DEFAULT_ATTACK[self.zoo.backbone.modality],
                                                              seed=self.zoo.seed)
+
+    def accuracy(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str) -> float:
+        """ACC only (no triggered pass)."""
+        self._enc.load_state_dict(encoder_state)
+        return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.zoo.data(task).test)
 
     def evaluate(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
                  attack: Attack | None) -> tuple[float, float]:

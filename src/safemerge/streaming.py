@@ -96,6 +96,7 @@ class LazyCheckpoint:
             self.tensors = _read_header(self.path)
         else:
             raise SafeMergeError(f"{self.path}: no such file or folder")
+        self.cache: dict | None = None  # set to a dict to keep what is read (one tensor's worth, then cleared)
 
     @property
     def config_dir(self) -> Path | None:
@@ -106,6 +107,15 @@ class LazyCheckpoint:
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """One tensor (or a slice of its first dimension), read from disk into fresh memory."""
+        key = (name, None if rows is None else rows.indices(self.tensors[name].shape[0]))
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        t = self._read(name, rows)
+        if self.cache is not None:
+            self.cache[key] = t
+        return t
+
+    def _read(self, name: str, rows: slice | None) -> torch.Tensor:
         info = self.tensors[name]
         dtype = DTYPES[info.dtype]
         row_bytes = (info.end - info.start) // max(1, info.shape[0]) if info.shape else 0
@@ -150,9 +160,12 @@ def check_inputs(base: LazyCheckpoint, models: Sequence[LazyCheckpoint], max_rel
 
 
 def _finite(t: torch.Tensor, name: str, source: Path) -> torch.Tensor:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    """`t` as float32, refused if it holds NaN or inf (min and max propagate both: one fast pass, unlike
+    isfinite on bf16)."""
+    f = t.to(torch.float32, copy=True)  # a fresh tensor: callers work in place
+    if f.numel() and not torch.isfinite(torch.stack(torch.aminmax(f))).all():
         raise SafeMergeError(f"{source}: tensor '{name}' holds NaN or inf values")
-    return t
+    return f
 
 
 def _float_names(base: LazyCheckpoint) -> list[str]:
@@ -168,9 +181,10 @@ def _blocks(info: TensorInfo) -> list[tuple[int, int]]:
 
 
 def _read(ck: LazyCheckpoint, name: str, rows: tuple[int, int]) -> torch.Tensor:
+    """A block of rows as float32 (checked finite), or as stored for non-floating tensors."""
     info = ck.tensors[name]
     t = ck.read(name, slice(*rows) if info.shape and rows != (0, info.shape[0]) else None)
-    return _finite(t, name, ck.path)
+    return _finite(t, name, ck.path) if t.is_floating_point() else t
 
 
 def magnitude_threshold(base: LazyCheckpoint, model: LazyCheckpoint, density: float,
@@ -184,7 +198,7 @@ def magnitude_threshold(base: LazyCheckpoint, model: LazyCheckpoint, density: fl
     def bit_blocks() -> Iterator[torch.Tensor]:
         for n in names:
             for rows in _blocks(base.tensors[n]):
-                tv = _read(model, n, rows).float() - _read(base, n, rows).float()
+                tv = _read(model, n, rows).sub_(_read(base, n, rows))
                 yield tv.abs().flatten().view(torch.int32)
 
     total = sum(int(torch.Size(base.tensors[n].shape).numel()) for n in names)
@@ -286,11 +300,17 @@ def streaming_merge(method: str, base_path: str | Path, model_paths: Sequence[st
                 for n in shard:
                     thr = thresholds
                     if method == "ties" and thresholds is None and DTYPES[base.tensors[n].dtype].is_floating_point:
+                        # per-tensor trim reads each tensor twice (threshold, merge): keep it if small enough
+                        small = torch.Size(shapes[n]).numel() <= DIRECT_SELECT
+                        for ck in (base, *models):
+                            ck.cache = {} if small else None
                         thr = [magnitude_threshold(base, m, density, [n]) for m in models]
                     for rows in _blocks(base.tensors[n]):
                         t = _merge_block(method, n, rows, base, models, params, w, thr)
                         if t.numel():
                             f.write(t.to(dtypes[n]).contiguous().reshape(-1).view(torch.uint8).numpy())
+                    for ck in (base, *models):
+                        ck.cache = None
                     weight_map[n] = fname
                     bar.update(1)
         if len(shards) > 1:
@@ -310,22 +330,32 @@ def _merge_block(method: str, name: str, rows: tuple[int, int], base: LazyCheckp
     """One block of rows of the merged tensor, by the definitions of `merging.py` (checked equal in tests).
     `weights` scale each task vector, as mergekit's per-model weights do (the disjoint means normalise by
     the weights of the agreeing entries)."""
-    b = _read(base, name, rows)
-    if not b.is_floating_point():
-        return b
-    bf = b.float()
+    bf = _read(base, name, rows)
+    if not bf.is_floating_point():
+        return bf
     if method == "weight_average":
-        return torch.stack([_read(m, name, rows).float() for m in models]).mean(0)
-    tvs = [w * (_read(m, name, rows).float() - bf) for m, w in zip(models, weights)]
+        acc = torch.zeros_like(bf)
+        for m in models:
+            acc.add_(_read(m, name, rows))
+        return acc.div_(len(models))
     p = {**method_params(method), **params}
     scaling = p.get("scaling", 1.0)
-    if method in ("dare", "dare_ties"):
-        density, seed = p["density"], p["seed"]
-        shape = base.tensors[name].shape
-        tvs = [tv * dare_keep(name, shape, density, seed, i, rows if shape else None) / density
-               for i, tv in enumerate(tvs)]
+    shape = base.tensors[name].shape
+
+    def tv(i: int) -> torch.Tensor:  # the (weighted, DARE-dropped) task vector of model i, in place
+        t = _read(models[i], name, rows).sub_(bf)
+        if weights[i] != 1.0:
+            t.mul_(weights[i])
+        if method in ("dare", "dare_ties"):
+            t.mul_(dare_keep(name, shape, p["density"], p["seed"], i, rows if shape else None)).div_(p["density"])
+        return t
+
     if method in ("task_arithmetic", "dare"):
-        return bf + scaling * sum(tvs)
+        acc = torch.zeros_like(bf)
+        for i in range(len(models)):
+            acc.add_(tv(i))
+        return bf.add_(acc, alpha=scaling)
+    tvs = [tv(i) for i in range(len(models))]
     if method == "ties":
         tvs = [tv * (tv.abs() >= w * thr) for tv, w, thr in zip(tvs, weights, thresholds)]  # type: ignore[arg-type]
     stack = torch.stack(tvs)
