@@ -45,8 +45,9 @@ def _one_line(e: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}{more}"
 
 
-def load_config(path: str | Path, model: type[Strict]) -> Strict:
-    path = Path(path)
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping, or a one-line error."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise SafeMergeError(f"{path}: no such config file")
     try:
@@ -55,6 +56,12 @@ def load_config(path: str | Path, model: type[Strict]) -> Strict:
         raise SafeMergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SafeMergeError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(path: str | Path, model: type[Strict]) -> Strict:
+    path = Path(path)
+    data = read_yaml_mapping(path)
     try:
         return model.model_validate(data)
     except ValidationError as e:

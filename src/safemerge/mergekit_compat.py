@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from .config import read_yaml_mapping
 from .errors import SafeMergeError
 
 METHOD_MAP = {"linear": "weight_average", "task_arithmetic": "task_arithmetic", "ties": "ties",
@@ -49,14 +48,7 @@ def _scalar(value, where: str, path: Path) -> float:
 
 def load_mergekit_config(path: str | Path) -> MergekitPlan:
     path = Path(path).expanduser()
-    if not path.exists():
-        raise SafeMergeError(f"{path}: no such mergekit config")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SafeMergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise SafeMergeError(f"{path}: expected a mapping at the top level")
+    cfg = read_yaml_mapping(path)
     for key in cfg:
         if key not in TOP_KEYS:
             raise SafeMergeError(f"{path}: {key}: unsupported mergekit key (supported: {', '.join(sorted(TOP_KEYS))})")
