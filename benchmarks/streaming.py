@@ -48,8 +48,9 @@ def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(folder: Path, shapes: dict, seed: int, base: Path | None, shard_bytes: int = 1 << 30) -> None:
+def write_checkpoint(folder: Path, cfg_dims: dict, seed: int, base: Path | None, shard_bytes: int = 1 << 30) -> None:
     """A bf16 sharded HF folder; a fine-tune = base + small noise (read back shard by shard, low memory)."""
+    shapes = llama_shapes(cfg_dims)
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     base_ck = LazyCheckpoint(base) if base else None
@@ -76,11 +77,9 @@ def write_checkpoint(folder: Path, shapes: dict, seed: int, base: Path | None, s
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": wm}))
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
-           "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **LLAMA_CFG}
+           "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **cfg_dims}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
-
-LLAMA_CFG: dict = {}
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
@@ -113,16 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args(argv)
-    LLAMA_CFG.update(LLAMA, num_hidden_layers=args.layers)
+    dims = {**LLAMA, "num_hidden_layers": args.layers}
     work = Path(args.workdir)
-    shapes = llama_shapes(LLAMA_CFG)
+    shapes = llama_shapes(dims)
     n_params = sum(torch.Size(s).numel() for s in shapes.values())
     t0 = time.time()
     if not (work / "ft3" / "config.json").exists():
         shutil.rmtree(work, ignore_errors=True)
-        write_checkpoint(work / "base", shapes, 0, None)
+        write_checkpoint(work / "base", dims, 0, None)
         for i in (1, 2, 3):
-            write_checkpoint(work / f"ft{i}", shapes, i, work / "base")
+            write_checkpoint(work / f"ft{i}", dims, i, work / "base")
     gen_s = time.time() - t0
     ckpt_gb = sum(f.stat().st_size for f in (work / "ft1").glob("*.safetensors")) / 1e9
     configs = {
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work / f"out-{tool}-{name}", ignore_errors=True)
     result = {"command": "python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
-              "checkpoints": {"shape": "Llama (TinyLlama-1.1B dims)", **LLAMA_CFG, "parameters": n_params,
+              "checkpoints": {"shape": "Llama (TinyLlama-1.1B dims)", **dims, "parameters": n_params,
                               "dtype": "bfloat16", "gb_each": round(ckpt_gb, 2), "models": 3, "generate_s": round(gen_s, 1)},
               "mergekit_version": mk_version, "rows": rows}
     out = Path(args.out)

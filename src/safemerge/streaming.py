@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import atomic_dir
 from .errors import SafeMergeError
-from .merging import block_rows, dare_keep, get_method, merge, method_params
+from .merging import block_rows, dare_keep, merge, method_params
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -266,7 +266,6 @@ def streaming_merge(method: str, base_path: str | Path, model_paths: Sequence[st
     """Merge checkpoints tensor by tensor. `weights` (mergekit's per-model weights) scale each task vector
     (task_arithmetic) or weight the disjoint mean (ties). Output dtype: each input tensor's, or `out_dtype`."""
     params = dict(params or {})
-    get_method(method)
     merge(method, {"x": torch.zeros(1)}, [{"x": torch.zeros(1)}], **params)  # validates the parameters
     base = LazyCheckpoint(base_path)
     models = [LazyCheckpoint(p) for p in model_paths]
