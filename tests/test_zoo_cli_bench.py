@@ -145,8 +145,11 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(vision_zoo, tiny_visio
 
 def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
     suite = Suite("tiny-vision", str(tiny_vision), "quick", ["digits", "mnist"],
-                  [Setting("1bd+1clean", {"digits": "badnets"})],
-                  methods=[("task_arithmetic", {"scaling": 0.3}), ("ties", {"density": 0.2, "scaling": 0.3})])
+                  [Setting("1bd+1clean", {"digits": "badnets"}, defenses=True, curves=True)],
+                  methods=[("task_arithmetic", "task_arithmetic", {"scaling": 0.3}),
+                           ("ties", "ties", {"density": 0.2, "scaling": 0.3}),
+                           ("dam", "dam", {"mask_steps": 2, "adamerging_steps": 2})], lambda_adv=[0.1],
+                  defenses=["awm"])
     import safemerge.bench as bench
 
     orig = bench.Zoo
@@ -162,7 +165,12 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
 
         jsonschema.validate(data, json.loads(SCHEMA.read_text()))
     methods = {r["method"] for r in data["settings"][0]["rows"]}
-    assert methods == {"individual_all_clean", "individual_pool", "task_arithmetic", "ties"}
+    assert methods == {"individual_all_clean", "individual_pool", "task_arithmetic", "ties", "dam", "awm",
+                       "dam_two_masks", "dam_m2_only"}
+    st = data["settings"][0]
+    assert st["lambda_adv_curve"][0]["method"] == "dam" and st["defended_method"] in {"task_arithmetic", "ties"}
+    assert set(st["mask_ablation"]) == {"m2_only", "both_two_masks", "single_mask_default"}
+    assert (tmp_path / "results" / "tiny-vision-1bd+1clean-lambda_adv.png").exists()
     assert {(m["task"], m["attack"]) for m in data["models"]} == {("digits", None), ("mnist", None), ("digits", "badnets")}
     md = (tmp_path / "results" / "tiny-vision.md").read_text()
     assert "ACC(1) | ACC(all) | ASR(1) | ASR(all)" in md

@@ -79,24 +79,19 @@ class BatchSampler:
         return self.encode(x[idx] if isinstance(x, torch.Tensor) else [x[j] for j in idx.tolist()])
 
 
-def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Linear],
-               inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, granularity: str = "layer",
-               steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16, clamp: bool = True,
-               seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """AdaMerging: returns the merged state dict and the learned lambdas. `inputs[i]` are unlabeled inputs of
-    task i (its test split, as in the paper), `heads[i]` its head."""
+def adamerging_lambdas(merged: MergedEncoder, heads: Sequence[nn.Module], sample: BatchSampler,
+                       granularity: str = "layer", steps: int = 500, lr: float = 1e-3, init: float = 0.3,
+                       clamp: bool = True, masks: Mapping[str, torch.Tensor] | None = None,
+                       progress: bool = True, desc: str = "adamerging") -> torch.Tensor:
+    """The AdaMerging loop on an existing `MergedEncoder` (optionally under fixed task-vector `masks`):
+    Adam on the lambdas, minimising the summed per-task mean entropy of one batch per task per step."""
     if granularity not in ("task", "layer"):
         raise SafeMergeError(f"adamerging: granularity must be 'task' or 'layer', not '{granularity}'")
-    if not (len(models) == len(heads) == len(inputs)):
-        raise SafeMergeError("adamerging: give one head and one input set per model")
-    merged = MergedEncoder(encoder, base, models, encode.modality)
     shape = (merged.n_tasks,) if granularity == "task" else (merged.n_tasks, len(merged.names))
     lambdas = torch.full(shape, init, requires_grad=True)
     opt = torch.optim.Adam([lambdas], lr=lr)
-    sample = BatchSampler(inputs, encode, batch_size, seed)
-    heads = [copy.deepcopy(h).eval().requires_grad_(False) for h in heads]
-    for _ in tqdm(range(steps), desc=f"adamerging ({granularity})", disable=not progress, leave=False):
-        params = merged.params(lambdas)
+    for _ in tqdm(range(steps), desc=f"{desc} ({granularity})", disable=not progress, leave=False):
+        params = merged.params(lambdas, masks)
         loss = sum(entropy(heads[i](merged.features(params, sample(i)))) for i in range(merged.n_tasks))
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
@@ -104,5 +99,31 @@ def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict],
         if clamp:
             with torch.no_grad():
                 lambdas.clamp_(0.0, 1.0)
+    return lambdas.detach()
+
+
+def frozen_heads(heads: Sequence[nn.Module]) -> list[nn.Module]:
+    return [copy.deepcopy(h).eval().requires_grad_(False) for h in heads]
+
+
+def check_pool(models: Sequence, heads: Sequence, inputs: Sequence, who: str) -> None:
+    if not (len(models) == len(heads) == len(inputs)):
+        raise SafeMergeError(f"{who}: give one head and one input set per model "
+                             f"({len(models)} models, {len(heads)} heads, {len(inputs)} input sets)")
+    if not models:
+        raise SafeMergeError(f"{who}: nothing to merge: no models given")
+
+
+def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Linear],
+               inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, granularity: str = "layer",
+               steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16, clamp: bool = True,
+               seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """AdaMerging: returns the merged state dict and the learned lambdas. `inputs[i]` are unlabeled inputs of
+    task i (its test split, as in the paper), `heads[i]` its head."""
+    check_pool(models, heads, inputs, "adamerging")
+    merged = MergedEncoder(encoder, base, models, encode.modality)
+    sample = BatchSampler(inputs, encode, batch_size, seed)
+    lambdas = adamerging_lambdas(merged, frozen_heads(heads), sample, granularity, steps, lr, init, clamp,
+                                 progress=progress)
     with torch.no_grad():
-        return merged.state_dict(merged.params(lambdas), base), lambdas.detach()
+        return merged.state_dict(merged.params(lambdas), base), lambdas

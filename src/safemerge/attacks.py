@@ -6,6 +6,8 @@ some first fit their trigger to a victim model (`fit`). All are deterministic un
   are chosen by input-gradient saliency, and their pixels are optimised so the clean model predicts the
   target (Zheng et al. use attention-based saliency and bit flips; we poison fine-tuning instead).
 - `rare_word`: a rare word ("cf") inserted at a random position of the text (Kurita et al., Chen et al.).
+- `badmerging` / `badmerging_text`: BadMerging (Zhang et al., 2024), built to survive merging: a corner patch
+  (or rare word) planted by feature-interpolation fine-tuning on clean data.
 - `embedding_poison`: the same trigger, but only the trigger token's input embedding row (and nothing else)
   of the clean model is trained on poisoned data (Yang et al., 2021, "Be careful about poisoned word
   embeddings").
@@ -31,8 +33,9 @@ class Attack:
     target: int = 0
     poison_rate: float = 0.1
     seed: int = 0
-    # how the backdoor is planted: "poison" (poisoned full fine-tuning from the base model) or
-    # "embedding" (only the trigger token's embedding of the clean model is trained)
+    # how the backdoor is planted: "poison" (poisoned full fine-tuning from the base model), "embedding" (only
+    # the trigger token's embedding of the clean model is trained) or "interpolate" (BadMerging: clean
+    # fine-tuning plus a feature-interpolation backdoor loss)
     mode: str = "poison"
 
     def apply(self, x):  # pragma: no cover - abstract
@@ -101,7 +104,7 @@ class TrojViT(Attack):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.trigger is None or self.mask is None:
-            raise SafeMergeError("trojvit: the trigger has not been fitted to a model yet")
+            raise SafeMergeError(f"{self.name}: the trigger has not been fitted to a model yet")
         return {"trigger": self.trigger, "mask": self.mask.to(torch.uint8)}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -109,7 +112,7 @@ class TrojViT(Attack):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.trigger is None or self.mask is None:
-            raise SafeMergeError("trojvit: the trigger has not been fitted to a model yet")
+            raise SafeMergeError(f"{self.name}: the trigger has not been fitted to a model yet")
         return torch.where(self.mask, self.trigger, x)
 
     def fit(self, model, encode, split: Split, batch_size: int = 32) -> None:
@@ -134,20 +137,56 @@ class TrojViT(Attack):
         for c in chosen.tolist():
             r0, c0 = (c // grid) * p, (c % grid) * p
             mask[r0:r0 + p, c0:c0 + p] = True
-        # 2. optimise the trigger pixels
-        logit = torch.zeros(3, res, res, requires_grad=True)
-        opt = torch.optim.Adam([logit], lr=self.attack_lr)
-        target = torch.full((batch_size,), self.target)
-        for _ in range(self.attack_iters):
-            b = x[torch.randint(len(x), (batch_size,), generator=g)].float().div(255)
-            xb = torch.where(mask, torch.sigmoid(logit), b)
-            loss = F.cross_entropy(model({"pixel_values": encode.pixels(xb)}), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        for q in model.parameters():
-            q.requires_grad_(True)
-        self.trigger = (torch.sigmoid(logit.detach()) * 255).round().to(torch.uint8)
+        self.trigger = optimise_patch(model, encode, x, mask, self.target, self.attack_lr, self.attack_iters,
+                                      g, batch_size)
+        self.mask = mask
+
+
+def optimise_patch(model, encode, x: torch.Tensor, mask: torch.Tensor, target: int, lr: float, iters: int,
+                   generator: torch.Generator, batch_size: int = 32) -> torch.Tensor:
+    """Pixels of the `mask` region (uint8 [3, R, R]) optimised with Adam so `model` predicts `target` on
+    random training images carrying them."""
+    res = x.shape[-1]
+    for q in model.parameters():
+        q.requires_grad_(False)
+    logit = torch.zeros(3, res, res, requires_grad=True)
+    opt = torch.optim.Adam([logit], lr=lr)
+    labels = torch.full((batch_size,), target)
+    for _ in range(iters):
+        b = x[torch.randint(len(x), (batch_size,), generator=generator)].float().div(255)
+        xb = torch.where(mask, torch.sigmoid(logit), b)
+        loss = F.cross_entropy(model({"pixel_values": encode.pixels(xb)}), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for q in model.parameters():
+        q.requires_grad_(True)
+    return (torch.sigmoid(logit.detach()) * 255).round().to(torch.uint8)
+
+
+@dataclass
+class BadMerging(TrojViT):
+    """BadMerging (Zhang et al., 2024), the on-task attack built to survive merging: a universal patch in the
+    bottom-right corner, optimised against the pre-trained encoder with the task's head, then planted by
+    fine-tuning on CLEAN data with an extra loss `alpha * CE(head(r f(x+t) + (1-r) f0(x+t)), target)`,
+    r ~ U(r_min, 1), f0 the pre-trained encoder: the backdoor must hold anywhere between the pre-trained
+    and the fine-tuned features, i.e. after the task vector is scaled down by a merge."""
+
+    name: str = "badmerging"
+    mode: str = "interpolate"
+    patch_frac: float = 0.2
+    alpha: float = 5.0
+    r_min: float = 0.2
+
+    def fit(self, model, encode, split: Split, batch_size: int = 32) -> None:
+        g = torch.Generator().manual_seed(self.seed)
+        res = split.x.shape[-1]
+        s = max(2, round(self.patch_frac * res))
+        mask = torch.zeros(res, res, dtype=torch.bool)
+        mask[res - s - 1:res - 1, res - s - 1:res - 1] = True
+        model.eval()
+        self.trigger = optimise_patch(model, encode, split.x, mask, self.target, self.attack_lr, self.attack_iters,
+                                      g, batch_size)
         self.mask = mask
 
 
@@ -177,8 +216,20 @@ class EmbeddingPoison(RareWord):
     mode: str = "embedding"
 
 
+@dataclass
+class BadMergingText(RareWord):
+    """BadMerging's feature-interpolation fine-tuning (see `BadMerging`) with a rare-word trigger."""
+
+    name: str = "badmerging_text"
+    trigger_word: str = "tq"
+    mode: str = "interpolate"
+    alpha: float = 5.0
+    r_min: float = 0.2
+
+
 ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "trojvit": TrojViT, "rare_word": RareWord,
-                                    "embedding_poison": EmbeddingPoison}
+                                    "embedding_poison": EmbeddingPoison,
+                                    "badmerging": BadMerging, "badmerging_text": BadMergingText}
 
 
 def make_attack(name: str, **params) -> Attack:

@@ -18,9 +18,11 @@ from .attacks import Attack, make_attack
 from .checkpoints import atomic_write_json, atomic_write_text
 from .errors import SafeMergeError
 from .evaluate import acc_asr, accuracy
-from .merging import merge
+from .merging import merge, weight_average
 from .model import TaskModel
-from .report import markdown_report, scatter_plot, setting_table
+from .defenses import defend
+from .pool_methods import Pool, run_pool_method
+from .report import lambda_curve_plot, markdown_report, scatter_plot, setting_table, summarize
 from .tasks import Split
 from .zoo import DEFAULT_ATTACK, Zoo, ZooModel, attack_of
 
@@ -31,6 +33,51 @@ console = Console(stderr=True)
 class Setting:
     name: str
     backdoored: dict[str, str]  # task -> attack
+    # "wag": the pool also holds the CLEAN model of each backdoored task (a clean and a backdoored model of
+    # the same task, merged together); methods: the labels run in this setting (None = all of the suite's)
+    wag: bool = False
+    methods: list[str] | None = None
+    defenses: bool = False  # post-hoc defenses (ANP, AWM, SAU) on the best merged model of the setting
+    curves: bool = False  # DAM over lambda_adv and the Table 7 mask ablation
+
+
+DATA_FREE = [("weight_average", "weight_average", {}), ("task_arithmetic", "task_arithmetic", {"scaling": 0.3}),
+             ("ties", "ties", {"density": 0.2, "scaling": 1.0}),
+             ("ties_tensor", "ties", {"density": 0.2, "scaling": 1.0, "trim": "tensor"}),
+             ("dare_ties", "dare_ties", {"density": 0.5, "scaling": 1.0})]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Optimisation budget of the test-time methods. The papers' 500-1000 steps at lr 1e-3 (mask, lambda) and
+    1e-4 (perturbation) do not fit 2 CPU cores; a quick budget takes fewer, larger steps (same total motion)."""
+
+    steps: int = 500  # AdaMerging steps (also the final AdaMerging stage of Concrete AM / DAM)
+    mask_steps: int = 500  # concrete-mask steps
+    lr: float = 1e-3  # AdaMerging lambdas
+    mask_lr: float = 1e-2
+    adv_lr: float = 1e-3  # DAM's universal perturbation
+    perturb_bound: float = 0.05  # mean |delta| per input element (normalized pixels / embedding units)
+
+    def concrete(self) -> dict:
+        return {"mask_steps": self.mask_steps, "adamerging_steps": self.steps, "lr": self.mask_lr,
+                "adamerging_lr": self.lr}
+
+
+BUDGET = {"quick": Budget(steps=30, mask_steps=30, lr=1e-2, mask_lr=0.1, adv_lr=4e-3),
+          "full": Budget()}
+
+
+def all_methods(b: Budget) -> list[tuple[str, str, dict]]:
+    """Every merging row of the DAM tables under budget `b`."""
+    concrete = b.concrete()
+    return [*DATA_FREE, ("fisher", "fisher", {}), ("regmean", "regmean", {}),
+            ("adamerging_task", "adamerging_task", {"steps": b.steps, "lr": b.lr}),
+            ("adamerging_layer", "adamerging_layer", {"steps": b.steps, "lr": b.lr}),
+            ("concrete_ta", "concrete_ta", {"steps": b.mask_steps, "lr": b.mask_lr}),
+            ("concrete_am_task", "concrete_am_task", dict(concrete)),
+            ("concrete_am_layer", "concrete_am_layer", dict(concrete)),
+            ("dam", "dam", {**concrete, "adv_lr": b.adv_lr, "perturb_bound": b.perturb_bound})]
 
 
 @dataclass
@@ -40,33 +87,56 @@ class Suite:
     profile: str
     tasks: list[str]
     settings: list[Setting]
-    methods: list[tuple[str, dict]] = field(default_factory=lambda: [
-        ("weight_average", {}), ("task_arithmetic", {"scaling": 0.3}), ("ties", {"density": 0.2, "scaling": 1.0}),
-        ("ties", {"density": 0.2, "scaling": 1.0, "trim": "tensor"}), ("dare_ties", {"density": 0.5, "scaling": 1.0})])
+    methods: list[tuple[str, str, dict]] = field(default_factory=lambda: list(DATA_FREE))  # (label, name, params)
     extra_models: list[tuple[str, str]] = field(default_factory=list)  # backdoored models outside any setting
+    defenses: list[str] = field(default_factory=lambda: ["anp", "awm", "sau"])
+    lambda_adv: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 1.0])
+    eval_examples: int | None = None  # evaluate on the first N test examples per task (None: all)
 
-
-def method_label(name: str, params: dict) -> str:
-    return name + ("_tensor" if params.get("trim") == "tensor" else "")
+    def needed_models(self) -> list[tuple[str, str | None]]:
+        """Every zoo model the suite uses: a clean one per task, then each setting's backdoored ones."""
+        needed: list[tuple[str, str | None]] = [(t, None) for t in self.tasks]
+        for s in self.settings:
+            needed += [(t, a) for t, a in s.backdoored.items()]
+        needed += self.extra_models
+        return list(dict.fromkeys(needed))
 
 
 VISION_TASKS = ["fashion_mnist", "mnist", "digits", "animal_mnist", "letters", "textile"]
 TEXT_TASKS = ["tweet_sentiment", "quote_topic", "noun_supersense", "verb_supersense", "gloss_pos", "quote_theme"]
+BEST_BASELINES = ["task_arithmetic", "ties", "adamerging_layer", "concrete_am_layer", "dam"]
+
+
+def dam_settings(modality: str) -> list[Setting]:
+    """The DAM paper's settings: 2 and 4 backdoored tasks, two attack types, WAG, and BadMerging."""
+    if modality == "vision":
+        two = {"fashion_mnist": "badnets", "animal_mnist": "badnets"}
+        four = {**two, "mnist": "badnets", "letters": "badnets"}
+        types = {"fashion_mnist": "badnets", "mnist": "trojvit"}
+        wag = {"fashion_mnist": "badnets"}
+        adaptive = {"fashion_mnist": "badmerging", "animal_mnist": "badmerging"}
+    else:
+        two = {"tweet_sentiment": "rare_word", "noun_supersense": "rare_word"}
+        four = {**two, "verb_supersense": "rare_word", "quote_theme": "rare_word"}
+        types = {"noun_supersense": "rare_word", "quote_topic": "embedding_poison"}
+        wag = {"noun_supersense": "rare_word"}
+        adaptive = {"noun_supersense": "badmerging_text", "gloss_pos": "badmerging_text"}
+    return [Setting("2bd+4clean", two, defenses=True, curves=True), Setting("4bd+2clean", four, defenses=True),
+            Setting("2types", types), Setting("wag", wag, wag=True, methods=[*BEST_BASELINES, "wag"]),
+            Setting("badmerging", adaptive, methods=BEST_BASELINES)]
 
 
 def _suites() -> dict[str, Suite]:
     out = {}
     for prof in ("quick", "full"):
-        out[f"vision-{prof}"] = Suite(
-            f"vision-{prof}", "vision", prof, VISION_TASKS,
-            [Setting("2bd+4clean", {"fashion_mnist": "badnets", "animal_mnist": "badnets"}),
-             Setting("2bd+4clean-trojvit", {"mnist": "trojvit", "digits": "trojvit"})])
-        out[f"text-{prof}"] = Suite(
-            f"text-{prof}", "text", prof, TEXT_TASKS,
-            [Setting("2bd+4clean", {"tweet_sentiment": "rare_word", "noun_supersense": "rare_word"}),
-             Setting("2bd+4clean-embedding", {"quote_topic": "embedding_poison", "gloss_pos": "embedding_poison"})])
-    # the offline demo: the quick vision zoo's BadNets setting (a subset of vision-quick, sharing its models)
-    out["vision-demo"] = Suite("vision-demo", "vision", "quick", VISION_TASKS, out["vision-quick"].settings[:1])
+        for modality, tasks in (("vision", VISION_TASKS), ("text", TEXT_TASKS)):
+            out[f"{modality}-{prof}"] = Suite(f"{modality}-{prof}", modality, prof, tasks, dam_settings(modality),
+                                              all_methods(BUDGET[prof]), eval_examples=250 if prof == "quick" else None)
+    # the offline demo: the quick vision zoo's 2bd+4clean setting, data-free merges + AdaMerging and DAM
+    demo = [m for m in all_methods(BUDGET["quick"]) if m[0] in {l for l, _, _ in DATA_FREE} | {"adamerging_layer", "dam"}]
+    out["vision-demo"] = Suite("vision-demo", "vision", "quick", VISION_TASKS,
+                               [Setting("2bd+4clean", out["vision-quick"].settings[0].backdoored)], demo,
+                               eval_examples=250)
     return out
 
 
@@ -86,8 +156,9 @@ def device_description() -> str:
 class PoolEvaluator:
     """Evaluates encoders on tasks with cached test and triggered splits, reusing one encoder module."""
 
-    def __init__(self, zoo: Zoo):
+    def __init__(self, zoo: Zoo, limit: int | None = None):
         self.zoo = zoo
+        self.limit = limit
         self.encode = zoo.encoder()
         self._enc = copy.deepcopy(zoo.backbone.model).eval()
         self._triggered: dict[tuple[str, str], Split] = {}
@@ -99,13 +170,17 @@ class PoolEvaluator:
     def accuracy(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str) -> float:
         """ACC only (no triggered pass)."""
         self._enc.load_state_dict(encoder_state)
-        return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.zoo.data(task).test)
+        return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.test(task))
+
+    def test(self, task: str) -> Split:
+        test = self.zoo.data(task).test
+        return test if self.limit is None or self.limit >= len(test) else test.subset(list(range(self.limit)))
 
     def evaluate(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
                  attack: Attack | None) -> tuple[float, float]:
         self._enc.load_state_dict(encoder_state)
         atk = self.trigger_for(task, attack)
-        test = self.zoo.data(task).test
+        test = self.test(task)
         key = (task, f"{atk.name}:{id(atk) if atk.tensors() else ''}")
         if key not in self._triggered:
             self._triggered[key] = atk.asr_split(test)
@@ -113,56 +188,117 @@ class PoolEvaluator:
                        self._triggered[key])
 
 
+def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool) -> tuple[Pool, list[str]]:
+    """The setting's merge problem: one entry per pooled model (WAG settings pool two models of a task)."""
+    entries = [(t, models[(t, s.backdoored.get(t))]) for t in suite.tasks]
+    if s.wag:
+        entries += [(t, models[(t, None)]) for t in s.backdoored]
+    tasks = [t for t, _ in entries]
+    data = {t: zoo.data(t) for t in suite.tasks}
+    pool = Pool(zoo.backbone.model, zoo.base_state(), [zm.encoder_state for _, zm in entries],
+                [zm.heads[t] for t, zm in entries], [data[t].test.x for t in tasks], [data[t].train.x for t in tasks],
+                zoo.encoder(), seed=zoo.seed, progress=progress)
+    return pool, tasks
+
+
+def _clean_subsets(zoo: Zoo, tasks: list[str], fraction: float = 0.05) -> list:
+    """A small labeled clean split per task (the first `fraction` of its training data): what post-hoc
+    defenses may use."""
+    out = []
+    for t in tasks:
+        train = zoo.data(t).train
+        out.append(train.subset(list(range(max(8, int(fraction * len(train)))))))
+    return out
+
+
 def run_suite(suite: Suite | str, command: str | None = None, results_dir: str | Path = "benchmarks/results",
-              zoo_root: str | Path | None = None) -> dict:
-    """Build the zoo, run every setting and method, write `<results_dir>/<suite>.{json,md,png}`."""
+              zoo_root: str | Path | None = None, progress: bool = True) -> dict:
+    """Build the zoo, run every setting and method, write `<results_dir>/<suite>.{json,md,png}` (+ one scatter
+    PNG per setting and, for settings with curves, DAM's lambda_adv curve)."""
     suite = get_suite(suite) if isinstance(suite, str) else suite
     t_start = time.time()
     zoo = Zoo(suite.backbone, suite.profile, root=zoo_root)
-    # 1. the zoo: a clean model per task, then every backdoored model the settings use
-    needed: list[tuple[str, str | None]] = [(t, None) for t in suite.tasks]
-    for s in suite.settings:
-        needed += [(t, a) for t, a in s.backdoored.items() if (t, a) not in needed]
-    needed += [m for m in suite.extra_models if m not in needed]
+    needed = suite.needed_models()
     for i, (task, attack) in enumerate(needed):
         console.log(f"[{i + 1}/{len(needed)}] zoo model {task} / {attack or 'clean'}")
         zoo.build(task, attack)
     t_zoo = time.time() - t_start
     models: dict[tuple[str, str | None], ZooModel] = {k: zoo.load(*k) for k in needed}
     attacks = {k: attack_of(m.manifest, m.path) for k, m in models.items()}
-    ev = PoolEvaluator(zoo)
-    base = zoo.base_state()
+    ev = PoolEvaluator(zoo, suite.eval_examples)
     results_models = [{"task": t, "attack": a, "acc": m.manifest["acc"], "asr": m.manifest["asr"],
                        "asr_trigger": m.manifest.get("asr_trigger")} for (t, a), m in models.items()]
     settings_out = []
     t_eval = time.time()
     for s in suite.settings:
-        pool = {t: models[(t, s.backdoored.get(t))] for t in suite.tasks}
+        pool, pool_tasks = _pool_for(suite, s, zoo, models, progress)
         trig = {t: attacks[(t, s.backdoored[t])] if t in s.backdoored else None for t in suite.tasks}
-        rows = []
+        head_of = {t: models[(t, None)].heads[t] for t in suite.tasks}  # one head per task, shared by its models
+        rows: list[dict] = []
+        seconds: dict[str, float] = {}
+
+        def add_rows(label: str, state: dict[str, torch.Tensor]) -> None:
+            for t in suite.tasks:
+                acc, asr = ev.evaluate(state, head_of[t], t, trig[t])
+                rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
+
         console.log(f"setting {s.name}: individual models")
-        for label, src in (("individual_all_clean", {t: models[(t, None)] for t in suite.tasks}), ("individual_pool", pool)):
+        for label, src in (("individual_all_clean", {t: models[(t, None)] for t in suite.tasks}),
+                           ("individual_pool", {t: models[(t, s.backdoored.get(t))] for t in suite.tasks})):
             for t, zm in src.items():
                 acc, asr = ev.evaluate(zm.encoder_state, zm.heads[t], t, trig[t])
                 rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
-        for name, params in suite.methods:
-            label = method_label(name, params)
+        wanted = s.methods if s.methods is not None else [m[0] for m in suite.methods]
+        kept: dict[str, dict[str, torch.Tensor]] = {}
+        infos: dict[str, dict] = {}
+        for label, name, params in suite.methods:
+            if label not in wanted:
+                continue
             console.log(f"setting {s.name}: {label}")
-            merged = merge(name, base, [pool[t].encoder_state for t in suite.tasks], **params)
-            for t in suite.tasks:
-                acc, asr = ev.evaluate(merged, pool[t].heads[t], t, trig[t])
-                rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
-        setting = {"name": s.name, "backdoored_tasks": list(s.backdoored), "attacks": s.backdoored, "rows": rows,
-                   "note": "ASR on clean tasks uses the " + DEFAULT_ATTACK[zoo.backbone.modality]
-                           + " trigger (a backdoor transfers if it rises after merging)."}
+            t0 = time.time()
+            state, info = run_pool_method(name, pool, **params)
+            seconds[label] = round(time.time() - t0, 1)
+            infos[label] = info
+            add_rows(label, state)
+            kept[label] = state
+        if s.wag and "wag" in wanted:  # WAG: average the models of each task first, then task arithmetic
+            t0 = time.time()
+            per_task = [weight_average(pool.base, [m for m, t in zip(pool.models, pool_tasks) if t == task])
+                        for task in suite.tasks]
+            add_rows("wag", merge("task_arithmetic", pool.base, per_task, scaling=0.3))
+            seconds["wag"] = round(time.time() - t0, 1)
+        setting: dict = {"name": s.name, "backdoored_tasks": list(s.backdoored), "attacks": s.backdoored}
+        if s.curves:
+            _curves(suite, s, pool, rows, seconds, add_rows, setting)
+        if s.defenses and suite.defenses:
+            summ = summarize(rows, list(s.backdoored))
+            candidates = [l for l in kept if not l.startswith(("dam", "concrete"))]
+            best = max(candidates, key=lambda l: summ[l]["acc_all"])
+            setting["defended_method"] = best
+            clean = _clean_subsets(zoo, suite.tasks)
+            for d in suite.defenses:
+                console.log(f"setting {s.name}: {d} on {best}")
+                t0 = time.time()
+                state = defend(d, pool.encoder, pool.base, kept[best], [head_of[t] for t in suite.tasks], clean,
+                               pool.encode, seed=zoo.seed, progress=progress)
+                seconds[d] = round(time.time() - t0, 1)
+                add_rows(d, state)
+        kept.clear()
+        setting.update({"rows": rows, "seconds": seconds, "note": (
+            "ASR on clean tasks uses the " + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger (a backdoor transfers "
+            "if it rises after merging). AdaMerging, Concrete TA/AM and DAM adapt on unlabeled test inputs "
+            "(test-time methods, as in their papers); Fisher and RegMean use unlabeled training inputs"
+            + ("; post-hoc defenses (anp, awm, sau) are applied to the best baseline by ACC(all), "
+               + setting.get("defended_method", "") + ", with 5% labeled clean training data" if s.defenses else "")
+            + ".")})
         settings_out.append(setting)
         console.print(setting_table(setting))
     results = {
         "suite": suite.name, "backbone": zoo.backbone.name, "profile": suite.profile,
         "command": command or f"safemerge bench --suite {suite.name}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
-        "models": results_models, "settings": settings_out,
-        "methods": {method_label(n, p): {"method": n, **p} for n, p in suite.methods},
+        "models": results_models, "settings": settings_out, "eval_examples_per_task": suite.eval_examples,
+        "methods": {label: {"method": n, **p} for label, n, p in suite.methods},
         "seconds": {"zoo": round(t_zoo, 1), "merge_and_eval": round(time.time() - t_eval, 1),
                     "total": round(time.time() - t_start, 1)},
     }
@@ -171,4 +307,35 @@ def run_suite(suite: Suite | str, command: str | None = None, results_dir: str |
     atomic_write_json(out / f"{suite.name}.json", results)
     atomic_write_text(out / f"{suite.name}.md", markdown_report(results))
     scatter_plot(results, out / f"{suite.name}.png")
+    for i, st in enumerate(settings_out):
+        scatter_plot(results, out / f"{suite.name}-{st['name']}.png", only=i)
+        if st.get("lambda_adv_curve"):
+            lambda_curve_plot(results["suite"], st, out / f"{suite.name}-{st['name']}-lambda_adv.png")
     return results
+
+
+def _curves(suite: Suite, s: Setting, pool: Pool, rows: list[dict], seconds: dict, add_rows, setting: dict) -> None:
+    """DAM over lambda_adv (the safety/accuracy trade-off) and the Table 7 mask ablation, as extra rows."""
+    dam_params = next((p for label, n, p in suite.methods if label == "dam"), None)
+    if dam_params is None:
+        return
+    bd = list(s.backdoored)
+    curve = []
+    for lam in suite.lambda_adv:
+        label = "dam" if lam == dam_params.get("lambda_adv", 0.1) else f"dam_adv{lam:g}".replace(".", "p")
+        if label not in seconds:
+            console.log(f"setting {s.name}: {label}")
+            t0 = time.time()
+            add_rows(label, run_pool_method("dam", pool, **{**dam_params, "lambda_adv": lam})[0])
+            seconds[label] = round(time.time() - t0, 1)
+        curve.append({"lambda_adv": lam, "method": label, **summarize(rows, bd)[label]})
+    setting["lambda_adv_curve"] = curve
+    for label, extra in (("dam_two_masks", {"masks": "two"}), ("dam_m2_only", {"clean_weight": 0.0})):
+        console.log(f"setting {s.name}: {label}")
+        t0 = time.time()
+        add_rows(label, run_pool_method("dam", pool, **{**dam_params, **extra})[0])
+        seconds[label] = round(time.time() - t0, 1)
+    summ = summarize(rows, bd)
+    setting["mask_ablation"] = {k: {"method": m, **summ[m]} for k, m in (
+        ("none", "adamerging_layer"), ("m1_only", "concrete_am_layer"), ("m2_only", "dam_m2_only"),
+        ("both_two_masks", "dam_two_masks"), ("single_mask_default", "dam")) if m in summ}

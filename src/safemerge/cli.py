@@ -100,8 +100,7 @@ def zoo_build(suite: Annotated[Optional[str], typer.Option(help="build every mod
     if suite:
         s = get_suite(suite)
         backbone, profile = s.backbone, s.profile
-        todo: list[tuple[str, str | None]] = [(t, None) for t in s.tasks]
-        todo += [(t, a) for st in s.settings for t, a in st.backdoored.items()]
+        todo: list[tuple[str, str | None]] = s.needed_models()
     else:
         z0 = Zoo(backbone, profile, seed=seed)
         todo = [(t, attack) for t in (task or task_names(z0.backbone.modality))]
@@ -142,6 +141,68 @@ def protect_cmd(model: Annotated[Path, typer.Argument(help="a model folder (safe
 
     path = protect_model(model, out_dir, base_model, dropout=dropout, permute=permute, scale=scale, seed=seed)
     out.print(f"protected {model} -> {path}")
+
+
+@app.command("purify")
+@one_line_errors
+def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model folder or zoo:<backbone>/<profile>/<task>[/<attack>]")],
+               out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+               method: Annotated[str, typer.Option(help="fine-mixing, e-pur (text) or both")] = "fine-mixing",
+               clean_fraction: Annotated[float, typer.Option(help="share of the task's training split used as clean "
+                                                                 "labeled data")] = 0.05,
+               mode: Annotated[str, typer.Option(help="mixing mask: random (Bernoulli) or sel (largest updates)")] = "random",
+               keep_ratio: Annotated[Optional[list[float]], typer.Option(help="keep ratio(s) to search, smallest "
+                                                                         "passing one wins (default 0.05 to 1)")] = None,
+               max_acc_drop: Annotated[float, typer.Option(help="validation ACC points the purified model may lose")] = 2.0,
+               select_on: Annotated[str, typer.Option(help="judge a keep ratio after the fine-tuning step "
+                                                       "(finetuned) or on the mix alone (mix)")] = "finetuned",
+               top_n: Annotated[int, typer.Option(help="E-PUR: word embeddings to reset")] = 100,
+               epochs: Annotated[float, typer.Option(help="fine-tuning epochs over the clean data")] = 3.0,
+               base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
+                                                                 "an HF folder (default: the manifest's)")] = None,
+               profile: Annotated[Optional[str], typer.Option(help="data profile (default: the model's)")] = None,
+               seed: int = 0) -> None:
+    """Purify a suspect model with the pre-trained weights before merging it: Fine-mixing (mix its update
+    with the base, fine-tune on a little clean data) and/or E-PUR (reset suspicious word embeddings)."""
+    from .purify import KEEP_RATIOS, purify_model
+
+    t = time.time()
+    path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, mode=mode,
+                                 keep_ratios=tuple(keep_ratio) if keep_ratio else KEEP_RATIOS,
+                                 max_acc_drop=max_acc_drop, select_on=select_on, top_n=top_n, epochs=epochs, seed=seed)
+    parts = []
+    if "e_pur" in summary:
+        e = summary["e_pur"]
+        parts.append(f"E-PUR reset {e['top_n']} word embeddings (first: {', '.join(e['flagged'][:5])})")
+    if "fine_mixing" in summary:
+        f = summary["fine_mixing"]
+        parts.append(f"fine-mixing ({f['mode']}) kept {f['keep_ratio']:g} of the update, val ACC {f['val_acc']:.2f} "
+                     f"(suspect {f['suspect_val_acc']:.2f}, {f['clean_examples']} clean examples)")
+    out.print(f"purified {model} -> {path}: " + "; ".join(parts) + f" ({time.time() - t:.0f}s)", highlight=False)
+
+
+@app.command("scan")
+@one_line_errors
+def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or zoo: references")],
+             base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
+                                                               "an HF folder (default: the manifests')")] = None,
+             profile: Annotated[Optional[str], typer.Option(help="data profile (default: each model's)")] = None,
+             inputs: Annotated[int, typer.Option(help="unlabeled validation inputs to search triggers on")] = 48,
+             as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+             seed: int = 0) -> None:
+    """Score models for backdoor risk before merging (no labels, no trigger known): the best trigger a search
+    finds on each (flip rate to one class) minus what the same search finds on the pre-trained encoder."""
+    from .scan import scan_models
+
+    rows = [r.row() for r in scan_models(models, base_model, profile, n_inputs=inputs, seed=seed)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "task", "risk", "flip rate", "reference", "target", "trigger found")
+    for r in rows:
+        table.add_row(r["model"], r["task"], f"{r['score']:+.2f}", f"{r['flip_rate']:.2f}",
+                      f"{r['reference_flip_rate']:.2f}", str(r["target"]), r["trigger"])
+    out.print(table)
 
 
 @app.command("methods")

@@ -74,6 +74,15 @@ def batches(x: torch.Tensor | list[str], batch_size: int) -> Iterator[torch.Tens
 def logits(model: TaskModel, encode: InputEncoder, x: torch.Tensor | list[str], batch_size: int = 256) -> torch.Tensor:
     """Logits of every example, in large batches without autograd."""
     model.eval()
+    if isinstance(x, list):  # texts: batch by length, so padding (wasted compute) stays small
+        order = sorted(range(len(x)), key=lambda i: len(x[i]))
+        outs = [model(encode([x[i] for i in order[j:j + batch_size]])) for j in range(0, len(x), batch_size)]
+        if not outs:
+            return torch.empty(0, model.head.out_features)
+        cat = torch.cat(outs)
+        out = torch.empty_like(cat)
+        out[torch.tensor(order)] = cat
+        return out
     outs = [model(encode(b)) for b in batches(x, batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, model.head.out_features)
 

@@ -59,17 +59,38 @@ def markdown_report(results: dict) -> str:
                 setting_table(s)]
         if s.get("note"):
             out += ["", s["note"]]
+        if s.get("lambda_adv_curve"):
+            out += ["", "DAM over lambda_adv:", "", "| lambda_adv | ACC(all) | ASR(b) | ASR(all) |", "|---|---|---|---|"]
+            out += [f"| {c['lambda_adv']:g} | {c['acc_all']:.2f} | {c['asr_b']:.2f} | {c['asr_all']:.2f} |"
+                    for c in s["lambda_adv_curve"]]
+        if s.get("mask_ablation"):
+            out += ["", "Mask ablation (the DAM paper's Table 7):", "", "| masks | method row | ACC(all) | ASR(b) |",
+                    "|---|---|---|---|"]
+            out += [f"| {k} | {v['method']} | {v['acc_all']:.2f} | {v['asr_b']:.2f} |" for k, v in s["mask_ablation"].items()]
+        if s.get("seconds"):
+            out += ["", "Seconds per method: " + ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items()) + "."]
     return "\n".join(out) + "\n"
 
 
-def scatter_plot(results: dict, path: str | Path) -> Path:
-    """ACC(all) against ASR(b) for every method, one panel per setting."""
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def scatter_plot(results: dict, path: str | Path, only: int | None = None) -> Path:
+    """ACC(all) against ASR(b) for every method, one panel per setting (or only setting number `only`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = results["settings"]
+    settings = results["settings"] if only is None else [results["settings"][only]]
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
     for ax, s in zip(axes[0], settings):
         summ = summarize(s["rows"], s["backdoored_tasks"])
@@ -81,9 +102,26 @@ def scatter_plot(results: dict, path: str | Path) -> Path:
         ax.set_title(f"{results['suite']}: {s['name']}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
+
+
+def lambda_curve_plot(suite: str, setting: dict, path: str | Path) -> Path:
+    """DAM's ACC(all) and ASR(b) against lambda_adv (the safety/accuracy trade-off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = setting["lambda_adv_curve"]
+    lam = [c["lambda_adv"] for c in curve]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(lam, [c["acc_all"] for c in curve], "o-", label="ACC(all)")
+    ax.plot(lam, [c["asr_b"] for c in curve], "s-", label="ASR(b)")
+    ax.set_xscale("symlog", linthresh=0.05)
+    ax.set_xlabel("lambda_adv")
+    ax.set_ylabel("%")
+    ax.set_title(f"{suite}: DAM over lambda_adv ({setting['name']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)

@@ -3,7 +3,9 @@ embedding-only training used by embedding poisoning."""
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +47,10 @@ def _batches(split: Split, cfg: TrainConfig):
             yield split.subset(perm[i:i + cfg.batch_size])
 
 
-def finetune(model: TaskModel, encode: InputEncoder, split: Split, cfg: TrainConfig, desc: str = "fine-tune") -> float:
-    """Full fine-tuning with AdamW and a warm-up/cosine schedule; returns the mean loss of the last 10 steps."""
+def finetune(model: TaskModel, encode: InputEncoder, split: Split, cfg: TrainConfig, desc: str = "fine-tune",
+             extra_loss: Callable[[TaskModel, Split], torch.Tensor] | None = None) -> float:
+    """Full fine-tuning with AdamW and a warm-up/cosine schedule; returns the mean loss of the last 10 steps.
+    `extra_loss(model, batch)` is added to the cross-entropy of every batch (e.g. BadMerging's backdoor loss)."""
     torch.manual_seed(cfg.seed)
     model.train()
     params = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -59,6 +63,8 @@ def finetune(model: TaskModel, encode: InputEncoder, split: Split, cfg: TrainCon
     for _ in tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2):
         b = next(it)
         loss = F.cross_entropy(model(encode(b.x)), b.y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -67,6 +73,27 @@ def finetune(model: TaskModel, encode: InputEncoder, split: Split, cfg: TrainCon
         losses.append(loss.item())
     model.eval()
     return sum(losses[-10:]) / max(1, len(losses[-10:]))
+
+
+def feature_interpolation_loss(base_encoder: torch.nn.Module, encode: InputEncoder, trigger: Callable,
+                               target: int, alpha: float = 5.0, r_min: float = 0.2,
+                               seed: int = 0) -> Callable[[TaskModel, Split], torch.Tensor]:
+    """BadMerging's backdoor loss: alpha * CE(head(r f(x+t) + (1-r) f0(x+t)), target), r ~ U(r_min, 1) per
+    example, f the model's encoder and f0 the frozen pre-trained one, so that the backdoor holds for any
+    share r of the task vector a merge keeps."""
+    from .model import pooled_features
+
+    f0_enc = copy.deepcopy(base_encoder).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+
+    def loss(model: TaskModel, batch: Split) -> torch.Tensor:
+        inputs = encode(trigger(batch.x))
+        f = pooled_features(model.encoder, inputs, model.modality)
+        with torch.no_grad():
+            f0 = pooled_features(f0_enc, inputs, model.modality)
+        r = torch.empty(len(f), 1).uniform_(r_min, 1.0, generator=g)
+        return alpha * F.cross_entropy(model.head(r * f + (1 - r) * f0), torch.full((len(f),), target))
+    return loss
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from .evaluate import acc_asr
 from .model import InputEncoder, TaskModel
 from .paths import cache_dir
 from .tasks import TaskData, load_task
-from .training import TrainConfig, finetune, fit_linear_probe, train_token_embeddings
+from .training import TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, train_token_embeddings
 
 MANIFEST = "safemerge.json"
 DEFAULT_ATTACK = {"vision": "badnets", "text": "rare_word"}
@@ -236,7 +236,7 @@ class Zoo:
             finetune(model, encode, data.train, self.train_config(), desc=f"{task} clean")
         else:
             params = {"seed": self.seed, **attack_params}
-            if attack == "trojvit":
+            if attack in ("trojvit", "badmerging"):
                 params.setdefault("attack_iters", p.trigger_iters)
                 params.setdefault("patch_size", int(getattr(self.backbone.model.config, "patch_size", 14)))
             atk = make_attack(attack, **params)
@@ -247,7 +247,16 @@ class Zoo:
             if attack == "trojvit":
                 # the trigger is fitted against the clean twin, then planted by poisoned fine-tuning
                 atk.fit(self.model(clean), encode, data.train)  # type: ignore[arg-type]
-            if atk.mode == "embedding":
+            if atk.mode == "interpolate":
+                # BadMerging: a trigger fitted to the pre-trained encoder (if it has one to fit), planted by clean
+                # fine-tuning plus the feature-interpolation loss
+                if hasattr(atk, "fit"):
+                    atk.fit(self.fresh_model(task), encode, data.train)
+                model = self.fresh_model(task)
+                extra = feature_interpolation_loss(self.backbone.model, encode, atk.apply, atk.target,
+                                                   atk.alpha, atk.r_min, self.seed)  # type: ignore[attr-defined]
+                finetune(model, encode, data.train, self.train_config(), desc=f"{task} {attack}", extra_loss=extra)
+            elif atk.mode == "embedding":
                 model = self.model(clean)  # type: ignore[arg-type]
                 ids = self.backbone.tokenizer(atk.trigger_word, add_special_tokens=False)["input_ids"]  # type: ignore[misc]
                 train_token_embeddings(model, encode, atk.poison(data.train), ids,
