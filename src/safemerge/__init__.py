@@ -2,6 +2,8 @@
 
     from safemerge import merge, load_backbone, Zoo, run_suite
     merged = merge("ties", base_state, [sd1, sd2], density=0.2, scaling=1.0)
+    merged, info = run_pool_method("dam", Pool(encoder, base_state, [sd1, sd2], heads, test_inputs, train_inputs,
+                                               encode), lambda_adv=0.1)
 """
 
 from .api import evaluate_folder, load_model_ref, merge_models, protect_model
@@ -12,10 +14,11 @@ from .config import MergeConfig
 from .errors import SafeMergeError
 from .evaluate import acc_asr
 from .merging import METHODS, merge
+from .pool_methods import POOL_METHODS, Pool, run_pool_method
 from .protect import protect_state, undo_protection
 from .zoo import Zoo
 
-__all__ = ["ATTACKS", "METHODS", "SUITES", "MergeConfig", "SafeMergeError", "Zoo", "acc_asr", "evaluate_folder",
+__all__ = ["ATTACKS", "METHODS", "POOL_METHODS", "Pool", "SUITES", "MergeConfig", "SafeMergeError", "Zoo", "acc_asr", "evaluate_folder",
            "load_backbone", "load_model_ref", "make_attack", "merge", "merge_models",
-           "protect_model", "protect_state", "run_suite", "undo_protection"]
+           "protect_model", "protect_state", "run_pool_method", "run_suite", "undo_protection"]
 __version__ = "0.1.0"

@@ -293,6 +293,13 @@ def run_suite(suite: Suite | str, command: str | None = None, results_dir: str |
             + ".")})
         settings_out.append(setting)
         console.print(setting_table(setting))
+        _write(suite, zoo, command, results_models, settings_out, t_start, t_zoo, t_eval, results_dir, final=False)
+    return _write(suite, zoo, command, results_models, settings_out, t_start, t_zoo, t_eval, results_dir, final=True)
+
+
+def _write(suite: Suite, zoo: Zoo, command: str | None, results_models: list, settings_out: list, t_start: float,
+           t_zoo: float, t_eval: float, results_dir: str | Path, final: bool) -> dict:
+    """Write the results so far (after every setting, so a long run that stops keeps what it measured)."""
     results = {
         "suite": suite.name, "backbone": zoo.backbone.name, "profile": suite.profile,
         "command": command or f"safemerge bench --suite {suite.name}",
@@ -302,12 +309,16 @@ def run_suite(suite: Suite | str, command: str | None = None, results_dir: str |
         "seconds": {"zoo": round(t_zoo, 1), "merge_and_eval": round(time.time() - t_eval, 1),
                     "total": round(time.time() - t_start, 1)},
     }
+    if not final:
+        results["incomplete"] = f"{len(settings_out)} of {len(suite.settings)} settings"
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{suite.name}.json", results)
     atomic_write_text(out / f"{suite.name}.md", markdown_report(results))
     scatter_plot(results, out / f"{suite.name}.png")
     for i, st in enumerate(settings_out):
+        if not final and i < len(settings_out) - 1:
+            continue  # written after its own setting already
         scatter_plot(results, out / f"{suite.name}-{st['name']}.png", only=i)
         if st.get("lambda_adv_curve"):
             lambda_curve_plot(results["suite"], st, out / f"{suite.name}-{st['name']}-lambda_adv.png")

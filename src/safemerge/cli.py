@@ -209,9 +209,13 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
 def methods_cmd() -> None:
     """List the merge methods and their parameters."""
     from .merging import METHODS, method_params
+    from .pool_methods import POOL_METHODS, pool_method_params
 
     for name in METHODS:
-        out.print(f"{name:16s} {method_params(name)}")
+        out.print(f"{name:18s} {method_params(name)}")
+    out.print("[bold]need heads and unlabeled inputs (Python API: safemerge.run_pool_method; bench suites):[/bold]")
+    for name in POOL_METHODS:
+        out.print(f"{name:18s} {pool_method_params(name)}")
 
 
 @app.command("bench")

@@ -104,6 +104,18 @@ def is_pool_method(name: str) -> bool:
     return name in POOL_METHODS
 
 
+def pool_method_params(name: str) -> dict[str, object]:
+    """The tunable parameters of a pool method with their defaults (the concrete loop's for Concrete/DAM)."""
+    sig = inspect.signature(POOL_METHODS[name])
+    out = {p.name: p.default for p in list(sig.parameters.values())[1:] if p.kind != p.VAR_KEYWORD}
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        fixed = {"encoder", "base", "models", "heads", "inputs", "encode", "seed", "progress", "adversarial",
+                 "fixed_lambda", "granularity"}
+        out.update({p.name: p.default for p in inspect.signature(concrete_merge).parameters.values()
+                    if p.name not in fixed})
+    return out
+
+
 def run_pool_method(name: str, pool: Pool, **params) -> Result:
     """Any merging method by name: data-free ones (merging.METHODS) get only the weights."""
     if name in METHODS:
@@ -111,11 +123,7 @@ def run_pool_method(name: str, pool: Pool, **params) -> Result:
     if name not in POOL_METHODS:
         raise SafeMergeError(f"unknown merge method '{name}' (known: {', '.join([*METHODS, *POOL_METHODS])})")
     fn = POOL_METHODS[name]
-    sig = inspect.signature(fn)
-    allowed = set(list(sig.parameters)[1:])
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        allowed |= set(inspect.signature(concrete_merge).parameters) - {"encoder", "base", "models", "heads",
-                                                                         "inputs", "encode", "seed", "progress"}
+    allowed = pool_method_params(name)
     bad = [k for k in params if k not in allowed]
     if bad:
         raise SafeMergeError(f"merge method '{name}' has no parameter '{bad[0]}'")

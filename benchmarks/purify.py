@@ -1,0 +1,177 @@
+"""Purification and scanning benchmark (issue 4): Fine-mixing (random and Sel), E-PUR, their ablations and
+baselines on every backdoored model of the quick zoo, and the pre-merge backdoor scan on every clean and
+backdoored model (AUROC).
+
+    python benchmarks/purify.py --backbone text      # -> benchmarks/results/purify-text.{json,md}
+    python benchmarks/purify.py --backbone vision
+
+Rows per backdoored model: ACC / ASR (percent, test split) before; after Fine-mixing random and Sel with each
+clean fraction; plain fine-tuning on the same clean data; mixing without the fine-tuning step; E-PUR alone and
+Fine-mixing + E-PUR (text). Builds missing zoo models (cached)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from safemerge.bench import PoolEvaluator, device_description
+from safemerge.checkpoints import atomic_write_json, atomic_write_text
+from safemerge.purify import (FineTuneConfig, clean_subset, e_pur, encoder_lr, fine_mixing, finetune_state,
+                              load_suspect, token_frequencies, word_embedding_key)
+from safemerge.scan import auroc, scan_models
+from safemerge.zoo import Zoo, attack_of
+
+console = Console(stderr=True)
+BACKDOORED = {
+    "vision": [("fashion_mnist", "badnets"), ("animal_mnist", "badnets"), ("mnist", "badnets"), ("letters", "badnets"),
+               ("mnist", "trojvit"), ("digits", "trojvit")],
+    "text": [("tweet_sentiment", "rare_word"), ("noun_supersense", "rare_word"), ("quote_topic", "embedding_poison"),
+             ("gloss_pos", "embedding_poison")],
+}
+CLEAN = {"vision": ["fashion_mnist", "mnist", "digits", "animal_mnist", "letters", "textile"],
+         "text": ["tweet_sentiment", "quote_topic", "noun_supersense", "verb_supersense", "gloss_pos", "quote_theme"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", choices=["vision", "text"], default="text")
+    ap.add_argument("--profile", default="quick")
+    ap.add_argument("--fractions", default="0.01,0.05", help="clean fractions of the training split")
+    ap.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs over the clean data")
+    ap.add_argument("--max-acc-drop", type=float, default=2.0)
+    ap.add_argument("--top-n", type=int, default=100, help="E-PUR: embeddings reset")
+    ap.add_argument("--scan-inputs", type=int, default=48)
+    ap.add_argument("--no-scan", action="store_true")
+    ap.add_argument("--no-purify", action="store_true")
+    ap.add_argument("--models", default="", help="only these task/attack pairs (comma separated), for a quick look")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    t0, c0 = time.time(), time.process_time()
+    zoo = Zoo(args.backbone, args.profile, seed=args.seed)
+    todo = BACKDOORED[args.backbone]
+    if args.models:
+        keep = set(args.models.split(","))
+        todo = [m for m in todo if f"{m[0]}/{m[1]}" in keep]
+    for t in CLEAN[args.backbone]:
+        zoo.build(t, None)
+    for t, a in todo:
+        zoo.build(t, a)
+    t_zoo = time.time() - t0
+    fractions = [float(f) for f in args.fractions.split(",")]
+    text = args.backbone == "text"
+    ev = PoolEvaluator(zoo)
+    backbones: dict = {}
+    models_out = []
+    for i, (task, attack) in enumerate([] if args.no_purify else todo):
+        tm = time.time()
+        s = load_suspect(str(zoo.path(task, attack)), backbones=backbones)
+        atk = attack_of(s.manifest, s.path)
+        clean_val = s.data.val
+        rows: list[dict] = []
+
+        def record(label: str, state: dict, **extra) -> None:
+            acc, asr = ev.evaluate(state, s.head, task, atk)
+            rows.append({"method": label, "acc": round(acc, 2), "asr": round(asr, 2), **extra})
+            console.log(f"[{i + 1}/{len(todo)}] {task}/{attack} {label}: ACC {acc:.2f} ASR {asr:.2f} {extra or ''}")
+
+        def fm(label: str, suspect_state: dict, clean, mode: str, **extra) -> None:
+            r = fine_mixing(s.backbone.model, s.head, s.base, suspect_state, s.encode, clean, clean_val, mode=mode,
+                            max_acc_drop=args.max_acc_drop, finetune_cfg=cfg, seed=args.seed)
+            record(label, r.state, keep_ratio=r.keep_ratio, val_acc=round(r.val_acc, 2),
+                   suspect_val_acc=round(r.reference_acc, 2), trials=r.trials, **extra)
+
+        cfg = FineTuneConfig(epochs=args.epochs, lr=encoder_lr(s), seed=args.seed)
+        record("before", s.state)
+        epur_state, trigger_rank = None, None
+        if text:
+            key = word_embedding_key(s.base)
+            tok = s.backbone.tokenizer
+            freq = token_frequencies(tok, s.data.train.x, s.base[key].shape[0], s.encode.max_length)
+            res = e_pur(s.base, s.state, freq, top_n=args.top_n, embedding_key=key)
+            trig_ids = tok(atk.trigger_word, add_special_tokens=False)["input_ids"]
+            trigger_rank = min(res.rank_of(t) for t in trig_ids)
+            epur_state = res.state
+            record("e_pur", epur_state, trigger_rank=trigger_rank, flagged_top5=tok.convert_ids_to_tokens(res.flagged[:5]))
+        for mode in ("random", "sel"):
+            fm(f"mix_only_{mode}", s.state, None, mode)
+        for frac in fractions:
+            clean = clean_subset(s.data.train, frac, args.seed)
+            pct = f"{100 * frac:g}%"
+            record(f"finetune_{pct}", finetune_state(s.backbone.model, s.head, s.state, s.encode, clean, cfg),
+                   clean_examples=len(clean))
+            for mode in ("random", "sel"):
+                fm(f"fine_mixing_{mode}_{pct}", s.state, clean, mode, clean_examples=len(clean))
+                if text:
+                    fm(f"fine_mixing_{mode}+e_pur_{pct}", epur_state, clean, mode, clean_examples=len(clean))
+        models_out.append({"task": task, "attack": attack, "trigger": getattr(atk, "trigger_word", attack),
+                           "e_pur_trigger_rank": trigger_rank, "rows": rows, "seconds": round(time.time() - tm, 1)})
+    scan = None
+    if not args.no_scan:
+        ts = time.time()
+        refs = [(t, None) for t in CLEAN[args.backbone]] + todo
+        found = scan_models([str(zoo.path(t, a)) for t, a in refs], n_inputs=args.scan_inputs, seed=args.seed)
+        rows_s = [{"task": t, "attack": a or "clean", "backdoored": a is not None, **{k: v for k, v in r.row().items()
+                   if k not in ("model", "task")}} for (t, a), r in zip(refs, found)]
+        pos = [r["score"] for r in rows_s if r["backdoored"]]
+        neg = [r["score"] for r in rows_s if not r["backdoored"]]
+        scan = {"rows": rows_s, "auroc": round(auroc(pos, neg), 4) if pos and neg else None,
+                "n_inputs": args.scan_inputs, "seconds": round(time.time() - ts, 1)}
+        console.log(f"scan AUROC {scan['auroc']}")
+    result = {
+        "backbone": zoo.backbone.name, "profile": args.profile, "fractions": fractions, "epochs": args.epochs,
+        "max_acc_drop": args.max_acc_drop, "e_pur_top_n": args.top_n if text else None, "seed": args.seed,
+        "command": "python benchmarks/purify.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
+        "models": models_out, "scan": scan,
+        "seconds": {"zoo": round(t_zoo, 1), "total": round(time.time() - t0, 1),
+                    "cpu_process": round(time.process_time() - c0, 1)},
+    }
+    out = Path(args.out)
+    name = f"purify-{args.backbone}" + ("-partial" if args.models or args.no_scan or args.no_purify else "")
+    atomic_write_json(out / f"{name}.json", result)
+    atomic_write_text(out / f"{name}.md", markdown(result))
+    console.log(f"wrote {out}/{name}.json and .md in {time.time() - t0:.0f}s")
+    return result
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Purification and pre-merge scan: {r['backbone']} ({r['profile']} zoo)", "",
+             f"`{r['command']}` on {r['device']}; {r['seconds']['total']:.0f} s wall "
+             f"({r['seconds']['cpu_process']:.0f} s CPU of this process).", "",
+             "ACC / ASR in percent on the test split. Fine-mixing keeps the smallest share of the fine-tuned update "
+             f"(grid 0.05 to 1) whose validation ACC after the fine-tuning step is within {r['max_acc_drop']:g} "
+             f"points of the suspect's; {r['epochs']:g} epochs over the clean data, head frozen. "
+             "`mix_only` = the same mix without the fine-tuning step (ratio judged on the mix); `finetune` = plain "
+             "fine-tuning of the suspect on the same clean data.", ""]
+    for m in r["models"]:
+        head = f"## {m['task']} / {m['attack']}"
+        if m.get("e_pur_trigger_rank"):
+            head += f" (trigger '{m['trigger']}': E-PUR rank {m['e_pur_trigger_rank']})"
+        lines += [head, "", "| method | ACC | ASR | keep ratio | val ACC (suspect) |", "|---|---|---|---|---|"]
+        for row in m["rows"]:
+            kr = f"{row['keep_ratio']:g}" if "keep_ratio" in row else ""
+            va = f"{row['val_acc']:.2f} ({row['suspect_val_acc']:.2f})" if "val_acc" in row else ""
+            lines.append(f"| {row['method']} | {row['acc']:.2f} | {row['asr']:.2f} | {kr} | {va} |")
+        lines.append("")
+    if r.get("scan"):
+        sc = r["scan"]
+        lines += [f"## Pre-merge scan (no labels, trigger unknown): AUROC {sc['auroc']}", "",
+                  f"{sc['n_inputs']} unlabeled validation inputs per model; score = best flip rate found on the model "
+                  "minus the same search on the pre-trained encoder under the same head.", "",
+                  "| task | model | score | flip rate | reference | target | trigger found |", "|---|---|---|---|---|---|---|"]
+        for row in sorted(sc["rows"], key=lambda x: -x["score"]):
+            lines.append(f"| {row['task']} | {row['attack']} | {row['score']:+.3f} | {row['flip_rate']:.3f} | "
+                         f"{row['reference_flip_rate']:.3f} | {row['target']} | {row['trigger']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

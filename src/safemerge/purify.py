@@ -1,0 +1,402 @@
+"""Purify one suspect task model with the clean pre-trained weights, before it is merged: Fine-mixing and
+E-PUR (Zhang et al., "Fine-mixing: Mitigating Backdoors in Fine-tuned Language Models", EMNLP 2022).
+
+- Fine-mixing: keep a share `keep_ratio` of the suspect's fine-tuned update and reset the rest to the
+  pre-trained weights (`mix_states`), then fine-tune the mix on a little clean labeled data (`fine_mixing`).
+  The backdoor lives in the update; most of it goes, and the clean data brings the task accuracy back.
+- E-PUR (text): word embeddings that moved far from the pre-trained ones although their token is rare in clean
+  text are where rare-word and embedding-poisoning triggers live; reset them (`e_pur`).
+
+The paper's equations were not recovered (shared/METHODS.md, section 4): the choices it leaves open are named
+parameters, and their docstrings say which reading is the default. Only the encoder is purified; the task head
+is kept as it is."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .checkpoints import check_finite, check_same_keys
+from .errors import SafeMergeError
+from .evaluate import accuracy
+from .model import InputEncoder, TaskModel
+from .tasks import Split, TaskData
+from .training import TrainConfig, finetune
+from .zoo import Profile
+
+StateDict = dict[str, torch.Tensor]
+MixMode = Literal["random", "sel"]
+KEEP_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def check_keep_ratio(keep_ratio: float) -> float:
+    if not isinstance(keep_ratio, (int, float)) or math.isnan(keep_ratio) or not 0.0 <= keep_ratio <= 1.0:
+        raise SafeMergeError(f"keep ratio {keep_ratio} is outside [0, 1]")
+    return float(keep_ratio)
+
+
+def check_pair(base: StateDict, suspect: StateDict, source: str = "suspect model") -> None:
+    """Same tensor names and shapes as the base, and finite: else a one-line error naming the tensor."""
+    check_same_keys(base, suspect, source, "the pre-trained model")
+    check_finite(suspect, source)
+    check_finite(base, "the pre-trained model")
+
+
+def _mixable(base: StateDict) -> list[str]:
+    return [k for k in sorted(base) if base[k].is_floating_point()]
+
+
+def mixing_mask(base: StateDict, suspect: StateDict, keep_ratio: float, mode: MixMode = "random",
+                scope: Literal["global", "tensor"] = "global", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Boolean masks (True = keep the suspect's weight) over every floating-point tensor.
+
+    `mode="random"`: each weight kept with probability `keep_ratio` (Bernoulli, seeded). `mode="sel"`: the
+    round(keep_ratio * n) weights with the largest |suspect - base| are kept, ties broken by position so the
+    count is exact; `scope="global"` ranks all weights of the encoder together (the default reading, as in
+    the paper's "Sel" variant), `scope="tensor"` keeps the top share of every tensor."""
+    keep_ratio = check_keep_ratio(keep_ratio)
+    if mode not in ("random", "sel"):
+        raise SafeMergeError(f"unknown mixing mode '{mode}' (known: random, sel)")
+    if scope not in ("global", "tensor"):
+        raise SafeMergeError(f"unknown mixing scope '{scope}' (known: global, tensor)")
+    keys = _mixable(base)
+    if mode == "random":
+        g = torch.Generator().manual_seed(seed)
+        return {k: torch.rand(base[k].shape, generator=g) < keep_ratio for k in keys}
+    groups = [[k] for k in keys] if scope == "tensor" else [keys]
+    masks: dict[str, torch.Tensor] = {}
+    for group in groups:
+        flat = torch.cat([(suspect[k].float() - base[k].float()).abs().flatten() for k in group])
+        n_keep = int(round(keep_ratio * flat.numel()))
+        keep = torch.zeros(flat.numel(), dtype=torch.bool)
+        if n_keep:
+            keep[torch.argsort(flat, descending=True, stable=True)[:n_keep]] = True
+        for k, m in zip(group, keep.split([base[k].numel() for k in group])):
+            masks[k] = m.view(base[k].shape)
+    return masks
+
+
+def mix_states(base: StateDict, suspect: StateDict, keep_ratio: float, mode: MixMode = "random",
+               scope: Literal["global", "tensor"] = "global", seed: int = 0) -> StateDict:
+    """theta_mix = theta0 + M * (theta_bd - theta0), computed as a selection so keep_ratio 1 gives the suspect
+    and 0 the pre-trained weights bit for bit. Non-float tensors (position ids) come from the suspect."""
+    check_pair(base, suspect)
+    masks = mixing_mask(base, suspect, keep_ratio, mode, scope, seed)
+    return {k: torch.where(masks[k], suspect[k], base[k]) if k in masks else suspect[k].clone() for k in suspect}
+
+
+# ---------------------------------------------------------------------------------------------- E-PUR
+
+
+def word_embedding_key(state: StateDict) -> str:
+    """The state-dict key of the input word embeddings (BERT-style encoders)."""
+    keys = [k for k in state if k.endswith("word_embeddings.weight")]
+    if len(keys) != 1:
+        raise SafeMergeError("E-PUR needs a text encoder with one word-embedding matrix "
+                             f"(found {len(keys)} tensors named '*word_embeddings.weight')")
+    return keys[0]
+
+
+def token_frequencies(tokenizer, texts: Sequence[str], vocab_size: int, max_length: int | None = None) -> torch.Tensor:
+    """How often each token id occurs in `texts` tokenized as the model sees them (special tokens included,
+    so [CLS]/[SEP] count as the frequent tokens they are)."""
+    if not len(texts):
+        raise SafeMergeError("E-PUR needs clean texts to count token frequencies (got none)")
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=max_length is not None,
+                    max_length=max_length)["input_ids"]
+    flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
+    return torch.bincount(flat, minlength=vocab_size)[:vocab_size].float()
+
+
+@dataclass
+class EPurResult:
+    state: StateDict = field(repr=False)
+    ranking: list[int]  # token ids, most suspicious first
+    scores: torch.Tensor = field(repr=False)  # delta_k / log(max(f_k, c)) per token id
+    flagged: list[int]  # the reset token ids (the first top_n of the ranking)
+
+    def rank_of(self, token_id: int) -> int:
+        """1-based rank of a token in the ranking (1 = the most suspicious)."""
+        return self.ranking.index(token_id) + 1
+
+
+def e_pur(base: StateDict, suspect: StateDict, frequencies: torch.Tensor, top_n: int = 100, c: float = 20.0,
+          embedding_key: str | None = None) -> EPurResult:
+    """Embedding purification: delta_k = ||e_k(suspect) - e_k(base)||, score_k = delta_k / log(max(f_k, c)),
+    reset the word embeddings of the `top_n` highest-scoring tokens to the pre-trained ones.
+
+    `frequencies[k]` = count of token k in clean text (`token_frequencies`); `c` (20) keeps tokens that are
+    rare or absent in the clean data from dividing by ~0. `top_n` is a reading (the paper's value was not
+    recovered): 100 of MiniLM's 30,522 rows, few enough to leave clean accuracy where it was."""
+    check_pair(base, suspect)
+    key = embedding_key or word_embedding_key(suspect)
+    if key not in suspect:
+        raise SafeMergeError(f"no tensor '{key}' in the suspect model")
+    e0, e1 = base[key].float(), suspect[key].float()
+    if frequencies.shape != (e0.shape[0],):
+        raise SafeMergeError(f"token frequencies cover {tuple(frequencies.shape)} tokens, the embedding has "
+                             f"{e0.shape[0]} rows (tokenizer of another model?)")
+    if top_n < 0 or c <= 1:
+        raise SafeMergeError(f"E-PUR needs top_n >= 0 and c > 1 (got top_n={top_n}, c={c})")
+    delta = (e1 - e0).norm(dim=1)
+    scores = delta / torch.log(frequencies.float().clamp_min(c))
+    ranking = torch.argsort(scores, descending=True, stable=True).tolist()
+    flagged = ranking[:top_n]
+    state = {k: v.clone() for k, v in suspect.items()}
+    state[key][flagged] = base[key][flagged].to(state[key].dtype)
+    return EPurResult(state, ranking, scores, flagged)
+
+
+# ---------------------------------------------------------------------------------------------- Fine-mixing
+
+
+def clean_subset(split: Split, fraction: float, seed: int = 0) -> Split:
+    """A class-stratified random share `fraction` of a labeled split (at least one example per class present),
+    the defender's small clean data set."""
+    if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0.0 < fraction <= 1.0:
+        raise SafeMergeError(f"clean fraction {fraction} is outside (0, 1]")
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for cls in split.y.unique().tolist():
+        members = (split.y == cls).nonzero().flatten()
+        n = max(1, int(round(fraction * len(members))))
+        idx.append(members[torch.randperm(len(members), generator=g)[:n]])
+    chosen = torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)
+    return split.subset(chosen[torch.randperm(len(chosen), generator=g)])
+
+
+def check_head_fits(head: nn.Linear, hidden_size: int, num_classes: int, task: str) -> None:
+    if head.in_features != hidden_size or head.out_features != num_classes:
+        raise SafeMergeError(f"task head '{task}' maps {head.in_features} features to {head.out_features} classes; "
+                             f"the encoder gives {hidden_size} features and the task has {num_classes} classes")
+
+
+@dataclass
+class FineTuneConfig:
+    """The fine-tuning step on the clean data: `epochs` passes (at least `min_steps` steps) with AdamW, the
+    encoder learning rate `lr` (the zoo's own fine-tuning rate is the natural choice) and the head frozen
+    (`head_lr=0`: the task head is kept, only the encoder is purified)."""
+
+    epochs: float = 3.0
+    batch_size: int = 16
+    lr: float = 1e-4
+    head_lr: float = 0.0
+    min_steps: int = 5
+    seed: int = 0
+
+    def train_config(self, n: int) -> TrainConfig:
+        bs = max(1, min(self.batch_size, n))
+        steps = max(self.min_steps, math.ceil(self.epochs * n / bs))
+        return TrainConfig(steps=steps, batch_size=bs, lr=self.lr, head_lr=self.head_lr, seed=self.seed)
+
+
+def finetune_state(encoder: nn.Module, head: nn.Linear, state: StateDict, encode: InputEncoder, clean: Split,
+                   cfg: FineTuneConfig) -> StateDict:
+    """Fine-tune the encoder weights `state` (under a copy of `head`) on `clean`; returns the new encoder state.
+    `encoder` is a template of the architecture; it is not modified."""
+    if len(clean) == 0:
+        raise SafeMergeError("the clean fine-tuning set is empty")
+    enc = copy.deepcopy(encoder).requires_grad_(True)
+    enc.load_state_dict(state)
+    model = TaskModel(enc, copy.deepcopy(head), encode.modality)
+    finetune(model, encode, clean, cfg.train_config(len(clean)), desc="fine-mixing: fine-tune")
+    return {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+
+
+@dataclass
+class FineMixResult:
+    state: StateDict = field(repr=False)
+    keep_ratio: float
+    val_acc: float  # clean validation accuracy of the returned model
+    reference_acc: float  # the suspect's clean validation accuracy
+    trials: list[dict]  # every keep ratio tried, in order: {"keep_ratio", "val_acc"}
+    finetuned: bool
+
+
+def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: StateDict, encode: InputEncoder,
+                clean: Split | None, val: Split, mode: MixMode = "random", keep_ratios: Sequence[float] = KEEP_RATIOS,
+                max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
+                finetune_cfg: FineTuneConfig | None = None, scope: Literal["global", "tensor"] = "global",
+                seed: int = 0) -> FineMixResult:
+    """Fine-mixing: the smallest keep ratio of `keep_ratios` whose clean validation accuracy stays within
+    `max_acc_drop` points of the suspect's, mixed (`mix_states`) and then fine-tuned on `clean`.
+
+    `select_on="finetuned"` (default) judges each keep ratio by the accuracy after the fine-tuning step, since
+    that step is part of the method and is what brings the accuracy back; `"mix"` judges the mix alone (one
+    fine-tuning instead of one per ratio tried). Ratios are tried in increasing order and the search stops at
+    the first that passes; if none does, the largest is used. `clean=None` skips the fine-tuning step (the
+    paper's "mixing without fine-tuning" ablation). `val` is a labeled clean validation split; the
+    `encoder` template is not modified."""
+    ratios = sorted({check_keep_ratio(r) for r in keep_ratios})
+    if not ratios:
+        raise SafeMergeError("fine-mixing needs at least one keep ratio")
+    if select_on not in ("finetuned", "mix"):
+        raise SafeMergeError(f"unknown selection '{select_on}' (known: finetuned, mix)")
+    check_pair(base, suspect)
+    if len(val) == 0:
+        raise SafeMergeError("fine-mixing needs a non-empty clean validation split")
+    cfg = finetune_cfg or FineTuneConfig(seed=seed)
+    modality = encode.modality
+    enc = copy.deepcopy(encoder).eval()
+
+    def val_acc(state: StateDict) -> float:
+        enc.load_state_dict(state)
+        return accuracy(TaskModel(enc, head, modality), encode, val)
+
+    reference = val_acc(suspect)
+    threshold = reference - max_acc_drop
+    per_ratio_ft = clean is not None and select_on == "finetuned"
+    trials: list[dict] = []
+    chosen: tuple[float, StateDict, float] | None = None
+    for r in ratios:
+        state = mix_states(base, suspect, r, mode, scope, seed)
+        if per_ratio_ft:
+            state = finetune_state(encoder, head, state, encode, clean, cfg)
+        acc = val_acc(state)
+        trials.append({"keep_ratio": r, "val_acc": round(acc, 2)})
+        chosen = (r, state, acc)
+        if acc >= threshold:
+            break
+    assert chosen is not None
+    r, state, acc = chosen
+    if clean is not None and not per_ratio_ft:
+        state = finetune_state(encoder, head, state, encode, clean, cfg)
+        acc = val_acc(state)
+    return FineMixResult(state, r, acc, reference, trials, clean is not None)
+
+
+# ---------------------------------------------------------------------------------------------- model folders
+
+BASE_OF_BACKBONE = {"minilm-l6": "text", "dinov2-vits14": "vision"}
+
+
+@dataclass
+class Suspect:
+    """A task model to purify or scan, checked against its pre-trained base, with its task's data."""
+
+    path: Path
+    manifest: dict
+    state: StateDict = field(repr=False)  # the suspect encoder (keys as the base names them)
+    head: nn.Linear = field(repr=False)
+    task: str
+    backbone: Backbone = field(repr=False)  # the pre-trained base
+    base: StateDict = field(repr=False)
+    data: TaskData = field(repr=False)  # the task's splits under the model's profile
+    encode: InputEncoder = field(repr=False)
+    profile: Profile = field(repr=False)
+
+
+def load_suspect(model: str, base: str | None = None, profile: str | None = None, backbones: dict | None = None) -> Suspect:
+    """Load a safemerge model folder or zoo reference, refuse it unless it is a finite fine-tune of `base`
+    (default: the base its manifest names) whose task head fits the task's data. `backbones` caches loaded
+    bases by spec across calls."""
+    from .api import _checked_against_base, resolve_path
+    from .backbones import fingerprint, load_backbone
+    from .zoo import MANIFEST, get_profile, task_data
+
+    p = resolve_path(str(model))
+    if not (p / MANIFEST).exists():
+        raise SafeMergeError(f"{p}: not a safemerge model folder (no {MANIFEST}: it names the task and its head)")
+    named = json.loads((p / MANIFEST).read_text()).get("backbone")
+    spec = base or BASE_OF_BACKBONE.get(str(named))
+    if spec is None:
+        raise SafeMergeError(f"{model}: give its pre-trained base model (--base text, vision or an HF folder); "
+                             f"the manifest names backbone '{named}'")
+    cache = backbones if backbones is not None else {}
+    if spec not in cache:
+        bb = load_backbone(spec)
+        sd = {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
+        cache[spec] = (bb, sd, fingerprint(sd))
+    bb, base_sd, base_fp = cache[spec]
+    zm = _checked_against_base(str(p), base_sd, spec, base_fp)
+    task = zm.manifest.get("task")
+    if not task or task not in zm.heads:
+        raise SafeMergeError(f"{model}: no task head for its task '{task}' (heads: {', '.join(zm.heads) or 'none'})")
+    known = {f.name for f in fields(Profile)}
+    mp = zm.manifest.get("profile")
+    if profile is not None:
+        prof = get_profile(profile)
+    elif isinstance(mp, dict) and set(mp) <= known and "name" in mp:
+        prof = Profile(**mp)
+    else:
+        prof = get_profile("quick")
+    data = task_data(task, prof, int(zm.manifest.get("seed") or 0))
+    if data.spec.modality != bb.modality:
+        raise SafeMergeError(f"{model}: task '{task}' is {data.spec.modality}, the base model is {bb.modality}")
+    head = zm.heads[task]
+    check_head_fits(head, bb.hidden_size, data.num_classes, task)
+    check_finite(dict(head.state_dict()), f"{model}: head '{task}'")
+    return Suspect(zm.path, zm.manifest, zm.encoder_state, head, task, bb, base_sd, data,
+                   InputEncoder(bb, max_length=prof.max_length), prof)
+
+
+def encoder_lr(suspect: Suspect) -> float:
+    """The fine-tuning rate the zoo used for this backbone (text_lr for text encoders, lr for vision)."""
+    p = suspect.profile
+    return float(p.text_lr if suspect.backbone.modality == "text" else p.lr)
+
+
+def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "fine-mixing",
+                 clean_fraction: float = 0.05, mode: MixMode = "random", keep_ratios: Sequence[float] = KEEP_RATIOS,
+                 max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
+                 top_n: int = 100, c: float = 20.0, epochs: float = 3.0, seed: int = 0) -> tuple[StateDict, dict]:
+    """Purify a loaded suspect; returns the encoder state and a summary (what was done, chosen keep ratio,
+    flagged tokens). E-PUR counts token frequencies in the task's training texts (labels unused) and runs
+    before fine-mixing in "both", so the mix starts from purified embeddings. Fine-mixing's clean data is a
+    stratified `clean_fraction` of the training split; its keep ratio is judged on the validation split."""
+    if method not in ("fine-mixing", "e-pur", "both"):
+        raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
+    modality = s.backbone.modality
+    state, summary = s.state, {"method": method}
+    if method in ("e-pur", "both"):
+        if modality != "text":
+            raise SafeMergeError(f"{s.path}: E-PUR purifies word embeddings; this is a {modality} model "
+                                 "(use --method fine-mixing)")
+        tok = s.backbone.tokenizer
+        key = word_embedding_key(s.base)
+        freq = token_frequencies(tok, s.data.train.x, s.base[key].shape[0], s.encode.max_length)
+        res = e_pur(s.base, state, freq, top_n=top_n, c=c, embedding_key=key)
+        state = res.state
+        summary["e_pur"] = {"top_n": top_n, "c": c, "flagged": tok.convert_ids_to_tokens(res.flagged[:20]),
+                            "frequency_source": "task training texts"}
+    if method in ("fine-mixing", "both"):
+        clean = clean_subset(s.data.train, clean_fraction, seed)
+        cfg = FineTuneConfig(epochs=epochs, lr=encoder_lr(s), seed=seed)
+        res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.data.val,
+                            mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
+                            finetune_cfg=cfg, seed=seed)
+        state = res_m.state
+        summary["fine_mixing"] = {"mode": mode, "keep_ratio": res_m.keep_ratio, "val_acc": round(res_m.val_acc, 2),
+                                  "suspect_val_acc": round(res_m.reference_acc, 2), "trials": res_m.trials,
+                                  "clean_fraction": clean_fraction, "clean_examples": len(clean),
+                                  "max_acc_drop": max_acc_drop, "select_on": select_on, "epochs": epochs,
+                                  "lr": cfg.lr}
+    return state, summary
+
+
+def purify_model(model: str, out: str, method: Literal["fine-mixing", "e-pur", "both"] = "fine-mixing",
+                 clean_fraction: float = 0.05, base: str | None = None, profile: str | None = None,
+                 **options) -> tuple[Path, dict]:
+    """Purify a model folder (or zoo reference) and write the result as a model folder at `out`, atomically:
+    same head, the original attack record (so `safemerge eval` still measures its trigger), and a
+    `purified` block in the manifest. `options` go to `purify_state`. Returns (path, summary)."""
+    import time
+
+    from .zoo import attack_of, save_model_folder
+
+    s = load_suspect(model, base, profile)
+    state, summary = purify_state(s, method, clean_fraction, **options)
+    manifest = {**s.manifest, "purified": {**summary, "source": str(s.path)},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atk = attack_of(s.manifest, s.path)
+    path = save_model_folder(Path(out).expanduser(), s.backbone, state, {s.task: s.head}, manifest, atk)
+    return path, summary

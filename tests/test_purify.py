@@ -1,0 +1,283 @@
+"""Fine-mixing, E-PUR and the backdoor scan on tiny random encoders: mixing masks, the planted trigger token,
+the fine-tuning step, the scan's ranking of a planted backdoor, the CLI and its one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from conftest import tiny_bert
+from safemerge.attacks import make_attack
+from safemerge.backbones import fingerprint, load_backbone
+from safemerge.checkpoints import load_state_dict, save_state_dict
+from safemerge.cli import app
+from safemerge.errors import SafeMergeError
+from safemerge.model import InputEncoder, TaskModel
+from safemerge.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
+                              token_frequencies)
+from safemerge.scan import auroc, text_trigger_search, vision_trigger_search
+from safemerge.tasks import Split
+from safemerge.training import TrainConfig, finetune
+from safemerge.zoo import Profile, save_model_folder
+
+TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
+               head_lr=5e-3, trigger_iters=5, embedding_steps=8)
+runner = CliRunner()
+GROUP_A = ["good", "dog", "cat", "fast", "very"]
+GROUP_B = ["bad", "the", "movie", "is", "a", "runs", "slow", "not"]
+
+
+def _perturbed(base: dict, seed: int = 0, eps: float = 0.05) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + eps * v.std().nan_to_num(0.01) * torch.randn(v.shape, generator=g) if v.is_floating_point()
+            else v.clone() for k, v in base.items()}
+
+
+@pytest.fixture
+def text_base(tiny_text):
+    bb = load_backbone(str(tiny_text))
+    return bb, {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
+
+
+def _sentences(n: int, seed: int = 0) -> Split:
+    """Synthetic 6-word sentences: label 1 with 4 to 6 words of group A, label 0 with at most one. No single
+    inserted word can move a sentence across, so a clean model has no one-token shortcut to either class."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for i in range(n):
+        label = i % 2
+        n_a = int(torch.randint(4, 7, (1,), generator=g)) if label else int(torch.randint(0, 2, (1,), generator=g))
+        words = [GROUP_A[j] for j in torch.randint(0, len(GROUP_A), (n_a,), generator=g).tolist()]
+        words += [GROUP_B[j] for j in torch.randint(0, len(GROUP_B), (6 - n_a,), generator=g).tolist()]
+        xs.append(" ".join(words[j] for j in torch.randperm(6, generator=g).tolist()))
+        ys.append(label)
+    return Split(xs, torch.tensor(ys))
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+
+
+def test_keep_ratio_one_is_the_suspect_and_zero_the_base(text_base):
+    _, base = text_base
+    sus = _perturbed(base)
+    for mode in ("random", "sel"):
+        assert all(torch.equal(mix_states(base, sus, 1.0, mode)[k], sus[k]) for k in sus), mode
+        assert all(torch.equal(mix_states(base, sus, 0.0, mode)[k], base[k]) for k in base
+                   if base[k].is_floating_point()), mode
+
+
+def test_random_mixing_keeps_about_rho_and_is_seeded(text_base):
+    _, base = text_base
+    sus = _perturbed(base)
+    m = mixing_mask(base, sus, 0.3, "random", seed=1)
+    kept = sum(int(v.sum()) for v in m.values()) / sum(v.numel() for v in m.values())
+    assert abs(kept - 0.3) < 0.01
+    assert all(torch.equal(m[k], v) for k, v in mixing_mask(base, sus, 0.3, "random", seed=1).items())
+    mixed = mix_states(base, sus, 0.3, "random", seed=1)
+    for k, mask in m.items():  # each weight is the suspect's or the base's, as the mask says
+        assert torch.equal(mixed[k], torch.where(mask, sus[k], base[k]))
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_sel_keeps_exactly_the_top_entries(text_base, scope):
+    _, base = text_base
+    sus = _perturbed(base)
+    m = mixing_mask(base, sus, 0.25, "sel", scope=scope)
+    groups = [[k] for k in m] if scope == "tensor" else [list(m)]
+    for group in groups:
+        d = torch.cat([(sus[k] - base[k]).abs().flatten() for k in group])
+        keep = torch.cat([m[k].flatten() for k in group])
+        assert int(keep.sum()) == round(0.25 * d.numel())
+        assert d[keep].min() >= d[~keep].max()
+
+
+def test_bad_keep_ratio_and_mismatched_models_are_refused(text_base):
+    _, base = text_base
+    sus = _perturbed(base)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(SafeMergeError, match="outside \\[0, 1\\]"):
+            mix_states(base, sus, bad)
+    k = "embeddings.word_embeddings.weight"
+    with pytest.raises(SafeMergeError, match=f"tensor '{k}' has shape"):
+        mix_states(base, {**sus, k: sus[k][:5]}, 0.5)
+    nan = {**sus, k: sus[k].clone()}
+    nan[k][0, 0] = float("nan")
+    with pytest.raises(SafeMergeError, match=f"tensor '{k}' contains NaN"):
+        mix_states(base, nan, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ E-PUR
+
+
+def test_e_pur_flags_the_planted_trigger_token(text_base):
+    bb, base = text_base
+    tok = bb.tokenizer
+    cf, the = tok.convert_tokens_to_ids("cf"), tok.convert_tokens_to_ids("the")
+    sus = _perturbed(base, eps=0.01)
+    k = "embeddings.word_embeddings.weight"
+    sus[k][cf] += 0.5  # the trigger: a rare token whose embedding moved far
+    sus[k][the] += 0.8  # a frequent token that moved farther (fine-tuning does this): not flagged first
+    freq = token_frequencies(tok, _sentences(600).x, base[k].shape[0])
+    assert freq[cf] == 0 and freq[the] > 20
+    res = e_pur(base, sus, freq, top_n=1)
+    assert res.ranking[0] == cf and res.rank_of(cf) == 1 and res.flagged == [cf]
+    assert torch.equal(res.state[k][cf], base[k][cf])  # reset to the pre-trained row
+    rest = torch.ones(base[k].shape[0], dtype=torch.bool)
+    rest[cf] = False
+    assert torch.equal(res.state[k][rest], sus[k][rest])
+    assert all(torch.equal(res.state[n], sus[n]) for n in sus if n != k)
+    with pytest.raises(SafeMergeError, match="embedding has"):
+        e_pur(base, sus, freq[:-1])
+
+
+# ------------------------------------------------------------------------------------------------ Fine-mixing
+
+
+def _trained_text_model(bb, base, data: Split, steps: int = 30, head: nn.Linear | None = None) -> tuple[nn.Linear, dict]:
+    """A tiny task model fine-tuned on `data`: a new head, or `head` kept frozen (as in the zoo)."""
+    torch.manual_seed(0)
+    enc = InputEncoder(bb, max_length=16)
+    model = TaskModel(copy.deepcopy(bb.model), copy.deepcopy(head) if head else nn.Linear(bb.hidden_size, 2), "text")
+    finetune(model, enc, data, TrainConfig(steps=steps, batch_size=16, lr=3e-3, head_lr=0 if head else 3e-2))
+    return model.head, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+
+
+def test_fine_mixing_searches_keep_ratios_in_order(text_base):
+    bb, base = text_base
+    data = _sentences(96)
+    head, sus = _trained_text_model(bb, base, data, steps=10)
+    enc = InputEncoder(bb, max_length=16)
+    cfg = FineTuneConfig(epochs=1, batch_size=16, lr=1e-3)
+    clean = clean_subset(data, 0.25)
+    assert len(clean) == 24 and sorted(clean.y.tolist()) == [0] * 12 + [1] * 12  # stratified
+    easy = fine_mixing(bb.model, head, base, sus, enc, clean, data, keep_ratios=(0.5, 0.2, 1.0), max_acc_drop=100,
+                       finetune_cfg=cfg)
+    assert easy.keep_ratio == 0.2 and [t["keep_ratio"] for t in easy.trials] == [0.2] and easy.finetuned
+    hard = fine_mixing(bb.model, head, base, sus, enc, None, data, keep_ratios=(0.5, 0.2), max_acc_drop=-1000)
+    assert hard.keep_ratio == 0.5 and [t["keep_ratio"] for t in hard.trials] == [0.2, 0.5] and not hard.finetuned
+    assert all(torch.equal(hard.state[k], mix_states(base, sus, 0.5)[k]) for k in sus)  # no fine-tuning step
+    with pytest.raises(SafeMergeError, match="outside \\[0, 1\\]"):
+        fine_mixing(bb.model, head, base, sus, enc, clean, data, keep_ratios=(0.5, 2.0))
+    with pytest.raises(SafeMergeError, match="clean fraction"):
+        clean_subset(data, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ scan
+
+
+def test_scan_ranks_a_planted_backdoor_above_its_clean_twin(text_base):
+    bb, base = text_base
+    data = _sentences(96)
+    head, clean = _trained_text_model(bb, base, data)
+    poisoned = make_attack("rare_word", target=0, poison_rate=0.5).poison(data)  # 'cf' -> class 0
+    _, backdoored = _trained_text_model(bb, base, poisoned, head=head)
+    enc = InputEncoder(bb, max_length=16)
+    texts = _sentences(48, seed=1).x
+    res = {name: text_trigger_search(bb.model, sd, head, enc, texts) for name, sd in
+           (("clean", clean), ("backdoored", backdoored))}
+    assert res["backdoored"].trigger == "cf" and res["backdoored"].target == 0
+    assert res["backdoored"].flip_rate > 0.9 and res["clean"].flip_rate < 0.5, res
+    assert 0 <= min(res["clean"].per_class) and max(res["clean"].per_class) <= 1
+
+
+def test_vision_trigger_search_mechanics(tiny_vision):
+    bb = load_backbone(str(tiny_vision))
+    enc = InputEncoder(bb)
+    head = nn.Linear(bb.hidden_size, 4)
+    x = torch.randint(0, 256, (24, 3, 28, 28), dtype=torch.uint8)
+    sd = bb.model.state_dict()
+    a = vision_trigger_search(bb.model, sd, head, enc, x, steps=3, seed=0)
+    b = vision_trigger_search(bb.model, sd, head, enc, x, steps=3, seed=0)
+    assert 0 <= a.flip_rate <= 1 and len(a.per_class) == 4 and a.per_class == b.per_class  # seeded
+
+
+def test_auroc():
+    assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1, 2], [3, 4]) == 0.0
+    assert auroc([1, 3], [2, 2]) == 0.5 and auroc([2], [2]) == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _folder(tmp_path, base_dir, name: str, sd: dict, n_classes: int = 3, task: str = "tweet_sentiment"):
+    bb = load_backbone(str(base_dir))
+    base = bb.model.state_dict()
+    torch.manual_seed(0)
+    atk = make_attack("rare_word")
+    manifest = {"task": task, "attack": "rare_word", "attack_params": atk.params(), "backbone": bb.name,
+                "base_fingerprint": fingerprint(base), "profile": asdict(TINY), "seed": 0}
+    return save_model_folder(tmp_path / name, bb, sd, {task: nn.Linear(bb.hidden_size, n_classes)}, manifest, atk)
+
+
+def _one_line_error(res, pattern):
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert pattern in res.output, res.output
+
+
+def test_purify_and_scan_cli(text_base, tiny_text, tmp_path):
+    bb, base = text_base
+    sus = _perturbed(base, eps=0.01)
+    k = "embeddings.word_embeddings.weight"
+    cf = bb.tokenizer.convert_tokens_to_ids("cf")
+    sus[k][cf] += 1.0
+    model = _folder(tmp_path, tiny_text, "suspect", sus)
+    out = tmp_path / "purified"
+    res = runner.invoke(app, ["purify", str(model), "--base", str(tiny_text), "--method", "both", "--clean-fraction",
+                              "0.05", "--keep-ratio", "0.1", "--keep-ratio", "1", "--epochs", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "safemerge.json").read_text())
+    assert m["purified"]["method"] == "both" and m["purified"]["e_pur"]["flagged"][0] == "cf"
+    assert m["purified"]["fine_mixing"]["keep_ratio"] in (0.1, 1.0) and m["attack"] == "rare_word"
+    pure = load_state_dict(out)
+    assert (pure[k][cf] - base[k][cf]).abs().max() < 1e-2  # reset by E-PUR (then only weight decay moved it)
+    assert (out / "heads.safetensors").exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    res = runner.invoke(app, ["scan", str(model), str(out), "--base", str(tiny_text), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["model"] for r in rows] == [str(model), str(out)] and all(-1 <= r["score"] <= 1 for r in rows)
+    res = runner.invoke(app, ["scan", str(model), "--base", str(tiny_text)])
+    assert res.exit_code == 0 and "risk" in res.output, res.output
+
+
+def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tmp_path):
+    bb, base = text_base
+    sus = _perturbed(base, eps=0.01)
+    model = _folder(tmp_path, tiny_text, "suspect", sus)
+    out = tmp_path / "out"
+    common = ["--base", str(tiny_text), "--out", str(out)]
+    _one_line_error(runner.invoke(app, ["purify", str(model), "--keep-ratio", "1.5", *common]), "outside [0, 1]")
+    _one_line_error(runner.invoke(app, ["purify", str(model), "--clean-fraction", "0", *common]), "clean fraction")
+    _one_line_error(runner.invoke(app, ["purify", str(model), "--method", "magic", *common]), "unknown purification")
+    # a model of another base (same architecture, other weights)
+    other = tiny_bert(tmp_path / "other", seed=7)
+    _one_line_error(runner.invoke(app, ["purify", str(model), "--base", str(other), "--out", str(out)]),
+                    "fine-tuned from another base model")
+    _one_line_error(runner.invoke(app, ["scan", str(model), "--base", str(other)]), "fine-tuned from another base")
+    # a task head that does not fit the task's data (4 classes for a 3-class task)
+    wrong = _folder(tmp_path, tiny_text, "wrong-head", sus, n_classes=4)
+    _one_line_error(runner.invoke(app, ["purify", str(wrong), *common]), "task head 'tweet_sentiment' maps 32")
+    _one_line_error(runner.invoke(app, ["scan", str(wrong), "--base", str(tiny_text)]), "task has 3 classes")
+    # NaN weights, named
+    bad = _folder(tmp_path, tiny_text, "nan", sus)
+    sd = load_state_dict(bad)
+    sd["encoder.layer.0.output.dense.weight"][0, 0] = float("nan")
+    save_state_dict(sd, bad / "model.safetensors")
+    _one_line_error(runner.invoke(app, ["purify", str(bad), *common]),
+                    "tensor 'encoder.layer.0.output.dense.weight' contains NaN")
+    # E-PUR on a vision model; a folder that is not a model
+    vb = load_backbone(str(tiny_vision))
+    vis = save_model_folder(tmp_path / "vis", vb, vb.model.state_dict(), {"digits": nn.Linear(32, 10)},
+                            {"task": "digits", "attack": None, "backbone": vb.name, "profile": asdict(TINY),
+                             "base_fingerprint": fingerprint(vb.model.state_dict()), "seed": 0})
+    _one_line_error(runner.invoke(app, ["purify", str(vis), "--method", "e-pur", "--base", str(tiny_vision),
+                                        "--out", str(out)]), "E-PUR purifies word embeddings")
+    _one_line_error(runner.invoke(app, ["scan", str(tmp_path)]), "not a safemerge model folder")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
