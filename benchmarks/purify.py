@@ -12,6 +12,7 @@ Fine-mixing + E-PUR (text). Builds missing zoo models (cached)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-scan", action="store_true")
     ap.add_argument("--no-purify", action="store_true")
     ap.add_argument("--models", default="", help="only these task/attack pairs (comma separated), for a quick look")
+    ap.add_argument("--eval-limit", type=int, default=250, help="test examples per evaluation (as the quick suites)")
+    ap.add_argument("--resume", action="store_true", help="keep the models (and scan) an earlier partial run wrote")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -65,10 +68,38 @@ def main(argv: list[str] | None = None) -> dict:
     t_zoo = time.time() - t0
     fractions = [float(f) for f in args.fractions.split(",")]
     text = args.backbone == "text"
-    ev = PoolEvaluator(zoo)
+    ev = PoolEvaluator(zoo, limit=args.eval_limit)
     backbones: dict = {}
-    models_out = []
+    out = Path(args.out)
+    name = f"purify-{args.backbone}" + ("-partial" if args.models or args.no_scan or args.no_purify else "")
+    previous = json.loads((out / f"{name}.json").read_text()) if args.resume and (out / f"{name}.json").exists() else {}
+    models_out = list(previous.get("models", []))
+    scan = previous.get("scan")
+    command = "python benchmarks/purify.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(final: bool) -> dict:
+        result = {
+            "backbone": zoo.backbone.name, "profile": args.profile, "fractions": fractions, "epochs": args.epochs,
+            "max_acc_drop": args.max_acc_drop, "e_pur_top_n": args.top_n if text else None,
+            "eval_limit": args.eval_limit, "seed": args.seed, "command": command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
+            "models": models_out, "scan": scan,
+            "seconds": {"zoo": round(t_zoo, 1), "this_run": round(time.time() - t0, 1),
+                        "cpu_this_process": round(time.process_time() - c0, 1),
+                        "total": round(sum(m["seconds"] for m in models_out) + (scan or {}).get("seconds", 0), 1)},
+        }
+        if previous:
+            result["resumed"] = True
+        if not final:
+            result["incomplete"] = f"{len(models_out)} of {len(todo)} models" + ("" if scan else ", no scan yet")
+        atomic_write_json(out / f"{name}.json", result)
+        atomic_write_text(out / f"{name}.md", markdown(result))
+        return result
+
+    done = {(m["task"], m["attack"]) for m in models_out}
     for i, (task, attack) in enumerate([] if args.no_purify else todo):
+        if (task, attack) in done:
+            continue
         tm = time.time()
         s = load_suspect(str(zoo.path(task, attack)), backbones=backbones)
         atk = attack_of(s.manifest, s.path)
@@ -111,39 +142,36 @@ def main(argv: list[str] | None = None) -> dict:
                     fm(f"fine_mixing_{mode}+e_pur_{pct}", epur_state, clean, mode, clean_examples=len(clean))
         models_out.append({"task": task, "attack": attack, "trigger": getattr(atk, "trigger_word", attack),
                            "e_pur_trigger_rank": trigger_rank, "rows": rows, "seconds": round(time.time() - tm, 1)})
-    scan = None
-    if not args.no_scan:
+        write(final=False)
+    if not args.no_scan and not (scan and scan.get("auroc") is not None):
         ts = time.time()
         refs = [(t, None) for t in CLEAN[args.backbone]] + todo
-        found = scan_models([str(zoo.path(t, a)) for t, a in refs], n_inputs=args.scan_inputs, seed=args.seed)
-        rows_s = [{"task": t, "attack": a or "clean", "backdoored": a is not None, **{k: v for k, v in r.row().items()
-                   if k not in ("model", "task")}} for (t, a), r in zip(refs, found)]
-        pos = [r["score"] for r in rows_s if r["backdoored"]]
-        neg = [r["score"] for r in rows_s if not r["backdoored"]]
-        scan = {"rows": rows_s, "auroc": round(auroc(pos, neg), 4) if pos and neg else None,
-                "n_inputs": args.scan_inputs, "seconds": round(time.time() - ts, 1)}
-        console.log(f"scan AUROC {scan['auroc']}")
-    result = {
-        "backbone": zoo.backbone.name, "profile": args.profile, "fractions": fractions, "epochs": args.epochs,
-        "max_acc_drop": args.max_acc_drop, "e_pur_top_n": args.top_n if text else None, "seed": args.seed,
-        "command": "python benchmarks/purify.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
-        "models": models_out, "scan": scan,
-        "seconds": {"zoo": round(t_zoo, 1), "total": round(time.time() - t0, 1),
-                    "cpu_process": round(time.process_time() - c0, 1)},
-    }
-    out = Path(args.out)
-    name = f"purify-{args.backbone}" + ("-partial" if args.models or args.no_scan or args.no_purify else "")
-    atomic_write_json(out / f"{name}.json", result)
-    atomic_write_text(out / f"{name}.md", markdown(result))
+        scan = scan or {"rows": [], "auroc": None, "n_inputs": args.scan_inputs, "seconds": 0.0}
+        for t, a in refs:
+            if any(r["task"] == t and r["attack"] == (a or "clean") for r in scan["rows"]):
+                continue
+            (r,) = scan_models([str(zoo.path(t, a))], n_inputs=args.scan_inputs, seed=args.seed, backbones=backbones)
+            scan["rows"].append({"task": t, "attack": a or "clean", "backdoored": a is not None,
+                                 **{k: v for k, v in r.row().items() if k not in ("model", "task")}})
+            scan["seconds"] = round(scan["seconds"] + r.seconds, 1)
+            console.log(f"scan {t}/{a or 'clean'}: score {r.score:+.3f} (flip {r.flip_rate:.3f}, reference "
+                        f"{r.reference_flip_rate:.3f}, class {r.target}, {r.trigger}) {r.seconds:.0f}s")
+            write(final=False)
+        pos = [r["score"] for r in scan["rows"] if r["backdoored"]]
+        neg = [r["score"] for r in scan["rows"] if not r["backdoored"]]
+        scan["auroc"] = round(auroc(pos, neg), 4) if pos and neg else None
+        console.log(f"scan AUROC {scan['auroc']} ({time.time() - ts:.0f}s)")
+    result = write(final=True)
     console.log(f"wrote {out}/{name}.json and .md in {time.time() - t0:.0f}s")
     return result
 
 
 def markdown(r: dict) -> str:
     lines = [f"# Purification and pre-merge scan: {r['backbone']} ({r['profile']} zoo)", "",
-             f"`{r['command']}` on {r['device']}; {r['seconds']['total']:.0f} s wall "
-             f"({r['seconds']['cpu_process']:.0f} s CPU of this process).", "",
+             f"`{r['command']}` on {r['device']}; {r['seconds']['total']:.0f} s wall in all "
+             f"(this run: {r['seconds']['this_run']:.0f} s wall, {r['seconds']['cpu_this_process']:.0f} s CPU), "
+             f"ACC/ASR on the first {r['eval_limit']} test examples." + (" INCOMPLETE: " + r["incomplete"]
+                                                                          if r.get("incomplete") else ""), "",
              "ACC / ASR in percent on the test split. Fine-mixing keeps the smallest share of the fine-tuned update "
              f"(grid 0.05 to 1) whose validation ACC after the fine-tuning step is within {r['max_acc_drop']:g} "
              f"points of the suspect's; {r['epochs']:g} epochs over the clean data, head frozen. "

@@ -21,9 +21,9 @@ from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder, TaskModel
 from safemerge.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
                               token_frequencies)
-from safemerge.scan import auroc, text_trigger_search, vision_trigger_search
+from safemerge.scan import auroc, scan_state, vision_flip_rates, vision_triggers
 from safemerge.tasks import Split
-from safemerge.training import TrainConfig, finetune
+from safemerge.training import TrainConfig, finetune, fit_linear_probe
 from safemerge.zoo import Profile, save_model_folder
 
 TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
@@ -139,19 +139,22 @@ def test_e_pur_flags_the_planted_trigger_token(text_base):
 # ------------------------------------------------------------------------------------------------ Fine-mixing
 
 
-def _trained_text_model(bb, base, data: Split, steps: int = 30, head: nn.Linear | None = None) -> tuple[nn.Linear, dict]:
-    """A tiny task model fine-tuned on `data`: a new head, or `head` kept frozen (as in the zoo)."""
+def _trained_text_model(bb, data: Split, steps: int = 30, head: nn.Linear | None = None) -> tuple[nn.Linear, dict]:
+    """A tiny task model as the zoo makes them: the head a linear probe of the pre-trained encoder (or the
+    given `head`), frozen while the encoder is fine-tuned on `data`."""
     torch.manual_seed(0)
     enc = InputEncoder(bb, max_length=16)
     model = TaskModel(copy.deepcopy(bb.model), copy.deepcopy(head) if head else nn.Linear(bb.hidden_size, 2), "text")
-    finetune(model, enc, data, TrainConfig(steps=steps, batch_size=16, lr=3e-3, head_lr=0 if head else 3e-2))
+    if head is None:
+        fit_linear_probe(model, enc, data)
+    finetune(model, enc, data, TrainConfig(steps=steps, batch_size=16, lr=3e-3, head_lr=0))
     return model.head, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
 
 
 def test_fine_mixing_searches_keep_ratios_in_order(text_base):
     bb, base = text_base
     data = _sentences(96)
-    head, sus = _trained_text_model(bb, base, data, steps=10)
+    head, sus = _trained_text_model(bb, data, steps=10)
     enc = InputEncoder(bb, max_length=16)
     cfg = FineTuneConfig(epochs=1, batch_size=16, lr=1e-3)
     clean = clean_subset(data, 0.25)
@@ -174,16 +177,15 @@ def test_fine_mixing_searches_keep_ratios_in_order(text_base):
 def test_scan_ranks_a_planted_backdoor_above_its_clean_twin(text_base):
     bb, base = text_base
     data = _sentences(96)
-    head, clean = _trained_text_model(bb, base, data)
+    head, clean = _trained_text_model(bb, data)
     poisoned = make_attack("rare_word", target=0, poison_rate=0.5).poison(data)  # 'cf' -> class 0
-    _, backdoored = _trained_text_model(bb, base, poisoned, head=head)
+    _, backdoored = _trained_text_model(bb, poisoned, head=head)
     enc = InputEncoder(bb, max_length=16)
     texts = _sentences(48, seed=1).x
-    res = {name: text_trigger_search(bb.model, sd, head, enc, texts) for name, sd in
+    res = {name: scan_state(bb.model, base, sd, head, enc, texts) for name, sd in
            (("clean", clean), ("backdoored", backdoored))}
-    assert res["backdoored"].trigger == "cf" and res["backdoored"].target == 0
-    assert res["backdoored"].flip_rate > 0.9 and res["clean"].flip_rate < 0.5, res
-    assert 0 <= min(res["clean"].per_class) and max(res["clean"].per_class) <= 1
+    assert res["backdoored"].trigger == "cf" and res["backdoored"].target == 0  # found by the HotFlip step alone
+    assert res["backdoored"].flip_rate > 0.9 and res["backdoored"].score > 0.8 > 0.3 > res["clean"].score, res
 
 
 def test_vision_trigger_search_mechanics(tiny_vision):
@@ -192,9 +194,15 @@ def test_vision_trigger_search_mechanics(tiny_vision):
     head = nn.Linear(bb.hidden_size, 4)
     x = torch.randint(0, 256, (24, 3, 28, 28), dtype=torch.uint8)
     sd = bb.model.state_dict()
-    a = vision_trigger_search(bb.model, sd, head, enc, x, steps=3, seed=0)
-    b = vision_trigger_search(bb.model, sd, head, enc, x, steps=3, seed=0)
-    assert 0 <= a.flip_rate <= 1 and len(a.per_class) == 4 and a.per_class == b.per_class  # seeded
+    masks, patterns = vision_triggers(bb.model, sd, head, enc, x, area=0.05, steps=3)
+    assert masks.shape == (4, 1, 28, 28) and patterns.shape == (4, 3, 28, 28)
+    assert (masks.flatten(1).sum(1) == round(0.05 * 28 * 28)).all() and 0 <= patterns.min() <= patterns.max() <= 1
+    flips = vision_flip_rates(bb.model, sd, head, enc, x, masks, patterns)
+    assert flips.shape == (4,) and 0 <= flips.min() <= flips.max() <= 1
+    again = vision_triggers(bb.model, sd, head, enc, x, area=0.05, steps=3)
+    assert torch.equal(again[0], masks) and torch.equal(again[1], patterns)  # seeded
+    res = scan_state(bb.model, sd, sd, head, enc, x, steps=2)
+    assert res.score == 0.0 and res.flip_rate == res.reference_flip_rate  # the base against itself
 
 
 def test_auroc():

@@ -1,23 +1,22 @@
 """Scan candidate task models for backdoors BEFORE merging them: no labels, no knowledge of the trigger.
 
-A backdoor is a shortcut: a small input pattern that sends almost any input to one class. The scan searches
-for such a pattern where the input lives and measures how well the best one found works, on unlabeled clean
-inputs of the task, against the same search on the pre-trained encoder under the same head (the reference:
-what the task itself makes easy, e.g. a word that really means "positive").
+A backdoor is a shortcut that fine-tuning planted: a small input pattern that sends almost any input to one
+class. The scan searches the suspect for such patterns where the input lives, on unlabeled clean inputs of
+the task, then measures each candidate twice: on the suspect and on the pre-trained encoder under the same
+head (the reference). A word that really means "positive" flips inputs on both; a planted trigger only on
+the suspect. The risk score is the largest gain, over candidates and classes, of the flip rate (the share of
+inputs not predicted as class t that the pattern sends to t) from the reference to the suspect.
 
-- text: an inserted token. One placeholder is inserted into every input; candidate tokens come from a
-  first-order (HotFlip-style) search per class on the placeholder's embedding, plus, when the pre-trained
-  weights are given, the tokens whose embedding moved most for their frequency in clean text (E-PUR's
-  score: where rare-word and embedding-poisoning triggers live); every candidate is then inserted for real.
-- vision: a stamped mask + pattern per class (Neural-Cleanse-style trigger inversion), with a budget on the
-  mask's area.
-
-The statistic is the flip rate: the share of inputs not predicted as class t that the pattern sends to t,
-maximised over patterns and classes. The risk score is the suspect's flip rate minus the reference's."""
+- text: an inserted token. A placeholder is inserted into every input; candidates are, per class, the tokens
+  of a first-order (HotFlip) step on the placeholder's embedding, plus the tokens whose embedding moved most
+  for their frequency in clean text (E-PUR's score: where rare-word and embedding-poisoning triggers live).
+- vision: a mask + pattern stamped into every input (Neural-Cleanse-style inversion), one per class, all
+  classes optimised in one batch, then cut to a hard mask of a fixed area."""
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,124 +24,116 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SafeMergeError
-from .model import InputEncoder, TaskModel, batches, pool
-from .perturb import insert_placeholder, inserted_embedding_inputs, word_embedding_name
+from .model import InputEncoder, TaskModel, batches, pool, predict
+from .perturb import insert_placeholder, inserted_embedding_inputs, masked_pattern_inputs, word_embedding_name
 
 StateDict = dict[str, torch.Tensor]
-
-
-@dataclass
-class TriggerSearch:
-    """The best trigger a search found on one model."""
-
-    flip_rate: float  # share of inputs not predicted as `target` that the trigger sends to it (0..1)
-    target: int
-    trigger: str  # a description (the token, or the mask area)
-    per_class: list[float] = field(default_factory=list)  # best flip rate per target class
 
 
 def _task_model(encoder: nn.Module, state: StateDict, head: nn.Linear, modality: str) -> TaskModel:
     enc = copy.deepcopy(encoder)
     enc.load_state_dict(state)
-    enc.eval()
-    for p in enc.parameters():
-        p.requires_grad_(False)
-    h = copy.deepcopy(head).eval()
-    for p in h.parameters():
-        p.requires_grad_(False)
-    return TaskModel(enc, h, modality)
+    model = TaskModel(enc, copy.deepcopy(head), modality).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _flip_rates(pred: torch.Tensor, clean_pred: torch.Tensor, target: int) -> float:
+    others = clean_pred != target
+    return float((pred[others] == target).float().mean()) if others.any() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def _placeholder(encode: InputEncoder) -> tuple[str, int]:
+    tok = encode.tokenizer
+    word = getattr(tok, "mask_token", None) or getattr(tok, "unk_token", None)
+    if word is None:
+        raise SafeMergeError("the tokenizer has neither a mask nor an unknown token to mark the insertion")
+    return word, int(tok.convert_tokens_to_ids(word))  # type: ignore[union-attr]
+
+
+def _inserted(encode: InputEncoder, texts: list[str], max_position: int, seed: int) -> dict[str, torch.Tensor]:
+    word, ph_id = _placeholder(encode)
+    inputs = encode(insert_placeholder(list(texts), word, seed, max_position))
+    keep = (inputs["input_ids"] == ph_id).any(1)  # the placeholder survived truncation
+    if not keep.any():
+        raise SafeMergeError("no input kept the inserted token within the model's max length")
+    return {k: v[keep] for k, v in inputs.items()} | {"kept": keep}
+
+
+def text_candidates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, texts: list[str],
+                    per_class: int = 3, max_position: int = 8, seed: int = 0) -> list[int]:
+    """Per class t, the `per_class` tokens k maximising the first-order gain (e_k - e_placeholder) . grad of
+    mean log p_t over the inputs not predicted t, with the token inserted at a random early position (one
+    HotFlip step; special tokens excluded)."""
+    model = _task_model(encoder, state, head, "text")
+    _, ph_id = _placeholder(encode)
+    emb = dict(model.encoder.named_parameters())[word_embedding_name(model.encoder)].detach()
+    inputs = _inserted(encode, texts, max_position, seed)
+    clean_pred = predict(model, encode, list(texts))[inputs.pop("kept")]
+    allowed = torch.ones(emb.shape[0], dtype=torch.bool)
+    allowed[list(getattr(encode.tokenizer, "all_special_ids", []) or [])] = False
+    v = emb[ph_id].clone().requires_grad_(True)
+    logp = F.log_softmax(model.head(pool(model.encoder(**inserted_embedding_inputs(inputs, emb, ph_id, v)), inputs,
+                                         "text")), -1)
+    cands: list[int] = []
+    n_cls = head.out_features
+    for t in range(n_cls):
+        others = clean_pred != t
+        if not others.any() or per_class <= 0:
+            continue
+        (g,) = torch.autograd.grad(logp[others, t].mean(), v, retain_graph=t < n_cls - 1)
+        cands += (emb @ g).masked_fill(~allowed, float("-inf")).topk(per_class).indices.tolist()
+    return list(dict.fromkeys(cands))
 
 
 @torch.inference_mode()
-def _preds(model: TaskModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(inputs).argmax(-1)
-
-
-def text_trigger_search(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder,
-                        texts: list[str], per_class: int = 3, extra_candidates: list[int] | None = None,
-                        max_position: int = 8, seed: int = 0, batch_size: int = 256) -> TriggerSearch:
-    """Search one inserted token that sends the most inputs to one class.
-
-    Candidates: for every class t, the `per_class` tokens k maximising the first-order gain
-    (e_k - e_placeholder) . grad mean log p_t over the inputs not predicted t (one HotFlip step), plus
-    `extra_candidates`. Each candidate is then inserted at the placeholder and its flip rates measured."""
-    tok = encode.tokenizer
-    placeholder = getattr(tok, "mask_token", None) or getattr(tok, "unk_token", None)
-    if placeholder is None:
-        raise SafeMergeError("the tokenizer has neither a mask nor an unknown token to mark the insertion")
-    ph_id = int(tok.convert_tokens_to_ids(placeholder))
+def text_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, texts: list[str],
+                    tokens: list[int], max_position: int = 8, seed: int = 0) -> torch.Tensor:
+    """[len(tokens), classes]: the share of inputs not predicted as class t that inserting token k (at the same
+    random early position as `text_candidates`) sends to t."""
     model = _task_model(encoder, state, head, "text")
-    emb_name = word_embedding_name(model.encoder)
-    emb = dict(model.encoder.named_parameters())[emb_name].detach()
-    with torch.inference_mode():
-        clean_pred = torch.cat([_preds(model, encode(b)) for b in batches(texts, batch_size)])
-    inputs = encode(insert_placeholder(list(texts), placeholder, seed, max_position))
-    keep = (inputs["input_ids"] == ph_id).any(1)  # the placeholder survived truncation
-    inputs = {k: v[keep] for k, v in inputs.items()}
-    clean_pred = clean_pred[keep]
-    n_cls = head.out_features
-    if len(clean_pred) == 0:
-        raise SafeMergeError("no input kept the inserted token within the model's max length")
-    # 1. first-order candidates per class
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    allowed = torch.ones(emb.shape[0], dtype=torch.bool)
-    allowed[list(special)] = False
-    v = emb[ph_id].clone().requires_grad_(True)
-    out = model.encoder(**inserted_embedding_inputs(inputs, emb, ph_id, v))
-    logp = F.log_softmax(model.head(pool(out, inputs, "text")), -1)
-    cands: list[int] = []
-    for t in range(n_cls):
-        others = clean_pred != t
-        if not others.any():
-            continue
-        (g,) = torch.autograd.grad(logp[others, t].mean(), v, retain_graph=t < n_cls - 1)
-        gain = (emb @ g).masked_fill(~allowed, float("-inf"))
-        cands += gain.topk(per_class).indices.tolist()
-    cands += [c for c in (extra_candidates or []) if 0 <= c < emb.shape[0]]
-    cands = list(dict.fromkeys(cands))
-    # 2. insert every candidate for real
-    flips = torch.zeros(len(cands), n_cls)
+    _, ph_id = _placeholder(encode)
+    inputs = _inserted(encode, texts, max_position, seed)
+    clean_pred = predict(model, encode, list(texts))[inputs.pop("kept")]
     at = inputs["input_ids"] == ph_id
-    with torch.inference_mode():
-        for i, k in enumerate(cands):
-            ids = torch.where(at, torch.tensor(k), inputs["input_ids"])
-            pred = _preds(model, {"input_ids": ids, "attention_mask": inputs["attention_mask"]})
-            for t in range(n_cls):
-                others = clean_pred != t
-                flips[i, t] = (pred[others] == t).float().mean() if others.any() else 0.0
-    best = int(flips.max(1).values.argmax())
-    target = int(flips[best].argmax())
-    return TriggerSearch(float(flips[best, target]), target, tok.convert_ids_to_tokens(cands[best]),
-                         flips.max(0).values.tolist())
+    flips = torch.zeros(len(tokens), head.out_features)
+    for i, k in enumerate(tokens):
+        pred = model({"input_ids": torch.where(at, k, inputs["input_ids"]),
+                      "attention_mask": inputs["attention_mask"]}).argmax(-1)
+        for t in range(head.out_features):
+            flips[i, t] = _flip_rates(pred, clean_pred, t)
+    return flips
 
 
-def vision_trigger_search(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder,
-                          images: torch.Tensor, area: float = 0.03, steps: int = 30, batch_size: int = 8,
-                          lr: float = 0.1, penalty: float = 1.0, seed: int = 0) -> TriggerSearch:
+# ---------------------------------------------------------------------------------------------- vision
+
+
+def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, images: torch.Tensor,
+                    area: float = 0.03, steps: int = 20, batch_size: int = 4, lr: float = 0.1, penalty: float = 1.0,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Neural-Cleanse-style inversion for every class at once: a mask m and a pattern p per class, stamped as
-    x' = (1 - m) x + m p, optimised (Adam, `steps` steps of `batch_size` inputs per class) on cross-entropy to
-    the class plus `penalty` times the mask's mean. The found trigger is then cut to a hard mask of its
-    `area` share most-weighted pixels (the budget: a BadNets patch covers 2% of a 42-px image) and its flip
-    rates measured on all `images`."""
-    from .perturb import masked_pattern_inputs
-
+    x' = (1 - m) x + m p, optimised (Adam, `steps` steps on `batch_size` inputs per class) on cross-entropy to
+    the class plus `penalty` times the mask's mean, then cut to a hard mask of the `area` share of pixels with
+    the largest weights (a budget: a BadNets patch covers 2% of a 42-px image). Returns (masks [C, 1, R, R],
+    patterns [C, 3, R, R] in [0, 1])."""
+    if not 0 < area <= 1:
+        raise SafeMergeError(f"trigger area {area} is outside (0, 1]")
     model = _task_model(encoder, state, head, "vision")
     n_cls, res = head.out_features, images.shape[-1]
-    with torch.inference_mode():
-        clean_pred = torch.cat([_preds(model, encode(b)) for b in batches(images, 256)])
+    clean_pred = predict(model, encode, images)
     g = torch.Generator().manual_seed(seed)
     m_logit = torch.full((n_cls, 1, res, res), -2.0, requires_grad=True)
     p_logit = (0.1 * torch.randn(n_cls, 3, res, res, generator=g)).requires_grad_(True)
     opt = torch.optim.Adam([m_logit, p_logit], lr=lr)
     target = torch.arange(n_cls).repeat_interleave(batch_size)
+    pools = [(clean_pred != t).nonzero().flatten() for t in range(n_cls)]
+    pools = [p if len(p) else torch.arange(len(images)) for p in pools]
     for _ in range(steps):
-        # per class, inputs not predicted as that class
-        idx = []
-        for t in range(n_cls):
-            pool_t = (clean_pred != t).nonzero().flatten()
-            pool_t = pool_t if len(pool_t) else torch.arange(len(images))
-            idx.append(pool_t[torch.randint(len(pool_t), (batch_size,), generator=g)])
-        x = encode(images[torch.cat(idx)])["pixel_values"].view(n_cls, batch_size, 3, res, res)
+        idx = torch.cat([p[torch.randint(len(p), (batch_size,), generator=g)] for p in pools])
+        x = encode(images[idx])["pixel_values"].view(n_cls, batch_size, 3, res, res)
         mask, pattern = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
         xs = masked_pattern_inputs({"pixel_values": x}, mask.unsqueeze(1), pattern.unsqueeze(1), encode)
         logits = model({"pixel_values": xs["pixel_values"].flatten(0, 1)})
@@ -153,89 +144,103 @@ def vision_trigger_search(encoder: nn.Module, state: StateDict, head: nn.Linear,
     k = max(1, int(round(area * res * res)))
     with torch.no_grad():
         soft = torch.sigmoid(m_logit).flatten(1)
-        hard = torch.zeros_like(soft)
-        hard.scatter_(1, soft.topk(k, dim=1).indices, 1.0)
-        hard = hard.view(n_cls, 1, res, res)
-        pattern = torch.sigmoid(p_logit)
-    flips = torch.zeros(n_cls)
-    with torch.inference_mode():
-        for t in range(n_cls):
-            others = (clean_pred != t).nonzero().flatten()
-            if not len(others):
-                continue
-            preds = []
-            for b in batches(images[others], 256):
-                xb = masked_pattern_inputs(encode(b), hard[t], pattern[t], encode)
-                preds.append(_preds(model, xb))
-            flips[t] = (torch.cat(preds) == t).float().mean()
-    target_cls = int(flips.argmax())
-    return TriggerSearch(float(flips[target_cls]), target_cls, f"{k}-pixel mask", flips.tolist())
+        hard = torch.zeros_like(soft).scatter_(1, soft.topk(k, dim=1).indices, 1.0)
+        return hard.view(n_cls, 1, res, res), torch.sigmoid(p_logit).detach()
+
+
+@torch.inference_mode()
+def vision_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder,
+                      images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """[classes]: the share of inputs not predicted as class t that trigger t (masks[t], patterns[t]) sends to t."""
+    model = _task_model(encoder, state, head, "vision")
+    clean_pred = predict(model, encode, images)
+    flips = torch.zeros(head.out_features)
+    for t in range(head.out_features):
+        others = (clean_pred != t).nonzero().flatten()
+        if len(others):
+            pred = torch.cat([model(masked_pattern_inputs(encode(b), masks[t], patterns[t], encode)).argmax(-1)
+                              for b in batches(images[others], 256)])
+            flips[t] = float((pred == t).float().mean())
+    return flips
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScanResult:
+    score: float  # backdoor risk: the largest flip-rate gain from the reference to the suspect (-1..1)
+    flip_rate: float  # the suspect's flip rate for the highest-scoring trigger and class
+    reference_flip_rate: float  # the same trigger and class on the pre-trained encoder under the same head
+    target: int  # that class
+    trigger: str  # that trigger: the token, or the mask's size
+    seconds: float = 0.0
+    model: str = ""
+    task: str = ""
+
+    def row(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: nn.Linear, encode: InputEncoder,
+               inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
+               area: float = 0.03, steps: int = 20, seed: int = 0) -> ScanResult:
+    """Risk score of one encoder `state` (fine-tuned from `base`) under `head`, from unlabeled `inputs`: search
+    triggers on the suspect, measure each on the suspect and on the base, score = max gain in flip rate.
+    Text: HotFlip candidates (`per_class` per class) plus `extra_tokens` (e.g. E-PUR's ranking). Vision: one
+    inverted trigger per class of `area` share of the pixels after `steps` optimisation steps."""
+    t0 = time.time()
+    if encode.modality == "text":
+        texts = list(inputs)
+        tokens = list(dict.fromkeys(text_candidates(encoder, state, head, encode, texts, per_class, seed=seed)
+                                    + list(extra_tokens or [])))
+        sus = text_flip_rates(encoder, state, head, encode, texts, tokens, seed=seed)
+        ref = text_flip_rates(encoder, base, head, encode, texts, tokens, seed=seed)
+        gain = sus - ref
+        k, t = divmod(int(gain.argmax()), gain.shape[1])
+        trigger = str(encode.tokenizer.convert_ids_to_tokens(tokens[k]))  # type: ignore[union-attr]
+        return ScanResult(float(gain[k, t]), float(sus[k, t]), float(ref[k, t]), t, trigger, time.time() - t0)
+    images = inputs  # type: ignore[assignment]
+    masks, patterns = vision_triggers(encoder, state, head, encode, images, area, steps, seed=seed)  # type: ignore[arg-type]
+    sus = vision_flip_rates(encoder, state, head, encode, images, masks, patterns)  # type: ignore[arg-type]
+    ref = vision_flip_rates(encoder, base, head, encode, images, masks, patterns)  # type: ignore[arg-type]
+    gain = sus - ref
+    t = int(gain.argmax())
+    return ScanResult(float(gain[t]), float(sus[t]), float(ref[t]), t, f"{int(masks[t].sum())}-pixel patch",
+                      time.time() - t0)
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
-    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties
-    count half), i.e. the Mann-Whitney U statistic over all pairs."""
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties count
+    half), i.e. the Mann-Whitney U statistic over all pairs."""
     if not positives or not negatives:
         raise SafeMergeError("AUROC needs at least one positive and one negative score")
     wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
     return float(wins / (len(positives) * len(negatives)))
 
 
-# ---------------------------------------------------------------------------------------------- model folders
-
-
-@dataclass
-class ScanResult:
-    model: str
-    task: str
-    score: float  # backdoor risk: the suspect's best flip rate minus the reference's (-1..1)
-    flip_rate: float
-    reference_flip_rate: float
-    target: int
-    trigger: str
-    seconds: float
-
-    def row(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
-
-
-def _search(s, state: StateDict, inputs, extra: list[int] | None, n_inputs: int, seed: int, steps: int) -> TriggerSearch:
-    if s.backbone.modality == "text":
-        return text_trigger_search(s.backbone.model, state, s.head, s.encode, list(inputs[:n_inputs]),
-                                   extra_candidates=extra, seed=seed)
-    return vision_trigger_search(s.backbone.model, state, s.head, s.encode, inputs[:n_inputs], steps=steps,
-                                 seed=seed)
-
-
 def scan_models(models: list[str], base: str | None = None, profile: str | None = None, n_inputs: int = 48,
-                weight_candidates: int = 8, steps: int = 30, seed: int = 0) -> list[ScanResult]:
-    """Scan model folders (or zoo references): the risk score of each, with the reference search on the
-    pre-trained encoder under the same head computed once per head. Only unlabeled inputs are used: the
-    task's validation inputs for the search, and (text) its validation and test texts to count token
-    frequencies for the `weight_candidates` E-PUR candidates."""
-    import time
-
-    from .backbones import fingerprint
+                weight_candidates: int = 8, per_class: int = 2, area: float = 0.03, steps: int = 20,
+                seed: int = 0, backbones: dict | None = None) -> list[ScanResult]:
+    """Scan model folders (or zoo references) with `scan_state`. Only unlabeled inputs are used: the first
+    `n_inputs` validation inputs of each model's task for the search, and (text) the validation and test
+    texts to count token frequencies for the `weight_candidates` top tokens of E-PUR's ranking. `backbones`
+    caches the loaded base models across calls."""
     from .purify import e_pur, load_suspect, token_frequencies, word_embedding_key
 
-    backbones: dict = {}
-    references: dict[tuple, TriggerSearch] = {}
+    backbones = {} if backbones is None else backbones
     out = []
     for ref in models:
         t0 = time.time()
         s = load_suspect(ref, base, profile, backbones)
-        inputs = s.data.val.x
+        x = s.data.val.x[:n_inputs]
         extra = None
         if s.backbone.modality == "text" and weight_candidates > 0:
             key = word_embedding_key(s.base)
             freq = token_frequencies(s.backbone.tokenizer, list(s.data.val.x) + list(s.data.test.x),
                                      s.base[key].shape[0], s.encode.max_length)
             extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
-        found = _search(s, s.state, inputs, extra, n_inputs, seed, steps)
-        hkey = (id(s.backbone), s.task, fingerprint(s.head.state_dict()))
-        if hkey not in references:
-            references[hkey] = _search(s, s.base, inputs, None, n_inputs, seed, steps)
-        r = references[hkey]
-        out.append(ScanResult(str(ref), s.task, found.flip_rate - r.flip_rate, found.flip_rate, r.flip_rate,
-                              found.target, found.trigger, time.time() - t0))
+        r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, area, steps, seed)
+        r.model, r.task, r.seconds = str(ref), s.task, time.time() - t0
+        out.append(r)
     return out
