@@ -112,7 +112,7 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
 
 
 def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, images: torch.Tensor,
-                    area: float = 0.03, steps: int = 20, batch_size: int = 4, lr: float = 0.1, penalty: float = 1.0,
+                    area: float = 0.03, steps: int = 20, batch_size: int = 4, lr: float = 0.2, penalty: float = 1.0,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Neural-Cleanse-style inversion for every class at once: a mask m and a pattern p per class, stamped as
     x' = (1 - m) x + m p, optimised (Adam, `steps` steps on `batch_size` inputs per class) on cross-entropy to
