@@ -145,19 +145,21 @@ def protect_cmd(model: Annotated[Path, typer.Argument(help="a model folder (safe
 
 @app.command("purify")
 @one_line_errors
-def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model folder or zoo:<backbone>/<profile>/<task>[/<attack>]")],
+def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model folder or a zoo reference "
+                                                     "(e.g. zoo:text/quick/tweet_sentiment/rare_word)")],
                out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
                method: Annotated[str, typer.Option(help="fine-mixing, e-pur (text) or both")] = "fine-mixing",
                clean_fraction: Annotated[float, typer.Option(help="share of the task's training split used as clean "
                                                                  "labeled data")] = 0.05,
                mode: Annotated[str, typer.Option(help="mixing mask: random (Bernoulli) or sel (largest updates)")] = "random",
-               keep_ratio: Annotated[Optional[list[float]], typer.Option(help="keep ratio(s) to search, smallest "
-                                                                         "passing one wins (default 0.05 to 1)")] = None,
+               keep_ratio: Annotated[Optional[list[float]], typer.Option(help="keep ratio(s) to search, the smallest "
+                                                                         "passing one wins (default: 0.05 to 1)")] = None,
                max_acc_drop: Annotated[float, typer.Option(help="validation ACC points the purified model may lose")] = 2.0,
                select_on: Annotated[str, typer.Option(help="judge a keep ratio after the fine-tuning step "
                                                        "(finetuned) or on the mix alone (mix)")] = "finetuned",
                top_n: Annotated[int, typer.Option(help="E-PUR: word embeddings to reset")] = 100,
                epochs: Annotated[float, typer.Option(help="fine-tuning epochs over the clean data")] = 3.0,
+               lr: Annotated[float, typer.Option(help="fine-tuning learning rate of the encoder")] = 1e-5,
                base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
                                                                  "an HF folder (default: the manifest's)")] = None,
                profile: Annotated[Optional[str], typer.Option(help="data profile (default: the model's)")] = None,
@@ -169,7 +171,8 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model fold
     t = time.time()
     path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, mode=mode,
                                  keep_ratios=tuple(keep_ratio) if keep_ratio else KEEP_RATIOS,
-                                 max_acc_drop=max_acc_drop, select_on=select_on, top_n=top_n, epochs=epochs, seed=seed)
+                                 max_acc_drop=max_acc_drop, select_on=select_on, top_n=top_n, epochs=epochs, lr=lr,
+                                 seed=seed)
     parts = []
     if "e_pur" in summary:
         e = summary["e_pur"]
@@ -190,8 +193,9 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
              inputs: Annotated[int, typer.Option(help="unlabeled validation inputs to search triggers on")] = 48,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
              seed: int = 0) -> None:
-    """Score models for backdoor risk before merging (no labels, no trigger known): the best trigger a search
-    finds on each (flip rate to one class) minus what the same search finds on the pre-trained encoder."""
+    """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
+    model; risk = how much more often the best one sends inputs to one class on the model than on the
+    pre-trained encoder under the same head."""
     from .scan import scan_models
 
     rows = [r.row() for r in scan_models(models, base_model, profile, n_inputs=inputs, seed=seed)]

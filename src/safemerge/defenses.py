@@ -162,6 +162,7 @@ def awm(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[
     aw = adv_weight if adv_weight is not None else (0.1 if labeled else 0.01)
     torch.manual_seed(seed)
     tau = {n: net.merged[n] - net.base[n] for n in net.names}
+
     def mask_shape(t: torch.Tensor) -> tuple[int, ...]:
         return tuple(t.shape) if granularity == "entry" or t.ndim < 2 else (t.shape[0],) + (1,) * (t.ndim - 1)
 

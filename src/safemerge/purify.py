@@ -182,13 +182,14 @@ def check_head_fits(head: nn.Linear, hidden_size: int, num_classes: int, task: s
 
 @dataclass
 class FineTuneConfig:
-    """The fine-tuning step on the clean data: `epochs` passes (at least `min_steps` steps) with AdamW, the
-    encoder learning rate `lr` (the zoo's own fine-tuning rate is the natural choice) and the head frozen
-    (`head_lr=0`: the task head is kept, only the encoder is purified)."""
+    """The fine-tuning step on the clean data: `epochs` passes (at least `min_steps` steps) with AdamW at encoder
+    learning rate `lr` and the head frozen (`head_lr=0`: the task head is kept, only the encoder is purified).
+    `lr` = 1e-5 is a reading: the zoo's own text rate (1e-4) overfits 20 to 100 examples and costs accuracy
+    (measured on tweet_sentiment's validation split), 1e-5 keeps it."""
 
     epochs: float = 3.0
     batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 1e-5
     head_lr: float = 0.0
     min_steps: int = 5
     seed: int = 0
@@ -339,16 +340,11 @@ def load_suspect(model: str, base: str | None = None, profile: str | None = None
                    InputEncoder(bb, max_length=prof.max_length), prof)
 
 
-def encoder_lr(suspect: Suspect) -> float:
-    """The fine-tuning rate the zoo used for this backbone (text_lr for text encoders, lr for vision)."""
-    p = suspect.profile
-    return float(p.text_lr if suspect.backbone.modality == "text" else p.lr)
-
-
 def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "fine-mixing",
                  clean_fraction: float = 0.05, mode: MixMode = "random", keep_ratios: Sequence[float] = KEEP_RATIOS,
                  max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
-                 top_n: int = 100, c: float = 20.0, epochs: float = 3.0, seed: int = 0) -> tuple[StateDict, dict]:
+                 top_n: int = 100, c: float = 20.0, epochs: float = 3.0, lr: float = 1e-5,
+                 seed: int = 0) -> tuple[StateDict, dict]:
     """Purify a loaded suspect; returns the encoder state and a summary (what was done, chosen keep ratio,
     flagged tokens). E-PUR counts token frequencies in the task's training texts (labels unused) and runs
     before fine-mixing in "both", so the mix starts from purified embeddings. Fine-mixing's clean data is a
@@ -370,7 +366,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                             "frequency_source": "task training texts"}
     if method in ("fine-mixing", "both"):
         clean = clean_subset(s.data.train, clean_fraction, seed)
-        cfg = FineTuneConfig(epochs=epochs, lr=encoder_lr(s), seed=seed)
+        cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
         res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.data.val,
                             mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
                             finetune_cfg=cfg, seed=seed)

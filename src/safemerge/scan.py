@@ -11,7 +11,7 @@ inputs not predicted as class t that the pattern sends to t) from the reference 
   of a first-order (HotFlip) step on the placeholder's embedding, plus the tokens whose embedding moved most
   for their frequency in clean text (E-PUR's score: where rare-word and embedding-poisoning triggers live).
 - vision: a mask + pattern stamped into every input (Neural-Cleanse-style inversion), one per class, all
-  classes optimised in one batch, then cut to a hard mask of a fixed area."""
+  classes optimised in one batch, then cut to hard masks of fixed pixel budgets."""
 
 from __future__ import annotations
 
@@ -112,15 +112,12 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
 
 
 def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, images: torch.Tensor,
-                    area: float = 0.03, steps: int = 20, batch_size: int = 4, lr: float = 0.2, penalty: float = 1.0,
+                    steps: int = 20, batch_size: int = 4, lr: float = 0.2, penalty: float = 1.0,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neural-Cleanse-style inversion for every class at once: a mask m and a pattern p per class, stamped as
-    x' = (1 - m) x + m p, optimised (Adam, `steps` steps on `batch_size` inputs per class) on cross-entropy to
-    the class plus `penalty` times the mask's mean, then cut to a hard mask of the `area` share of pixels with
-    the largest weights (a budget: a BadNets patch covers 2% of a 42-px image). Returns (masks [C, 1, R, R],
-    patterns [C, 3, R, R] in [0, 1])."""
-    if not 0 < area <= 1:
-        raise SafeMergeError(f"trigger area {area} is outside (0, 1]")
+    """Neural-Cleanse-style inversion for every class at once: a soft mask m and a pattern p per class, stamped
+    as x' = (1 - m) x + m p, optimised (Adam, `steps` steps on `batch_size` inputs per class not predicted as
+    that class) on cross-entropy to the class plus `penalty` times the mask's mean. Returns (masks [C, 1, R, R]
+    in [0, 1], patterns [C, 3, R, R] in [0, 1]); `hard_masks` cuts them to a pixel budget."""
     model = _task_model(encoder, state, head, "vision")
     n_cls, res = head.out_features, images.shape[-1]
     clean_pred = predict(model, encode, images)
@@ -141,11 +138,16 @@ def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    k = max(1, int(round(area * res * res)))
-    with torch.no_grad():
-        soft = torch.sigmoid(m_logit).flatten(1)
-        hard = torch.zeros_like(soft).scatter_(1, soft.topk(k, dim=1).indices, 1.0)
-        return hard.view(n_cls, 1, res, res), torch.sigmoid(p_logit).detach()
+    return torch.sigmoid(m_logit).detach(), torch.sigmoid(p_logit).detach()
+
+
+def hard_masks(masks: torch.Tensor, area: float) -> torch.Tensor:
+    """Binary masks keeping the `area` share of pixels with the largest weights of each soft mask."""
+    if not 0 < area <= 1:
+        raise SafeMergeError(f"trigger area {area} is outside (0, 1]")
+    flat = masks.flatten(1)
+    k = max(1, int(round(area * flat.shape[1])))
+    return torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0).view_as(masks)
 
 
 @torch.inference_mode()
@@ -184,11 +186,12 @@ class ScanResult:
 
 def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: nn.Linear, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
-               area: float = 0.03, steps: int = 20, seed: int = 0) -> ScanResult:
+               areas: tuple[float, ...] = (0.03, 0.11), steps: int = 20, seed: int = 0) -> ScanResult:
     """Risk score of one encoder `state` (fine-tuned from `base`) under `head`, from unlabeled `inputs`: search
     triggers on the suspect, measure each on the suspect and on the base, score = max gain in flip rate.
     Text: HotFlip candidates (`per_class` per class) plus `extra_tokens` (e.g. E-PUR's ranking). Vision: one
-    inverted trigger per class of `area` share of the pixels after `steps` optimisation steps."""
+    inverted trigger per class after `steps` optimisation steps, cut to each pixel budget of `areas` (3%: a
+    BadNets-sized patch; 11%: one ViT patch of a 42-px image, TrojViT's trigger)."""
     t0 = time.time()
     if encode.modality == "text":
         texts = list(inputs)
@@ -201,13 +204,19 @@ def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: nn.L
         trigger = str(encode.tokenizer.convert_ids_to_tokens(tokens[k]))  # type: ignore[union-attr]
         return ScanResult(float(gain[k, t]), float(sus[k, t]), float(ref[k, t]), t, trigger, time.time() - t0)
     images = inputs  # type: ignore[assignment]
-    masks, patterns = vision_triggers(encoder, state, head, encode, images, area, steps, seed=seed)  # type: ignore[arg-type]
-    sus = vision_flip_rates(encoder, state, head, encode, images, masks, patterns)  # type: ignore[arg-type]
-    ref = vision_flip_rates(encoder, base, head, encode, images, masks, patterns)  # type: ignore[arg-type]
-    gain = sus - ref
-    t = int(gain.argmax())
-    return ScanResult(float(gain[t]), float(sus[t]), float(ref[t]), t, f"{int(masks[t].sum())}-pixel patch",
-                      time.time() - t0)
+    soft, patterns = vision_triggers(encoder, state, head, encode, images, steps, seed=seed)  # type: ignore[arg-type]
+    best: ScanResult | None = None
+    for area in areas:
+        masks = hard_masks(soft, area)
+        sus = vision_flip_rates(encoder, state, head, encode, images, masks, patterns)  # type: ignore[arg-type]
+        ref = vision_flip_rates(encoder, base, head, encode, images, masks, patterns)  # type: ignore[arg-type]
+        gain = sus - ref
+        t = int(gain.argmax())
+        if best is None or float(gain[t]) > best.score:
+            best = ScanResult(float(gain[t]), float(sus[t]), float(ref[t]), t, f"{int(masks[t].sum())}-pixel mask")
+    assert best is not None
+    best.seconds = time.time() - t0
+    return best
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
@@ -220,7 +229,7 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
 
 
 def scan_models(models: list[str], base: str | None = None, profile: str | None = None, n_inputs: int = 48,
-                weight_candidates: int = 8, per_class: int = 2, area: float = 0.03, steps: int = 20,
+                weight_candidates: int = 8, per_class: int = 2, areas: tuple[float, ...] = (0.03, 0.11), steps: int = 20,
                 seed: int = 0, backbones: dict | None = None) -> list[ScanResult]:
     """Scan model folders (or zoo references) with `scan_state`. Only unlabeled inputs are used: the first
     `n_inputs` validation inputs of each model's task for the search, and (text) the validation and test
@@ -240,7 +249,7 @@ def scan_models(models: list[str], base: str | None = None, profile: str | None 
             freq = token_frequencies(s.backbone.tokenizer, list(s.data.val.x) + list(s.data.test.x),
                                      s.base[key].shape[0], s.encode.max_length)
             extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
-        r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, area, steps, seed)
+        r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, areas, steps, seed)
         r.model, r.task, r.seconds = str(ref), s.task, time.time() - t0
         out.append(r)
     return out
