@@ -22,7 +22,7 @@ from rich.console import Console
 
 from safemerge.bench import PoolEvaluator, device_description
 from safemerge.checkpoints import atomic_write_json, atomic_write_text
-from safemerge.purify import (FineTuneConfig, clean_subset, e_pur, encoder_lr, fine_mixing, finetune_state,
+from safemerge.purify import (KEEP_RATIOS, FineTuneConfig, clean_subset, e_pur, fine_mixing, finetune_state,
                               load_suspect, token_frequencies, word_embedding_key)
 from safemerge.scan import auroc, scan_models
 from safemerge.zoo import Zoo, attack_of
@@ -44,13 +44,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--fractions", default="0.01,0.05", help="clean fractions of the training split")
     ap.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs over the clean data")
+    ap.add_argument("--lr", type=float, default=1e-5, help="fine-tuning learning rate")
     ap.add_argument("--max-acc-drop", type=float, default=2.0)
     ap.add_argument("--top-n", type=int, default=100, help="E-PUR: embeddings reset")
     ap.add_argument("--scan-inputs", type=int, default=48)
     ap.add_argument("--no-scan", action="store_true")
     ap.add_argument("--no-purify", action="store_true")
     ap.add_argument("--models", default="", help="only these task/attack pairs (comma separated), for a quick look")
-    ap.add_argument("--eval-limit", type=int, default=250, help="test examples per evaluation (as the quick suites)")
+    ap.add_argument("--eval-limit", type=int, default=500, help="test examples per evaluation")
+    ap.add_argument("--val-limit", type=int, default=300, help="validation examples that judge a keep ratio")
+    ap.add_argument("--grid", default=",".join(f"{r:g}" for r in KEEP_RATIOS), help="keep ratios to search")
+    ap.add_argument("--epur-fractions", default="0.05", help="clean fractions for Fine-mixing + E-PUR (text)")
     ap.add_argument("--resume", action="store_true", help="keep the models (and scan) an earlier partial run wrote")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         zoo.build(t, a)
     t_zoo = time.time() - t0
     fractions = [float(f) for f in args.fractions.split(",")]
+    epur_fractions = [float(f) for f in args.epur_fractions.split(",") if f]
+    grid = [float(r) for r in args.grid.split(",")]
     text = args.backbone == "text"
     ev = PoolEvaluator(zoo, limit=args.eval_limit)
     backbones: dict = {}
@@ -79,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def write(final: bool) -> dict:
         result = {
-            "backbone": zoo.backbone.name, "profile": args.profile, "fractions": fractions, "epochs": args.epochs,
-            "max_acc_drop": args.max_acc_drop, "e_pur_top_n": args.top_n if text else None,
-            "eval_limit": args.eval_limit, "seed": args.seed, "command": command,
+            "backbone": zoo.backbone.name, "profile": args.profile, "fractions": fractions, "epochs": args.epochs, "lr": args.lr,
+            "max_acc_drop": args.max_acc_drop, "e_pur_top_n": args.top_n if text else None, "grid": grid,
+            "eval_limit": args.eval_limit, "val_limit": args.val_limit, "seed": args.seed, "command": command,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
             "models": models_out, "scan": scan,
             "seconds": {"zoo": round(t_zoo, 1), "this_run": round(time.time() - t0, 1),
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         tm = time.time()
         s = load_suspect(str(zoo.path(task, attack)), backbones=backbones)
         atk = attack_of(s.manifest, s.path)
-        clean_val = s.data.val
+        clean_val = s.data.val.subset(list(range(min(args.val_limit, len(s.data.val)))))
         rows: list[dict] = []
 
         def record(label: str, state: dict, **extra) -> None:
@@ -113,11 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         def fm(label: str, suspect_state: dict, clean, mode: str, **extra) -> None:
             r = fine_mixing(s.backbone.model, s.head, s.base, suspect_state, s.encode, clean, clean_val, mode=mode,
-                            max_acc_drop=args.max_acc_drop, finetune_cfg=cfg, seed=args.seed)
+                            keep_ratios=grid, max_acc_drop=args.max_acc_drop, finetune_cfg=cfg, seed=args.seed)
             record(label, r.state, keep_ratio=r.keep_ratio, val_acc=round(r.val_acc, 2),
                    suspect_val_acc=round(r.reference_acc, 2), trials=r.trials, **extra)
 
-        cfg = FineTuneConfig(epochs=args.epochs, lr=encoder_lr(s), seed=args.seed)
+        cfg = FineTuneConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
         record("before", s.state)
         epur_state, trigger_rank = None, None
         if text:
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                    clean_examples=len(clean))
             for mode in ("random", "sel"):
                 fm(f"fine_mixing_{mode}_{pct}", s.state, clean, mode, clean_examples=len(clean))
-                if text:
+                if text and frac in epur_fractions:
                     fm(f"fine_mixing_{mode}+e_pur_{pct}", epur_state, clean, mode, clean_examples=len(clean))
         models_out.append({"task": task, "attack": attack, "trigger": getattr(atk, "trigger_word", attack),
                            "e_pur_trigger_rank": trigger_rank, "rows": rows, "seconds": round(time.time() - tm, 1)})
@@ -173,8 +179,9 @@ def markdown(r: dict) -> str:
              f"ACC/ASR on the first {r['eval_limit']} test examples." + (" INCOMPLETE: " + r["incomplete"]
                                                                           if r.get("incomplete") else ""), "",
              "ACC / ASR in percent on the test split. Fine-mixing keeps the smallest share of the fine-tuned update "
-             f"(grid 0.05 to 1) whose validation ACC after the fine-tuning step is within {r['max_acc_drop']:g} "
-             f"points of the suspect's; {r['epochs']:g} epochs over the clean data, head frozen. "
+             f"(grid {', '.join(f'{g:g}' for g in r['grid'])}) whose validation ACC (first {r['val_limit']} "
+             f"validation examples) after the fine-tuning step is within {r['max_acc_drop']:g} "
+             f"points of the suspect's; {r['epochs']:g} epochs over the clean data at lr {r['lr']:g}, head frozen. "
              "`mix_only` = the same mix without the fine-tuning step (ratio judged on the mix); `finetune` = plain "
              "fine-tuning of the suspect on the same clean data.", ""]
     for m in r["models"]:
