@@ -102,6 +102,17 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_text(out / f"{name}.md", markdown(result))
         return result
 
+    def clean_twin(task: str, atk) -> dict:
+        """The clean model of the same task under the same trigger: the ASR floor a purification can reach."""
+        c = load_suspect(str(zoo.path(task, None)), backbones=backbones)
+        acc, asr = ev.evaluate(c.state, c.head, task, atk)
+        return {"method": "clean_twin", "acc": round(acc, 2), "asr": round(asr, 2)}
+
+    for m in models_out:  # rows of an earlier run that predate the clean-twin row
+        if not any(r["method"] == "clean_twin" for r in m["rows"]):
+            atk = attack_of(load_suspect(str(zoo.path(m["task"], m["attack"])), backbones=backbones).manifest,
+                            zoo.path(m["task"], m["attack"]))
+            m["rows"].insert(1, clean_twin(m["task"], atk))
     done = {(m["task"], m["attack"]) for m in models_out}
     for i, (task, attack) in enumerate([] if args.no_purify else todo):
         if (task, attack) in done:
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         cfg = FineTuneConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
         record("before", s.state)
+        rows.append(clean_twin(task, atk))
         epur_state, trigger_rank = None, None
         if text:
             key = word_embedding_key(s.base)
@@ -183,7 +195,8 @@ def markdown(r: dict) -> str:
              f"validation examples) after the fine-tuning step is within {r['max_acc_drop']:g} "
              f"points of the suspect's; {r['epochs']:g} epochs over the clean data at lr {r['lr']:g}, head frozen. "
              "`mix_only` = the same mix without the fine-tuning step (ratio judged on the mix); `finetune` = plain "
-             "fine-tuning of the suspect on the same clean data.", ""]
+             "fine-tuning of the suspect on the same clean data; `clean_twin` = the clean model of the same task under "
+             "the same trigger (not a defense: the ASR a perfect purification would leave).", ""]
     for m in r["models"]:
         head = f"## {m['task']} / {m['attack']}"
         if m.get("e_pur_trigger_rank"):

@@ -21,7 +21,7 @@ from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder, TaskModel
 from safemerge.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
                               token_frequencies)
-from safemerge.scan import auroc, hard_masks, scan_state, vision_flip_rates, vision_triggers
+from safemerge.scan import auroc, patch_positions, scan_state, vision_flip_rates, vision_triggers
 from safemerge.tasks import Split
 from safemerge.training import TrainConfig, finetune, fit_linear_probe
 from safemerge.zoo import Profile, save_model_folder
@@ -194,16 +194,15 @@ def test_vision_trigger_search_mechanics(tiny_vision):
     head = nn.Linear(bb.hidden_size, 4)
     x = torch.randint(0, 256, (24, 3, 28, 28), dtype=torch.uint8)
     sd = bb.model.state_dict()
-    soft, patterns = vision_triggers(bb.model, sd, head, enc, x, steps=3)
-    assert soft.shape == (4, 1, 28, 28) and patterns.shape == (4, 3, 28, 28)
-    masks = hard_masks(soft, 0.05)
-    assert (masks.flatten(1).sum(1) == round(0.05 * 28 * 28)).all() and 0 <= patterns.min() <= patterns.max() <= 1
-    top = soft.flatten(1).topk(round(0.05 * 28 * 28), dim=1).values.min(1).values
-    assert (soft.flatten(1)[masks.flatten(1) == 0].view(4, -1).max(1).values <= top).all()
-    flips = vision_flip_rates(bb.model, sd, head, enc, x, masks, patterns)
-    assert flips.shape == (4,) and 0 <= flips.min() <= flips.max() <= 1
-    again = vision_triggers(bb.model, sd, head, enc, x, steps=3)
-    assert torch.equal(again[0], soft) and torch.equal(again[1], patterns)  # seeded
+    assert patch_positions(28, 7, 3)[-1] == (21, 21) and (0, 0) in patch_positions(28, 7, 3)  # corners covered
+    masks, patterns, classes = vision_triggers(bb.model, sd, head, enc, x, sides=(7, 14), steps=3)
+    assert masks.shape == (8, 1, 28, 28) and patterns.shape == (8, 3, 28, 28)
+    assert classes.tolist() == [0, 1, 2, 3] * 2 and 0 <= patterns.min() <= patterns.max() <= 1
+    assert masks.flatten(1).sum(1).tolist() == [49.0] * 4 + [196.0] * 4  # one square patch each
+    flips = vision_flip_rates(bb.model, sd, head, enc, x, masks, patterns, classes)
+    assert flips.shape == (8,) and 0 <= flips.min() <= flips.max() <= 1
+    again = vision_triggers(bb.model, sd, head, enc, x, sides=(7, 14), steps=3)
+    assert all(torch.equal(u, v) for u, v in zip(again, (masks, patterns, classes)))  # seeded
     res = scan_state(bb.model, sd, sd, head, enc, x, steps=2)
     assert res.score == 0.0 and res.flip_rate == res.reference_flip_rate  # the base against itself
 

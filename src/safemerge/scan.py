@@ -10,8 +10,8 @@ inputs not predicted as class t that the pattern sends to t) from the reference 
 - text: an inserted token. A placeholder is inserted into every input; candidates are, per class, the tokens
   of a first-order (HotFlip) step on the placeholder's embedding, plus the tokens whose embedding moved most
   for their frequency in clean text (E-PUR's score: where rare-word and embedding-poisoning triggers live).
-- vision: a mask + pattern stamped into every input (Neural-Cleanse-style inversion), one per class, all
-  classes optimised in one batch, then cut to hard masks of fixed pixel budgets."""
+- vision: a square patch stamped into every input, its pattern optimised per class at every position of a
+  grid (patch-trigger inversion); the best position per class and patch size is measured."""
 
 from __future__ import annotations
 
@@ -111,58 +111,73 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
 # ---------------------------------------------------------------------------------------------- vision
 
 
+def patch_positions(resolution: int, side: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of a `side`-px square slid with `stride` over the image, the last row/column flush with
+    the border (corner triggers sit there)."""
+    if not 0 < side <= resolution:
+        raise SafeMergeError(f"trigger side {side} does not fit a {resolution}-px image")
+    starts = sorted(set(range(0, resolution - side + 1, max(1, stride))) | {resolution - side})
+    return [(i, j) for i in starts for j in starts]
+
+
 def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, images: torch.Tensor,
-                    steps: int = 20, batch_size: int = 4, lr: float = 0.2, penalty: float = 1.0,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neural-Cleanse-style inversion for every class at once: a soft mask m and a pattern p per class, stamped
-    as x' = (1 - m) x + m p, optimised (Adam, `steps` steps on `batch_size` inputs per class not predicted as
-    that class) on cross-entropy to the class plus `penalty` times the mask's mean. Returns (masks [C, 1, R, R]
-    in [0, 1], patterns [C, 3, R, R] in [0, 1]); `hard_masks` cuts them to a pixel budget."""
+                    sides: tuple[int, ...] = (7, 14), steps: int = 8, lr: float = 0.3,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch-trigger inversion: for every class t, every square side and every position of a grid (stride =
+    side, and half of it for sides below one ViT patch), a pattern stamped into the inputs is optimised (Adam,
+    `steps` steps, one input not predicted t per candidate and step, all candidates in one batch) towards t.
+    Keeps, per class and side, the position with the lowest mean loss. Returns (masks [K, 1, R, R] in {0, 1},
+    patterns [K, 3, R, R] in [0, 1], classes [K]). BadNets, TrojViT and BadMerging triggers are such patches;
+    a trigger blended over the whole image is out of this search's reach."""
     model = _task_model(encoder, state, head, "vision")
     n_cls, res = head.out_features, images.shape[-1]
     clean_pred = predict(model, encode, images)
     g = torch.Generator().manual_seed(seed)
-    m_logit = torch.full((n_cls, 1, res, res), -2.0, requires_grad=True)
-    p_logit = (0.1 * torch.randn(n_cls, 3, res, res, generator=g)).requires_grad_(True)
-    opt = torch.optim.Adam([m_logit, p_logit], lr=lr)
-    target = torch.arange(n_cls).repeat_interleave(batch_size)
     pools = [(clean_pred != t).nonzero().flatten() for t in range(n_cls)]
     pools = [p if len(p) else torch.arange(len(images)) for p in pools]
-    for _ in range(steps):
-        idx = torch.cat([p[torch.randint(len(p), (batch_size,), generator=g)] for p in pools])
-        x = encode(images[idx])["pixel_values"].view(n_cls, batch_size, 3, res, res)
-        mask, pattern = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
-        xs = masked_pattern_inputs({"pixel_values": x}, mask.unsqueeze(1), pattern.unsqueeze(1), encode)
-        logits = model({"pixel_values": xs["pixel_values"].flatten(0, 1)})
-        loss = F.cross_entropy(logits, target) + penalty * mask.mean() * n_cls
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return torch.sigmoid(m_logit).detach(), torch.sigmoid(p_logit).detach()
-
-
-def hard_masks(masks: torch.Tensor, area: float) -> torch.Tensor:
-    """Binary masks keeping the `area` share of pixels with the largest weights of each soft mask."""
-    if not 0 < area <= 1:
-        raise SafeMergeError(f"trigger area {area} is outside (0, 1]")
-    flat = masks.flatten(1)
-    k = max(1, int(round(area * flat.shape[1])))
-    return torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0).view_as(masks)
+    out_m, out_p, out_t = [], [], []
+    for side in sides:
+        side = min(side, res)
+        pos = patch_positions(res, side, side)
+        mask = torch.zeros(len(pos), 1, res, res)
+        for k, (i, j) in enumerate(pos):
+            mask[k, :, i:i + side, j:j + side] = 1
+        mask = mask.repeat(n_cls, 1, 1, 1)  # candidate c * len(pos) + k: class c, position k
+        target = torch.arange(n_cls).repeat_interleave(len(pos))
+        p_logit = (0.5 * torch.randn(len(target), 3, res, res, generator=g)).requires_grad_(True)
+        opt = torch.optim.Adam([p_logit], lr=lr)
+        loss_sum = torch.zeros(len(target))
+        for step in range(steps):
+            idx = torch.stack([pools[int(t)][torch.randint(len(pools[int(t)]), (1,), generator=g)][0] for t in target])
+            x = encode(images[idx])
+            loss = F.cross_entropy(model(masked_pattern_inputs(x, mask, torch.sigmoid(p_logit), encode)), target,
+                                   reduction="none")
+            if step >= steps // 2:
+                loss_sum += loss.detach()
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+        best = loss_sum.view(n_cls, len(pos)).argmin(1) + torch.arange(n_cls) * len(pos)
+        out_m.append(mask[best])
+        out_p.append(torch.sigmoid(p_logit[best]).detach())
+        out_t.append(target[best])
+    return torch.cat(out_m), torch.cat(out_p), torch.cat(out_t)
 
 
 @torch.inference_mode()
 def vision_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder,
-                      images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """[classes]: the share of inputs not predicted as class t that trigger t (masks[t], patterns[t]) sends to t."""
+                      images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor,
+                      classes: torch.Tensor) -> torch.Tensor:
+    """[K]: the share of inputs not predicted as classes[k] that trigger k (masks[k], patterns[k]) sends there."""
     model = _task_model(encoder, state, head, "vision")
     clean_pred = predict(model, encode, images)
-    flips = torch.zeros(head.out_features)
-    for t in range(head.out_features):
+    flips = torch.zeros(len(classes))
+    for k, t in enumerate(classes.tolist()):
         others = (clean_pred != t).nonzero().flatten()
         if len(others):
-            pred = torch.cat([model(masked_pattern_inputs(encode(b), masks[t], patterns[t], encode)).argmax(-1)
+            pred = torch.cat([model(masked_pattern_inputs(encode(b), masks[k], patterns[k], encode)).argmax(-1)
                               for b in batches(images[others], 256)])
-            flips[t] = float((pred == t).float().mean())
+            flips[k] = float((pred == t).float().mean())
     return flips
 
 
@@ -186,12 +201,12 @@ class ScanResult:
 
 def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: nn.Linear, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
-               areas: tuple[float, ...] = (0.03, 0.11), steps: int = 20, seed: int = 0) -> ScanResult:
+               sides: tuple[int, ...] = (7, 14), steps: int = 8, seed: int = 0) -> ScanResult:
     """Risk score of one encoder `state` (fine-tuned from `base`) under `head`, from unlabeled `inputs`: search
     triggers on the suspect, measure each on the suspect and on the base, score = max gain in flip rate.
-    Text: HotFlip candidates (`per_class` per class) plus `extra_tokens` (e.g. E-PUR's ranking). Vision: one
-    inverted trigger per class after `steps` optimisation steps, cut to each pixel budget of `areas` (3%: a
-    BadNets-sized patch; 11%: one ViT patch of a 42-px image, TrojViT's trigger)."""
+    Text: HotFlip candidates (`per_class` per class) plus `extra_tokens` (e.g. E-PUR's ranking). Vision: per
+    class and square side of `sides` (px; 7 = a BadNets-sized patch, 14 = one ViT patch, TrojViT's trigger),
+    the best patch of a position grid after `steps` optimisation steps (`vision_triggers`)."""
     t0 = time.time()
     if encode.modality == "text":
         texts = list(inputs)
@@ -204,19 +219,15 @@ def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: nn.L
         trigger = str(encode.tokenizer.convert_ids_to_tokens(tokens[k]))  # type: ignore[union-attr]
         return ScanResult(float(gain[k, t]), float(sus[k, t]), float(ref[k, t]), t, trigger, time.time() - t0)
     images = inputs  # type: ignore[assignment]
-    soft, patterns = vision_triggers(encoder, state, head, encode, images, steps, seed=seed)  # type: ignore[arg-type]
-    best: ScanResult | None = None
-    for area in areas:
-        masks = hard_masks(soft, area)
-        sus = vision_flip_rates(encoder, state, head, encode, images, masks, patterns)  # type: ignore[arg-type]
-        ref = vision_flip_rates(encoder, base, head, encode, images, masks, patterns)  # type: ignore[arg-type]
-        gain = sus - ref
-        t = int(gain.argmax())
-        if best is None or float(gain[t]) > best.score:
-            best = ScanResult(float(gain[t]), float(sus[t]), float(ref[t]), t, f"{int(masks[t].sum())}-pixel mask")
-    assert best is not None
-    best.seconds = time.time() - t0
-    return best
+    masks, patterns, classes = vision_triggers(encoder, state, head, encode, images, sides, steps, seed=seed)  # type: ignore[arg-type]
+    sus = vision_flip_rates(encoder, state, head, encode, images, masks, patterns, classes)  # type: ignore[arg-type]
+    ref = vision_flip_rates(encoder, base, head, encode, images, masks, patterns, classes)  # type: ignore[arg-type]
+    gain = sus - ref
+    k = int(gain.argmax())
+    side = int(masks[k].sum()) ** 0.5
+    rows, cols = masks[k, 0].nonzero().min(0).values.tolist()
+    return ScanResult(float(gain[k]), float(sus[k]), float(ref[k]), int(classes[k]),
+                      f"{side:.0f}-px patch at ({rows}, {cols})", time.time() - t0)
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
@@ -229,7 +240,7 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
 
 
 def scan_models(models: list[str], base: str | None = None, profile: str | None = None, n_inputs: int = 48,
-                weight_candidates: int = 8, per_class: int = 2, areas: tuple[float, ...] = (0.03, 0.11), steps: int = 20,
+                weight_candidates: int = 8, per_class: int = 2, sides: tuple[int, ...] = (7, 14), steps: int = 8,
                 seed: int = 0, backbones: dict | None = None) -> list[ScanResult]:
     """Scan model folders (or zoo references) with `scan_state`. Only unlabeled inputs are used: the first
     `n_inputs` validation inputs of each model's task for the search, and (text) the validation and test
@@ -249,7 +260,7 @@ def scan_models(models: list[str], base: str | None = None, profile: str | None 
             freq = token_frequencies(s.backbone.tokenizer, list(s.data.val.x) + list(s.data.test.x),
                                      s.base[key].shape[0], s.encode.max_length)
             extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
-        r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, areas, steps, seed)
+        r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed)
         r.model, r.task, r.seconds = str(ref), s.task, time.time() - t0
         out.append(r)
     return out
