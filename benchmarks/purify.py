@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--resume", action="store_true", help="keep the models (and scan) an earlier partial run wrote")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--render", action="store_true", help="only rewrite the Markdown table from the JSON results")
     args = ap.parse_args(argv)
+    if args.render:
+        path = Path(args.out) / f"purify-{args.backbone}.json"
+        result = json.loads(path.read_text())
+        atomic_write_text(path.with_suffix(".md"), markdown(result))
+        return result
     t0, c0 = time.time(), time.process_time()
     zoo = Zoo(args.backbone, args.profile, seed=args.seed)
     todo = BACKDOORED[args.backbone]
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
             r = fine_mixing(s.backbone.model, s.head, s.base, suspect_state, s.encode, clean, clean_val, mode=mode,
                             keep_ratios=grid, max_acc_drop=args.max_acc_drop, finetune_cfg=cfg, seed=args.seed)
             record(label, r.state, keep_ratio=r.keep_ratio, val_acc=round(r.val_acc, 2),
-                   suspect_val_acc=round(r.reference_acc, 2), trials=r.trials, **extra)
+                   suspect_val_acc=round(r.reference_acc, 2), trials=r.trials,
+                   **({"finetuned": r.finetuned} if clean is not None else {}), **extra)
 
         cfg = FineTuneConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
         record("before", s.state)
@@ -184,19 +191,40 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def summary(r: dict) -> list[str]:
+    """One line per backdoored model: ACC / ASR of the main rows, and which Fine-mixing rows meet the issue's
+    target (ASR <= 10 at <= `max_acc_drop` points of ACC lost against the suspect, <= 5% clean data)."""
+    cols = ["before", "clean_twin", "e_pur", "finetune_1%", "finetune_5%", "fine_mixing_random_1%",
+            "fine_mixing_random_5%", "fine_mixing_sel_5%", "fine_mixing_random+e_pur_5%", "fine_mixing_sel+e_pur_5%"]
+    cols = [c for c in cols if any(row["method"] == c for m in r["models"] for row in m["rows"])]
+    out = ["## Summary (ACC / ASR)", "", "| model | " + " | ".join(cols) + " | target met by |",
+           "|---|" + "---|" * (len(cols) + 1)]
+    for m in r["models"]:
+        rows = {row["method"]: row for row in m["rows"]}
+        before = rows["before"]["acc"]
+        cells = [f"{rows[c]['acc']:.1f} / {rows[c]['asr']:.1f}" if c in rows else "" for c in cols]
+        met = [k for k, row in rows.items() if k.startswith("fine_mixing") and row["asr"] <= 10
+               and row["acc"] >= before - r["max_acc_drop"]]
+        out.append(f"| {m['task']} / {m['attack']} | " + " | ".join(cells) + f" | {', '.join(met) or 'none'} |")
+    return out + [""]
+
+
 def markdown(r: dict) -> str:
     lines = [f"# Purification and pre-merge scan: {r['backbone']} ({r['profile']} zoo)", "",
-             f"`{r['command']}` on {r['device']}; {r['seconds']['total']:.0f} s wall in all "
-             f"(this run: {r['seconds']['this_run']:.0f} s wall, {r['seconds']['cpu_this_process']:.0f} s CPU), "
+             f"`{r['command']}` on {r['device']}; {r['seconds']['total']:.0f} s of purification and scan "
+             f"(the last invocation, zoo loading included: {r['seconds']['this_run']:.0f} s wall, "
+             f"{r['seconds']['cpu_this_process']:.0f} s CPU), "
              f"ACC/ASR on the first {r['eval_limit']} test examples." + (" INCOMPLETE: " + r["incomplete"]
                                                                           if r.get("incomplete") else ""), "",
              "ACC / ASR in percent on the test split. Fine-mixing keeps the smallest share of the fine-tuned update "
              f"(grid {', '.join(f'{g:g}' for g in r['grid'])}) whose validation ACC (first {r['val_limit']} "
-             f"validation examples) after the fine-tuning step is within {r['max_acc_drop']:g} "
+             f"validation examples) after the fine-tuning step (or before it, if better) is within {r['max_acc_drop']:g} "
              f"points of the suspect's; {r['epochs']:g} epochs over the clean data at lr {r['lr']:g}, head frozen. "
              "`mix_only` = the same mix without the fine-tuning step (ratio judged on the mix); `finetune` = plain "
-             "fine-tuning of the suspect on the same clean data; `clean_twin` = the clean model of the same task under "
+             "fine-tuning of the suspect on the same clean data; \"(mix kept)\": the fine-tuning step lowered validation ACC, so the "
+             "mix alone is returned; `clean_twin` = the clean model of the same task under "
              "the same trigger (not a defense: the ASR a perfect purification would leave).", ""]
+    lines += summary(r)
     for m in r["models"]:
         head = f"## {m['task']} / {m['attack']}"
         if m.get("e_pur_trigger_rank"):
@@ -204,6 +232,7 @@ def markdown(r: dict) -> str:
         lines += [head, "", "| method | ACC | ASR | keep ratio | val ACC (suspect) |", "|---|---|---|---|---|"]
         for row in m["rows"]:
             kr = f"{row['keep_ratio']:g}" if "keep_ratio" in row else ""
+            kr += " (mix kept)" if row.get("finetuned") is False else ""
             va = f"{row['val_acc']:.2f} ({row['suspect_val_acc']:.2f})" if "val_acc" in row else ""
             lines.append(f"| {row['method']} | {row['acc']:.2f} | {row['asr']:.2f} | {kr} | {va} |")
         lines.append("")

@@ -161,7 +161,15 @@ def test_fine_mixing_searches_keep_ratios_in_order(text_base):
     assert len(clean) == 24 and sorted(clean.y.tolist()) == [0] * 12 + [1] * 12  # stratified
     easy = fine_mixing(bb.model, head, base, sus, enc, clean, data, keep_ratios=(0.5, 0.2, 1.0), max_acc_drop=100,
                        finetune_cfg=cfg)
-    assert easy.keep_ratio == 0.2 and [t["keep_ratio"] for t in easy.trials] == [0.2] and easy.finetuned
+    assert easy.keep_ratio == 0.2 and [t["keep_ratio"] for t in easy.trials] == [0.2]
+    (t,) = easy.trials
+    assert easy.finetuned == t["finetuned"] == (t["finetuned_val_acc"] >= t["val_acc"])
+    assert easy.val_acc == max(t["finetuned_val_acc"], t["val_acc"])
+    wrecked = fine_mixing(bb.model, head, base, sus, enc, clean, data, keep_ratios=(0.2,), max_acc_drop=100,
+                          finetune_cfg=FineTuneConfig(epochs=1, batch_size=16, lr=50.0))  # a step that destroys it
+    (t,) = wrecked.trials
+    assert t["finetuned_val_acc"] < t["val_acc"]  # the step wrecked it: the mix is kept, untouched
+    assert not wrecked.finetuned and all(torch.equal(wrecked.state[k], mix_states(base, sus, 0.2)[k]) for k in sus)
     hard = fine_mixing(bb.model, head, base, sus, enc, None, data, keep_ratios=(0.5, 0.2), max_acc_drop=-1000)
     assert hard.keep_ratio == 0.5 and [t["keep_ratio"] for t in hard.trials] == [0.2, 0.5] and not hard.finetuned
     assert all(torch.equal(hard.state[k], mix_states(base, sus, 0.5)[k]) for k in sus)  # no fine-tuning step

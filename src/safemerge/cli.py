@@ -179,7 +179,8 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model fold
         parts.append(f"E-PUR reset {e['top_n']} word embeddings (first: {', '.join(e['flagged'][:5])})")
     if "fine_mixing" in summary:
         f = summary["fine_mixing"]
-        parts.append(f"fine-mixing ({f['mode']}) kept {f['keep_ratio']:g} of the update, val ACC {f['val_acc']:.2f} "
+        step = "fine-tuned" if f["finetuned"] else "not fine-tuned: the step lowered val ACC"
+        parts.append(f"fine-mixing ({f['mode']}) kept {f['keep_ratio']:g} of the update ({step}), val ACC {f['val_acc']:.2f} "
                      f"(suspect {f['suspect_val_acc']:.2f}, {f['clean_examples']} clean examples)")
     out.print(f"purified {model} -> {path}: " + "; ".join(parts) + f" ({time.time() - t:.0f}s)", highlight=False)
 

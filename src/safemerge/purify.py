@@ -219,8 +219,9 @@ class FineMixResult:
     keep_ratio: float
     val_acc: float  # clean validation accuracy of the returned model
     reference_acc: float  # the suspect's clean validation accuracy
-    trials: list[dict]  # every keep ratio tried, in order: {"keep_ratio", "val_acc"}
-    finetuned: bool
+    trials: list[dict]  # every keep ratio tried, in order: {"keep_ratio", "val_acc" (the mix's), and with a
+    # fine-tuning step "finetuned_val_acc", "finetuned" (whether it was kept)}
+    finetuned: bool  # whether the returned model is the fine-tuned mix (False: the mix alone)
 
 
 def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: StateDict, encode: InputEncoder,
@@ -233,10 +234,12 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
 
     `select_on="finetuned"` (default) judges each keep ratio by the accuracy after the fine-tuning step, since
     that step is part of the method and is what brings the accuracy back; `"mix"` judges the mix alone (one
-    fine-tuning instead of one per ratio tried). Ratios are tried in increasing order and the search stops at
-    the first that passes; if none does, the largest is used. `clean=None` skips the fine-tuning step (the
-    paper's "mixing without fine-tuning" ablation). `val` is a labeled clean validation split; the
-    `encoder` template is not modified."""
+    fine-tuning instead of one per ratio tried). The fine-tuned model is kept only if its validation accuracy
+    is at least the mix's: on a few dozen examples the step can cost accuracy instead of restoring it (it
+    does on DINOv2), and then the mix is the better purification. Ratios are tried in increasing order and
+    the search stops at the first that passes; if none does, the largest is used. `clean=None` skips the
+    fine-tuning step (the paper's "mixing without fine-tuning" ablation). `val` is a labeled clean validation
+    split; the `encoder` template is not modified."""
     ratios = sorted({check_keep_ratio(r) for r in keep_ratios})
     if not ratios:
         raise SafeMergeError("fine-mixing needs at least one keep ratio")
@@ -253,26 +256,32 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
         enc.load_state_dict(state)
         return accuracy(TaskModel(enc, head, modality), encode, val)
 
+    def finetuned_if_better(state: StateDict, acc: float, trial: dict) -> tuple[StateDict, float, bool]:
+        tuned = finetune_state(encoder, head, state, encode, clean, cfg)  # type: ignore[arg-type]
+        tuned_acc = val_acc(tuned)
+        trial.update(finetuned_val_acc=round(tuned_acc, 2), finetuned=tuned_acc >= acc)
+        return (tuned, tuned_acc, True) if tuned_acc >= acc else (state, acc, False)
+
     reference = val_acc(suspect)
     threshold = reference - max_acc_drop
     per_ratio_ft = clean is not None and select_on == "finetuned"
     trials: list[dict] = []
-    chosen: tuple[float, StateDict, float] | None = None
+    chosen: tuple[float, StateDict, float, bool] | None = None
     for r in ratios:
         state = mix_states(base, suspect, r, mode, scope, seed)
-        if per_ratio_ft:
-            state = finetune_state(encoder, head, state, encode, clean, cfg)
         acc = val_acc(state)
         trials.append({"keep_ratio": r, "val_acc": round(acc, 2)})
-        chosen = (r, state, acc)
+        tuned = False
+        if per_ratio_ft:
+            state, acc, tuned = finetuned_if_better(state, acc, trials[-1])
+        chosen = (r, state, acc, tuned)
         if acc >= threshold:
             break
     assert chosen is not None
-    r, state, acc = chosen
+    r, state, acc, tuned = chosen
     if clean is not None and not per_ratio_ft:
-        state = finetune_state(encoder, head, state, encode, clean, cfg)
-        acc = val_acc(state)
-    return FineMixResult(state, r, acc, reference, trials, clean is not None)
+        state, acc, tuned = finetuned_if_better(state, acc, trials[-1])
+    return FineMixResult(state, r, acc, reference, trials, tuned)
 
 
 # ---------------------------------------------------------------------------------------------- model folders
@@ -371,7 +380,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                             mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
                             finetune_cfg=cfg, seed=seed)
         state = res_m.state
-        summary["fine_mixing"] = {"mode": mode, "keep_ratio": res_m.keep_ratio, "val_acc": round(res_m.val_acc, 2),
+        summary["fine_mixing"] = {"mode": mode, "keep_ratio": res_m.keep_ratio, "finetuned": res_m.finetuned,
+                                  "val_acc": round(res_m.val_acc, 2),
                                   "suspect_val_acc": round(res_m.reference_acc, 2), "trials": res_m.trials,
                                   "clean_fraction": clean_fraction, "clean_examples": len(clean),
                                   "max_acc_drop": max_acc_drop, "select_on": select_on, "epochs": epochs,
