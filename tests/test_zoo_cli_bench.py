@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from conftest import tiny_dinov2
 from safemerge.backbones import canonical_keys
-from safemerge.bench import Setting, Suite, run_suite
+from safemerge.bench import PoolEvaluator, Setting, Suite, run_suite
 from safemerge.checkpoints import load_state_dict, save_state_dict
 from safemerge.cli import app
+from safemerge.errors import SafeMergeError
 from safemerge.zoo import Profile, Zoo
 
 TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
@@ -175,6 +176,14 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
     md = (tmp_path / "results" / "tiny-vision.md").read_text()
     assert "ACC(1) | ACC(all) | ASR(1) | ASR(all)" in md
     assert (tmp_path / "results" / "tiny-vision.png").stat().st_size > 1000
+
+
+def test_evaluator_scores_validation_or_test(vision_zoo):
+    data = vision_zoo.data("digits")
+    assert torch.equal(PoolEvaluator(vision_zoo, split="val").test("digits").y, data.val.y)  # tuning never sees test
+    assert torch.equal(PoolEvaluator(vision_zoo, limit=10).test("digits").y, data.test.y[:10])
+    with pytest.raises(SafeMergeError, match="unknown evaluation split 'train'"):
+        PoolEvaluator(vision_zoo, split="train")
 
 
 def test_zoo_is_deterministic_under_its_seed(tiny_vision, tmp_path):

@@ -154,11 +154,15 @@ def device_description() -> str:
 
 
 class PoolEvaluator:
-    """Evaluates encoders on tasks with cached test and triggered splits, reusing one encoder module."""
+    """Evaluates encoders on tasks with cached test (or validation: `split="val"`) and triggered splits, reusing
+    one encoder module."""
 
-    def __init__(self, zoo: Zoo, limit: int | None = None):
+    def __init__(self, zoo: Zoo, limit: int | None = None, split: str = "test"):
+        if split not in ("test", "val"):
+            raise SafeMergeError(f"unknown evaluation split '{split}' (known: test, val)")
         self.zoo = zoo
         self.limit = limit
+        self.split = split
         self.encode = zoo.encoder()
         self._enc = copy.deepcopy(zoo.backbone.model).eval()
         self._triggered: dict[tuple[str, str], Split] = {}
@@ -173,7 +177,8 @@ class PoolEvaluator:
         return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.test(task))
 
     def test(self, task: str) -> Split:
-        test = self.zoo.data(task).test
+        """The evaluation split of `task` (the test split unless the evaluator was built for "val")."""
+        test = getattr(self.zoo.data(task), self.split)
         return test if self.limit is None or self.limit >= len(test) else test.subset(list(range(self.limit)))
 
     def evaluate(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
@@ -188,15 +193,17 @@ class PoolEvaluator:
                        self._triggered[key])
 
 
-def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool) -> tuple[Pool, list[str]]:
-    """The setting's merge problem: one entry per pooled model (WAG settings pool two models of a task)."""
+def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool,
+              split: str = "test") -> tuple[Pool, list[str]]:
+    """The setting's merge problem: one entry per pooled model (WAG settings pool two models of a task).
+    Test-time methods adapt on the unlabeled inputs of `split` ("val" to tune them without touching test)."""
     entries = [(t, models[(t, s.backdoored.get(t))]) for t in suite.tasks]
     if s.wag:
         entries += [(t, models[(t, None)]) for t in s.backdoored]
     tasks = [t for t, _ in entries]
     data = {t: zoo.data(t) for t in suite.tasks}
     pool = Pool(zoo.backbone.model, zoo.base_state(), [zm.encoder_state for _, zm in entries],
-                [zm.heads[t] for t, zm in entries], [data[t].test.x for t in tasks], [data[t].train.x for t in tasks],
+                [zm.heads[t] for t, zm in entries], [getattr(data[t], split).x for t in tasks], [data[t].train.x for t in tasks],
                 zoo.encoder(), seed=zoo.seed, progress=progress)
     return pool, tasks
 

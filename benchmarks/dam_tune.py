@@ -1,0 +1,112 @@
+"""Tune what the DAM paper leaves open (perturbation bound, lambda_adv, how the mask is frozen) on the
+VALIDATION split of one quick-suite setting, then run the chosen configuration once on test:
+
+    python benchmarks/dam_tune.py --backbone text      # -> benchmarks/results/dam-tune-text.{json,md}
+
+Every test-time method here adapts on the unlabeled validation inputs and is scored on the labeled validation
+split (ACC, and ASR under each task's trigger); test inputs are touched once, by the chosen configuration.
+Selection rule: the lowest validation ASR(b) among DAM configurations whose validation ACC(all) is within
+`--max-acc-drop` points of the untuned DAM's; ties broken by ACC(all)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from safemerge.bench import BUDGET, PoolEvaluator, _pool_for, device_description, get_suite
+from safemerge.checkpoints import atomic_write_json, atomic_write_text
+from safemerge.pool_methods import run_pool_method
+from safemerge.report import summarize
+from safemerge.zoo import DEFAULT_ATTACK, Zoo, attack_of
+
+# one factor at a time around the quick suite's DAM (perturb_bound 0.05, lambda_adv 0.1, relaxed final mask)
+GRID: list[tuple[str, dict]] = [
+    ("dam", {}),
+    ("final_threshold", {"final_mask": "threshold"}),
+    ("final_hard", {"final_mask": "hard"}),
+    ("bound_0p5", {"perturb_bound": 0.5}),
+    ("lambda_adv_1", {"lambda_adv": 1.0}),
+    ("bound_0p5_lambda_adv_1", {"perturb_bound": 0.5, "lambda_adv": 1.0}),
+]
+BASELINES = ["regmean", "adamerging_layer", "concrete_am_layer"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="text", choices=["vision", "text"])
+    ap.add_argument("--setting", default="2bd+4clean")
+    ap.add_argument("--limit", type=int, default=250, help="evaluate on the first N examples of each split")
+    ap.add_argument("--max-acc-drop", type=float, default=1.0)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    suite = get_suite(f"{args.backbone}-quick")
+    setting = next((s for s in suite.settings if s.name == args.setting), None)
+    if setting is None:
+        sys.exit(f"error: unknown setting '{args.setting}' (known: {', '.join(s.name for s in suite.settings)})")
+    zoo = Zoo(suite.backbone, suite.profile)
+    needed = [(t, None) for t in suite.tasks] + list(setting.backdoored.items())
+    for k in needed:
+        zoo.build(*k)
+    models = {k: zoo.load(*k) for k in needed}
+    bd = list(setting.backdoored)
+    params = {label: p for label, _, p in suite.methods}
+    trig = {t: attack_of(models[(t, a)].manifest, models[(t, a)].path) for t, a in setting.backdoored.items()}
+    heads = {t: models[(t, None)].heads[t] for t in suite.tasks}
+
+    def run(split: str, label: str, method: str, kw: dict) -> dict:
+        pool, _ = _pool_for(suite, setting, zoo, models, progress=False, split=split)
+        ev = PoolEvaluator(zoo, args.limit, split=split)
+        t0 = time.time()
+        state, _ = run_pool_method(method, pool, **kw)
+        sec = time.time() - t0
+        rows = []
+        for t in suite.tasks:
+            acc, asr = ev.evaluate(state, heads[t], t, trig.get(t))
+            rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
+        out = {"method": label, "params": kw, **summarize(rows, bd)[label], "seconds": round(sec, 1), "rows": rows}
+        print(f"{split:4s} {label:28s} ACC(all) {out['acc_all']:6.2f}  ASR(b) {out['asr_b']:6.2f}  {sec:6.1f} s",
+              flush=True)
+        return out
+
+    val = [run("val", b, b, params[b]) for b in BASELINES]
+    val += [run("val", label, "dam", {**params["dam"], **extra}) for label, extra in GRID]
+    dams = [r for r in val if r["method"] in dict(GRID)]
+    floor = dams[0]["acc_all"] - args.max_acc_drop
+    chosen = min((r for r in dams if r["acc_all"] >= floor), key=lambda r: (r["asr_b"], -r["acc_all"]))
+    test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"])
+    result = {"backbone": zoo.backbone.name, "profile": suite.profile, "setting": setting.name,
+              "backdoored_tasks": bd, "budget": BUDGET[suite.profile].__dict__, "eval_limit": args.limit,
+              "selection": f"lowest validation ASR(b) with validation ACC(all) >= untuned DAM's - {args.max_acc_drop:g}",
+              "chosen": chosen["method"], "validation": val, "test": test,
+              "command": "python benchmarks/dam_tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
+              "seconds": round(time.time() - t_start, 1), "note": "ASR on clean tasks uses the "
+              + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger; ASR(b) averages the backdoored tasks."}
+    out = Path(args.out)
+    atomic_write_json(out / f"dam-tune-{args.backbone}.json", result)
+    atomic_write_text(out / f"dam-tune-{args.backbone}.md", markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# DAM tuned on validation: {r['backbone']} ({r['profile']} budget), setting {r['setting']}", "",
+             f"`{r['command']}` on {r['device']}; {r['seconds']:.0f} s. Backdoored: {', '.join(r['backdoored_tasks'])}. "
+             f"First {r['eval_limit']} examples per split; test-time methods adapt on the split they are scored on. "
+             f"Selection: {r['selection']}. {r['note']}", "",
+             "| split | method | params | ACC(b) | ACC(all) | ASR(b) | ASR(all) | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for split, rows in (("val", r["validation"]), ("test", [r["test"]])):
+        for x in rows:
+            p = {"perturb_bound": x["params"].get("perturb_bound"), "lambda_adv": x["params"].get("lambda_adv", 0.1),
+                 "final_mask": x["params"].get("final_mask", "relaxed")}  # concrete_merge's defaults
+            shown = ", ".join(f"{k} {v}" for k, v in p.items()) if x["method"] not in BASELINES else ""
+            lines.append(f"| {split} | {x['method']} | {shown} "
+                         f"| {x['acc_b']:.1f} | {x['acc_all']:.1f} | {x['asr_b']:.1f} | {x['asr_all']:.1f} | {x['seconds']:.0f} |")
+    lines += ["", f"Chosen on validation: **{r['chosen']}**."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
