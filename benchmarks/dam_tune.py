@@ -2,6 +2,8 @@
 VALIDATION split of one quick-suite setting, then run the chosen configuration once on test:
 
     python benchmarks/dam_tune.py --backbone text      # -> benchmarks/results/dam-tune-text.{json,md}
+    python benchmarks/dam_tune.py --backbone vision --grid adv_lr   # -> dam-tune-vision-adv_lr.{json,md}
+    python benchmarks/dam_tune.py --backbone vision --grid budget   # AdaMerging layer-wise at 5x the steps
 
 Every test-time method here adapts on the unlabeled validation inputs and is scored on the labeled validation
 split (ACC, and ASR under each task's trigger); test inputs are touched once, by the chosen configuration.
@@ -30,6 +32,12 @@ GRID: list[tuple[str, dict]] = [
     ("lambda_adv_1", {"lambda_adv": 1.0}),
     ("bound_0p5_lambda_adv_1", {"perturb_bound": 0.5, "lambda_adv": 1.0}),
 ]
+# the perturbation's step size: with the quick budget's 8 perturbation updates, adv_lr x 8 bounds how far it moves
+ADV_LR_GRID: list[tuple[str, dict]] = [("dam", {}), ("adv_lr_0p04", {"adv_lr": 0.04}), ("adv_lr_0p4", {"adv_lr": 0.4})]
+GRIDS = {"default": GRID, "adv_lr": ADV_LR_GRID, "budget": []}
+# "budget": does AdaMerging layer-wise (the family DAM belongs to) gain accuracy with 5x the quick steps?
+BUDGET_GRID = [("adamerging_layer", {}), ("adamerging_layer_150_steps", {"steps": 150}),
+               ("adamerging_layer_150_steps_lr_3e-3", {"steps": 150, "lr": 3e-3})]
 BASELINES = ["regmean", "adamerging_layer", "concrete_am_layer"]
 
 
@@ -39,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--setting", default="2bd+4clean")
     ap.add_argument("--limit", type=int, default=250, help="evaluate on the first N examples of each split")
     ap.add_argument("--max-acc-drop", type=float, default=1.0)
+    ap.add_argument("--grid", default="default", choices=list(GRIDS),
+                    help="default: bound, lambda_adv, final mask (+ baselines); adv_lr: the perturbation step size")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -71,40 +81,58 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         return out
 
-    val = [run("val", b, b, params[b]) for b in BASELINES]
-    val += [run("val", label, "dam", {**params["dam"], **extra}) for label, extra in GRID]
-    dams = [r for r in val if r["method"] in dict(GRID)]
+    grid = GRIDS[args.grid]
+    if args.grid == "budget":  # validation only: a question about the baseline, nothing to choose
+        val = [run("val", label, "adamerging_layer", {**params["adamerging_layer"], **extra})
+               for label, extra in BUDGET_GRID]
+        return _save(args, argv, zoo, suite, setting, bd, t_start, val, None, None)
+    val = [run("val", b, b, params[b]) for b in BASELINES] if args.grid == "default" else []
+    val += [run("val", label, "dam", {**params["dam"], **extra}) for label, extra in grid]
+    dams = [r for r in val if r["method"] in dict(grid)]
     floor = dams[0]["acc_all"] - args.max_acc_drop
     chosen = min((r for r in dams if r["acc_all"] >= floor), key=lambda r: (r["asr_b"], -r["acc_all"]))
     test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"])
+    return _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen["method"], test)
+
+
+def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> dict:
     result = {"backbone": zoo.backbone.name, "profile": suite.profile, "setting": setting.name,
               "backdoored_tasks": bd, "budget": BUDGET[suite.profile].__dict__, "eval_limit": args.limit,
               "selection": f"lowest validation ASR(b) with validation ACC(all) >= untuned DAM's - {args.max_acc_drop:g}",
-              "chosen": chosen["method"], "validation": val, "test": test,
+              "chosen": chosen, "validation": val, "test": test,
               "command": "python benchmarks/dam_tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
               "seconds": round(time.time() - t_start, 1), "note": "ASR on clean tasks uses the "
               + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger; ASR(b) averages the backdoored tasks."}
     out = Path(args.out)
-    atomic_write_json(out / f"dam-tune-{args.backbone}.json", result)
-    atomic_write_text(out / f"dam-tune-{args.backbone}.md", markdown(result))
+    name = f"dam-tune-{args.backbone}" + ("" if args.grid == "default" else f"-{args.grid}")
+    atomic_write_json(out / f"{name}.json", result)
+    atomic_write_text(out / f"{name}.md", markdown(result))
     return result
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# DAM tuned on validation: {r['backbone']} ({r['profile']} budget), setting {r['setting']}", "",
+    title = "DAM tuned on validation" if r["test"] else "AdaMerging layer-wise over its step budget (validation)"
+    selection = f"Selection: {r['selection']}. " if r["test"] else ""
+    lines = [f"# {title}: {r['backbone']} ({r['profile']} budget), setting {r['setting']}", "",
              f"`{r['command']}` on {r['device']}; {r['seconds']:.0f} s. Backdoored: {', '.join(r['backdoored_tasks'])}. "
              f"First {r['eval_limit']} examples per split; test-time methods adapt on the split they are scored on. "
-             f"Selection: {r['selection']}. {r['note']}", "",
+             f"{selection}{r['note']}", "",
              "| split | method | params | ACC(b) | ACC(all) | ASR(b) | ASR(all) | seconds |", "|---|---|---|---|---|---|---|---|"]
-    for split, rows in (("val", r["validation"]), ("test", [r["test"]])):
+    for split, rows in (("val", r["validation"]), ("test", [r["test"]] if r["test"] else [])):
         for x in rows:
-            p = {"perturb_bound": x["params"].get("perturb_bound"), "lambda_adv": x["params"].get("lambda_adv", 0.1),
-                 "final_mask": x["params"].get("final_mask", "relaxed")}  # concrete_merge's defaults
-            shown = ", ".join(f"{k} {v}" for k, v in p.items()) if x["method"] not in BASELINES else ""
+            if r["test"] is None:  # the budget grid: AdaMerging rows
+                p = {"steps": x["params"].get("steps"), "lr": x["params"].get("lr")}
+            elif x["method"] in BASELINES:
+                p = {}
+            else:  # DAM, with concrete_merge's defaults where the suite leaves them
+                p = {"perturb_bound": x["params"].get("perturb_bound"), "adv_lr": x["params"].get("adv_lr"),
+                     "lambda_adv": x["params"].get("lambda_adv", 0.1),
+                     "final_mask": x["params"].get("final_mask", "relaxed")}
+            shown = ", ".join(f"{k} {v}" for k, v in p.items())
             lines.append(f"| {split} | {x['method']} | {shown} "
                          f"| {x['acc_b']:.1f} | {x['acc_all']:.1f} | {x['asr_b']:.1f} | {x['asr_all']:.1f} | {x['seconds']:.0f} |")
-    lines += ["", f"Chosen on validation: **{r['chosen']}**."]
+    lines += ["", f"Chosen on validation: **{r['chosen']}**." if r["chosen"] else "Validation only (no choice)."]
     return "\n".join(lines) + "\n"
 
 
