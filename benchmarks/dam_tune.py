@@ -13,6 +13,8 @@ Selection rule: the lowest validation ASR(b) among DAM configurations whose vali
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -23,22 +25,26 @@ from safemerge.pool_methods import run_pool_method
 from safemerge.report import summarize
 from safemerge.zoo import DEFAULT_ATTACK, Zoo, attack_of
 
-# one factor at a time around the quick suite's DAM (perturb_bound 0.05, lambda_adv 0.1, relaxed final mask)
-GRID: list[tuple[str, dict]] = [
-    ("dam", {}),
-    ("final_threshold", {"final_mask": "threshold"}),
-    ("final_hard", {"final_mask": "hard"}),
-    ("bound_0p5", {"perturb_bound": 0.5}),
-    ("lambda_adv_1", {"lambda_adv": 1.0}),
-    ("bound_0p5_lambda_adv_1", {"perturb_bound": 0.5, "lambda_adv": 1.0}),
-]
-# the perturbation's step size: with the quick budget's 8 perturbation updates, adv_lr x 8 bounds how far it moves
-ADV_LR_GRID: list[tuple[str, dict]] = [("dam", {}), ("adv_lr_0p04", {"adv_lr": 0.04}), ("adv_lr_0p4", {"adv_lr": 0.4})]
-GRIDS = {"default": GRID, "adv_lr": ADV_LR_GRID, "budget": []}
-# "budget": does AdaMerging layer-wise (the family DAM belongs to) gain accuracy with 5x the quick steps?
-BUDGET_GRID = [("adamerging_layer", {}), ("adamerging_layer_150_steps", {"steps": 150}),
-               ("adamerging_layer_150_steps_lr_3e-3", {"steps": 150, "lr": 3e-3})]
-BASELINES = ["regmean", "adamerging_layer", "concrete_am_layer"]
+# (row label, method, overrides of the quick suite's parameters for that method)
+Grid = list[tuple[str, str, dict]]
+BASELINES: Grid = [("regmean", "regmean", {}), ("adamerging_layer", "adamerging_layer", {}),
+                   ("concrete_am_layer", "concrete_am_layer", {})]
+GRIDS: dict[str, Grid] = {
+    # one factor at a time around the quick suite's DAM (perturb_bound 0.05, lambda_adv 0.1, relaxed final mask)
+    "default": BASELINES + [
+        ("dam", "dam", {}),
+        ("final_threshold", "dam", {"final_mask": "threshold"}),
+        ("final_hard", "dam", {"final_mask": "hard"}),
+        ("bound_0p5", "dam", {"perturb_bound": 0.5}),
+        ("lambda_adv_1", "dam", {"lambda_adv": 1.0}),
+        ("bound_0p5_lambda_adv_1", "dam", {"perturb_bound": 0.5, "lambda_adv": 1.0})],
+    # the perturbation's step size: with the quick budget's 8 perturbation updates, adv_lr x 8 bounds its motion
+    "adv_lr": [("dam", "dam", {}), ("adv_lr_0p04", "dam", {"adv_lr": 0.04}), ("adv_lr_0p4", "dam", {"adv_lr": 0.4})],
+    # does AdaMerging layer-wise (the family DAM belongs to) gain accuracy with 5x the quick steps? (nothing to choose)
+    "budget": [("adamerging_layer", "adamerging_layer", {}),
+               ("adamerging_layer_150_steps", "adamerging_layer", {"steps": 150}),
+               ("adamerging_layer_150_steps_lr_3e-3", "adamerging_layer", {"steps": 150, "lr": 3e-3})],
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=250, help="evaluate on the first N examples of each split")
     ap.add_argument("--max-acc-drop", type=float, default=1.0)
     ap.add_argument("--grid", default="default", choices=list(GRIDS),
-                    help="default: bound, lambda_adv, final mask (+ baselines); adv_lr: the perturbation step size")
+                    help="default: bound, lambda_adv, final mask (+ baselines); adv_lr: the perturbation step size; "
+                    "budget: AdaMerging layer-wise at 5x the steps")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -66,9 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     trig = {t: attack_of(models[(t, a)].manifest, models[(t, a)].path) for t, a in setting.backdoored.items()}
     heads = {t: models[(t, None)].heads[t] for t in suite.tasks}
 
+    @functools.cache
+    def problem(split: str) -> tuple:
+        """The setting's pool adapting on `split`'s unlabeled inputs, and an evaluator scoring on `split`."""
+        return _pool_for(suite, setting, zoo, models, progress=False, split=split)[0], PoolEvaluator(zoo, args.limit, split)
+
     def run(split: str, label: str, method: str, kw: dict) -> dict:
-        pool, _ = _pool_for(suite, setting, zoo, models, progress=False, split=split)
-        ev = PoolEvaluator(zoo, args.limit, split=split)
+        pool, ev = problem(split)
         t0 = time.time()
         state, _ = run_pool_method(method, pool, **kw)
         sec = time.time() - t0
@@ -82,13 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     grid = GRIDS[args.grid]
-    if args.grid == "budget":  # validation only: a question about the baseline, nothing to choose
-        val = [run("val", label, "adamerging_layer", {**params["adamerging_layer"], **extra})
-               for label, extra in BUDGET_GRID]
+    val = [run("val", label, method, {**params[method], **extra}) for label, method, extra in grid]
+    dams = [r for r, (_, method, _) in zip(val, grid) if method == "dam"]
+    if not dams:  # a question about a baseline: validation only
         return _save(args, argv, zoo, suite, setting, bd, t_start, val, None, None)
-    val = [run("val", b, b, params[b]) for b in BASELINES] if args.grid == "default" else []
-    val += [run("val", label, "dam", {**params["dam"], **extra}) for label, extra in grid]
-    dams = [r for r in val if r["method"] in dict(grid)]
     floor = dams[0]["acc_all"] - args.max_acc_drop
     chosen = min((r for r in dams if r["acc_all"] >= floor), key=lambda r: (r["asr_b"], -r["acc_all"]))
     test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"])
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> dict:
     result = {"backbone": zoo.backbone.name, "profile": suite.profile, "setting": setting.name,
-              "backdoored_tasks": bd, "budget": BUDGET[suite.profile].__dict__, "eval_limit": args.limit,
+              "backdoored_tasks": bd, "budget": dataclasses.asdict(BUDGET[suite.profile]), "eval_limit": args.limit,
               "selection": f"lowest validation ASR(b) with validation ACC(all) >= untuned DAM's - {args.max_acc_drop:g}",
               "chosen": chosen, "validation": val, "test": test,
               "command": "python benchmarks/dam_tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -123,7 +131,7 @@ def markdown(r: dict) -> str:
         for x in rows:
             if r["test"] is None:  # the budget grid: AdaMerging rows
                 p = {"steps": x["params"].get("steps"), "lr": x["params"].get("lr")}
-            elif x["method"] in BASELINES:
+            elif x["method"] in {label for label, _, _ in BASELINES}:
                 p = {}
             else:  # DAM, with concrete_merge's defaults where the suite leaves them
                 p = {"perturb_bound": x["params"].get("perturb_bound"), "adv_lr": x["params"].get("adv_lr"),

@@ -180,8 +180,8 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
 
 def test_evaluator_scores_validation_or_test(vision_zoo):
     data = vision_zoo.data("digits")
-    assert torch.equal(PoolEvaluator(vision_zoo, split="val").test("digits").y, data.val.y)  # tuning never sees test
-    assert torch.equal(PoolEvaluator(vision_zoo, limit=10).test("digits").y, data.test.y[:10])
+    assert torch.equal(PoolEvaluator(vision_zoo, split="val").eval_split("digits").y, data.val.y)  # tuning never sees test
+    assert torch.equal(PoolEvaluator(vision_zoo, limit=10).eval_split("digits").y, data.test.y[:10])
     with pytest.raises(SafeMergeError, match="unknown evaluation split 'train'"):
         PoolEvaluator(vision_zoo, split="train")
 

@@ -174,18 +174,18 @@ class PoolEvaluator:
     def accuracy(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str) -> float:
         """ACC only (no triggered pass)."""
         self._enc.load_state_dict(encoder_state)
-        return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.test(task))
+        return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.eval_split(task))
 
-    def test(self, task: str) -> Split:
-        """The evaluation split of `task` (the test split unless the evaluator was built for "val")."""
-        test = getattr(self.zoo.data(task), self.split)
-        return test if self.limit is None or self.limit >= len(test) else test.subset(list(range(self.limit)))
+    def eval_split(self, task: str) -> Split:
+        """The labeled split `task` is scored on (test, or validation for `split="val"`), cut to `limit`."""
+        split = getattr(self.zoo.data(task), self.split)
+        return split if self.limit is None or self.limit >= len(split) else split.subset(list(range(self.limit)))
 
     def evaluate(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
                  attack: Attack | None) -> tuple[float, float]:
         self._enc.load_state_dict(encoder_state)
         atk = self.trigger_for(task, attack)
-        test = self.test(task)
+        test = self.eval_split(task)
         key = (task, f"{atk.name}:{id(atk) if atk.tensors() else ''}")
         if key not in self._triggered:
             self._triggered[key] = atk.asr_split(test)
@@ -203,8 +203,8 @@ def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool,
     tasks = [t for t, _ in entries]
     data = {t: zoo.data(t) for t in suite.tasks}
     pool = Pool(zoo.backbone.model, zoo.base_state(), [zm.encoder_state for _, zm in entries],
-                [zm.heads[t] for t, zm in entries], [getattr(data[t], split).x for t in tasks], [data[t].train.x for t in tasks],
-                zoo.encoder(), seed=zoo.seed, progress=progress)
+                [zm.heads[t] for t, zm in entries], [getattr(data[t], split).x for t in tasks],
+                [data[t].train.x for t in tasks], zoo.encoder(), seed=zoo.seed, progress=progress)
     return pool, tasks
 
 
