@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from safemerge.adaptive import BatchSampler, MergedEncoder, adamerging_lambdas, frozen_heads
-from safemerge.bench import _pool_for, device_description, get_suite
-from safemerge.checkpoints import atomic_write_json, atomic_write_text
-from safemerge.concrete import concrete_merge
-from safemerge.zoo import Zoo
+from safemerge.merging.adamerging import BatchSampler, MergedEncoder, adamerging_lambdas, frozen_heads
+from safemerge.bench.suites import _pool_for, device_description, get_suite
+from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.merging.concrete import concrete_merge
+from safemerge.bench.zoo import Zoo
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from safemerge.bench import BUDGET, PoolEvaluator, _pool_for, device_description, get_suite
-from safemerge.checkpoints import atomic_write_json, atomic_write_text
-from safemerge.pool_methods import run_pool_method
-from safemerge.report import summarize
-from safemerge.zoo import DEFAULT_ATTACK, Zoo, attack_of
+from safemerge.bench.suites import BUDGET, PoolEvaluator, _pool_for, device_description, get_suite
+from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.merging.pool import run_pool_method
+from safemerge.bench.report import summarize
+from safemerge.bench.zoo import DEFAULT_ATTACK, Zoo, attack_of
 
 # (row label, method, overrides of the quick suite's parameters for that method)
 Grid = list[tuple[str, str, dict]]

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from safemerge.adaptive import adamerging
-from safemerge.bench import TEXT_TASKS, VISION_TASKS, PoolEvaluator, device_description
-from safemerge.checkpoints import atomic_write_json, atomic_write_text
-from safemerge.merging import merge
+from safemerge.merging.adamerging import adamerging
+from safemerge.bench.suites import TEXT_TASKS, VISION_TASKS, PoolEvaluator, device_description
+from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.merging.methods import merge
 from safemerge.model import TaskModel, logits
-from safemerge.protect import dropout_prune, protect_state, undo_protection
-from safemerge.zoo import Zoo
+from safemerge.safety.protect import dropout_prune, protect_state, undo_protection
+from safemerge.bench.zoo import Zoo
 
 console = Console(stderr=True)
 METHODS = [("task_arithmetic", {"scaling": 0.3}), ("task_arithmetic", {"scaling": 0.5}),

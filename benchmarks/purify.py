@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from safemerge.bench import PoolEvaluator, device_description
-from safemerge.checkpoints import atomic_write_json, atomic_write_text
-from safemerge.purify import (KEEP_RATIOS, FineTuneConfig, clean_subset, e_pur, fine_mixing, finetune_state,
+from safemerge.bench.suites import PoolEvaluator, device_description
+from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.safety.purify import (KEEP_RATIOS, FineTuneConfig, clean_subset, e_pur, fine_mixing, finetune_state,
                               load_suspect, token_frequencies, word_embedding_key)
-from safemerge.scan import auroc, scan_models
-from safemerge.zoo import Zoo, attack_of
+from safemerge.safety.scan import auroc, scan_models
+from safemerge.bench.zoo import Zoo, attack_of
 
 console = Console(stderr=True)
 BACKDOORED = {

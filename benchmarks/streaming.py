@@ -26,9 +26,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from safemerge.bench import device_description
-from safemerge.checkpoints import atomic_write_json, atomic_write_text
-from safemerge.streaming import LazyCheckpoint
+from safemerge.bench.suites import device_description
+from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.merging.streaming import LazyCheckpoint
 
 LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from safemerge.adaptive import MergedEncoder, adamerging, entropy
+from safemerge.merging.adamerging import MergedEncoder, adamerging, entropy
 from safemerge.backbones import load_backbone
-from safemerge.merging import merge
+from safemerge.merging.methods import merge
 from safemerge.model import InputEncoder
 
 

@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from safemerge.attacks import BadNets, EmbeddingPoison, RareWord, TrojViT, make_attack
+from safemerge.bench.attacks import BadNets, EmbeddingPoison, RareWord, TrojViT, make_attack
 from safemerge.evaluate import acc_asr, accuracy, attack_success_rate
-from safemerge.tasks import Split
+from safemerge.data import Split
 
 
 class CornerModel(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safemerge.checkpoints import (atomic_dir, check_same_base, check_same_keys, load_state_dict,
+from safemerge.io import (atomic_dir, check_same_base, check_same_keys, load_state_dict,
                                    save_state_dict)
 from safemerge.errors import SafeMergeError
 

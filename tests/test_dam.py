@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from safemerge.adaptive import MergedEncoder, entropy
-from safemerge.attacks import make_attack
+from safemerge.merging.adamerging import MergedEncoder, entropy
+from safemerge.bench.attacks import make_attack
 from safemerge.backbones import load_backbone
-from safemerge.concrete import ConcreteMask, concrete_adamerging, concrete_task_arithmetic, dam
-from safemerge.datamerging import fisher_merge, regmean
+from safemerge.merging.concrete import ConcreteMask, concrete_adamerging, concrete_task_arithmetic, dam
+from safemerge.merging.datadriven import fisher_merge, regmean
 from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder
 from safemerge.perturb import project, project_l1
-from safemerge.pool_methods import Pool, run_pool_method
+from safemerge.merging.pool import Pool, run_pool_method
 
 TEXTS = ["the movie is good", "a dog runs fast", "very bad movie", "not a slow cat", "the cat is very good"] * 4
 
@@ -134,7 +134,7 @@ def test_l1_projection_is_exact():
 
 
 def test_badmerging_attack_plants_a_corner_trigger(tiny_vision, tmp_path):
-    from safemerge.zoo import Profile, Zoo
+    from safemerge.bench.zoo import Profile, Zoo
 
     tiny = Profile("tiny", resolution=28, n_train=64, n_val=16, n_test=32, steps=2, batch_size=8, trigger_iters=2)
     zoo = Zoo(str(tiny_vision), tiny, root=tmp_path / "zoo")
@@ -142,7 +142,7 @@ def test_badmerging_attack_plants_a_corner_trigger(tiny_vision, tmp_path):
     zm = zoo.load("digits", "badmerging")
     assert zm.manifest["attack"] == "badmerging" and (path / "trigger.safetensors").exists()
     atk = make_attack("badmerging")
-    from safemerge.zoo import attack_of
+    from safemerge.bench.zoo import attack_of
 
     atk = attack_of(zm.manifest, path)
     x = torch.zeros(2, 3, 28, 28, dtype=torch.uint8)

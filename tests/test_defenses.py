@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from safemerge.backbones import load_backbone
-from safemerge.defenses import DEFENSES, _Net, anp_neurons, anp_pruned, defend, defense_params
+from safemerge.safety.defenses import DEFENSES, _Net, anp_neurons, anp_pruned, defend, defense_params
 from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder
-from safemerge.tasks import Split
+from safemerge.data import Split
 
 FAST = {"awm": {"steps": 2, "batch_size": 4}, "sau": {"steps": 2, "batch_size": 4, "pgd_steps": 2},
         "anp": {"steps": 2, "batch_size": 4}}

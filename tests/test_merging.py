@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from safemerge.errors import SafeMergeError
-from safemerge.merging import merge, method_params
+from safemerge.merging.methods import merge, method_params
 
 BASE = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([0.0, 0.0]), "ids": torch.tensor([3, 4])}
 M1 = {"w": torch.tensor([2.0, 1.0, 0.5, 1.0]), "b": torch.tensor([1.0, -1.0]), "ids": torch.tensor([3, 4])}

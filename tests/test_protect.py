@@ -9,8 +9,8 @@ import transformers as T
 from torch import nn
 
 from safemerge.errors import SafeMergeError
-from safemerge.merging import merge
-from safemerge.protect import find_blocks, mlp_permutation, protect_state, undo_protection
+from safemerge.merging.methods import merge
+from safemerge.safety.protect import find_blocks, mlp_permutation, protect_state, undo_protection
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 

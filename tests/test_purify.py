@@ -13,18 +13,18 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import tiny_bert
-from safemerge.attacks import make_attack
+from safemerge.bench.attacks import make_attack
 from safemerge.backbones import fingerprint, load_backbone
-from safemerge.checkpoints import load_state_dict, save_state_dict
+from safemerge.io import load_state_dict, save_state_dict
 from safemerge.cli import app
 from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder, TaskModel
-from safemerge.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
+from safemerge.safety.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
                               token_frequencies)
-from safemerge.scan import auroc, patch_positions, scan_state, vision_flip_rates, vision_triggers
-from safemerge.tasks import Split
+from safemerge.safety.scan import auroc, patch_positions, scan_state, vision_flip_rates, vision_triggers
+from safemerge.data import Split
 from safemerge.training import TrainConfig, finetune, fit_linear_probe
-from safemerge.zoo import Profile, save_model_folder
+from safemerge.bench.zoo import Profile, save_model_folder
 
 TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
                head_lr=5e-3, trigger_iters=5, embedding_steps=8)

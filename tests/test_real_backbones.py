@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from safemerge.backbones import load_backbone
-from safemerge.tasks import TASKS, load_task
-from safemerge.zoo import Profile, Zoo
+from safemerge.bench.tasks import TASKS, load_task
+from safemerge.bench.zoo import Profile, Zoo
 
 pytestmark = pytest.mark.real
 

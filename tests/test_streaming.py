@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from safemerge.cli import app
 from safemerge.errors import SafeMergeError
-from safemerge.mergekit_compat import load_mergekit_config
-from safemerge.merging import _topk_mask_global, merge, task_vectors
-from safemerge.streaming import LazyCheckpoint, magnitude_threshold, streaming_merge
+from safemerge.merging.mergekit import load_mergekit_config
+from safemerge.merging.methods import _topk_mask_global, merge, task_vectors
+from safemerge.merging.streaming import LazyCheckpoint, magnitude_threshold, streaming_merge
 
 runner = CliRunner()
 SHAPES = {"embed.weight": (40, 8), "layers.0.attn.q.weight": (8, 8), "layers.0.attn.q.bias": (8,),
@@ -71,7 +71,7 @@ CASES = [("weight_average", {}), ("task_arithmetic", {"scaling": 0.4}), ("ties",
 def test_streaming_equals_in_memory(ckpts, tmp_path, monkeypatch, method, params, block):
     """Also with tiny row blocks, so that large-tensor chunking (and DARE's per-block masks) is exercised."""
     if block:
-        monkeypatch.setattr("safemerge.merging.DARE_BLOCK", block)
+        monkeypatch.setattr("safemerge.merging.methods.DARE_BLOCK", block)
     base, models, bp, mps = ckpts
     out = streaming_merge(method, bp, mps, tmp_path / "out", params, max_shard_size=600, progress=False)
     got = LazyCheckpoint(out)
@@ -84,7 +84,7 @@ def test_streaming_equals_in_memory(ckpts, tmp_path, monkeypatch, method, params
 @pytest.mark.parametrize("direct", [0, 1 << 24])
 def test_global_threshold_is_exact(ckpts, monkeypatch, direct):
     """Radix selection (direct = 0) and in-memory selection give kthvalue's threshold."""
-    monkeypatch.setattr("safemerge.streaming.DIRECT_SELECT", direct)
+    monkeypatch.setattr("safemerge.merging.streaming.DIRECT_SELECT", direct)
     base, models, bp, mps = ckpts
     tv = {k: v for k, v in task_vectors(base, [models[0]])[0].items()}
     for density in (0.01, 0.2, 0.5, 1.0):

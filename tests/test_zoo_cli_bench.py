@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from conftest import tiny_dinov2
 from safemerge.backbones import canonical_keys
-from safemerge.bench import PoolEvaluator, Setting, Suite, run_suite
-from safemerge.checkpoints import load_state_dict, save_state_dict
+from safemerge.bench.suites import PoolEvaluator, Setting, Suite, run_suite
+from safemerge.io import load_state_dict, save_state_dict
 from safemerge.cli import app
 from safemerge.errors import SafeMergeError
-from safemerge.zoo import Profile, Zoo
+from safemerge.bench.zoo import Profile, Zoo
 
 TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
                head_lr=5e-3, trigger_iters=5, embedding_steps=8)
@@ -151,7 +151,7 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
                            ("ties", "ties", {"density": 0.2, "scaling": 0.3}),
                            ("dam", "dam", {"mask_steps": 2, "adamerging_steps": 2})], lambda_adv=[0.1],
                   defenses=["awm"])
-    import safemerge.bench as bench
+    import safemerge.bench.suites as bench
 
     orig = bench.Zoo
     bench.Zoo = lambda backbone, profile, root=None: orig(backbone, TINY, root=tmp_path / "zoo")

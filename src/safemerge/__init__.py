@@ -7,16 +7,16 @@
 """
 
 from .api import evaluate_folder, load_model_ref, merge_models, protect_model
-from .attacks import ATTACKS, make_attack
+from .bench.attacks import ATTACKS, make_attack
 from .backbones import load_backbone
-from .bench import SUITES, run_suite
+from .bench.suites import SUITES, run_suite
 from .config import MergeConfig
 from .errors import SafeMergeError
 from .evaluate import acc_asr
-from .merging import METHODS, merge
-from .pool_methods import POOL_METHODS, Pool, run_pool_method
-from .protect import protect_state, undo_protection
-from .zoo import Zoo
+from .merging.methods import METHODS, merge
+from .merging.pool import POOL_METHODS, Pool, run_pool_method
+from .safety.protect import protect_state, undo_protection
+from .bench.zoo import Zoo
 
 __all__ = ["ATTACKS", "METHODS", "POOL_METHODS", "Pool", "SUITES", "MergeConfig", "SafeMergeError", "Zoo", "acc_asr", "evaluate_folder",
            "load_backbone", "load_model_ref", "make_attack", "merge", "merge_models",

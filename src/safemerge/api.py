@@ -6,18 +6,18 @@ import time
 from pathlib import Path
 
 from .backbones import canonical_keys, fingerprint, load_backbone
-from .checkpoints import check_finite, check_same_base, check_same_keys, load_state_dict
+from .io import check_finite, check_same_base, check_same_keys, load_state_dict
 from .config import MergeConfig, ModelRef
 from .errors import SafeMergeError
-from .merging import merge
-from .zoo import MANIFEST, ZooModel, attack_of, heads_from_state, load_zoo_model, save_model_folder
+from .merging.methods import merge
+from .bench.zoo import MANIFEST, ZooModel, attack_of, heads_from_state, load_zoo_model, save_model_folder
 
 
 def resolve_path(path: str) -> Path:
     """A path, or a zoo reference `zoo:<backbone>/<profile>/<task>[/<attack>]` (e.g. zoo:vision/quick/mnist)."""
     if not path.startswith("zoo:"):
         return Path(path).expanduser()
-    from .zoo import Zoo
+    from .bench.zoo import Zoo
 
     parts = path[4:].strip("/").split("/")
     if len(parts) not in (3, 4):
@@ -54,7 +54,7 @@ def merge_models(cfg: MergeConfig) -> Path:
     With `streaming`, merge checkpoint files tensor by tensor instead (see `streaming.py`)."""
     if cfg.streaming:
         from .backbones import resolve_backbone_path
-        from .streaming import streaming_merge
+        from .merging.streaming import streaming_merge
 
         base_path = resolve_backbone_path(cfg.base_model) if cfg.base_model in ("vision", "text") else cfg.base_model
         return streaming_merge(cfg.method, base_path, [resolve_path(m.path) for m in cfg.models], cfg.output,
@@ -96,7 +96,7 @@ def _checked_against_base(ref: ModelRef | str | Path, base: dict, base_name: str
 def protect_model(model: str | Path, out: str | Path, base_model: str = "vision", dropout: float = 0.0,
                   permute: bool = True, scale: bool = True, seed: int = 0) -> Path:
     """Write a protected copy of a model folder: same outputs alone, broken in any merge (see `protect`)."""
-    from .protect import protect_state
+    from .safety.protect import protect_state
 
     backbone = load_backbone(base_model)
     base = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
@@ -112,9 +112,9 @@ def protect_model(model: str | Path, out: str | Path, base_model: str = "vision"
 def evaluate_folder(path: str | Path, profile: str = "quick", attack: str | None = None,
                     tasks: list[str] | None = None) -> list[dict]:
     """ACC and ASR of a model folder on each of its heads' tasks (test split of `profile`)."""
-    from .attacks import make_attack
-    from .bench import PoolEvaluator
-    from .zoo import Zoo
+    from .bench.attacks import make_attack
+    from .bench.suites import PoolEvaluator
+    from .bench.zoo import Zoo
 
     path = resolve_path(str(path))
     zm = load_model_ref(path)

@@ -44,8 +44,8 @@ def merge_cmd(config: Annotated[Optional[Path], typer.Argument(help="safemerge Y
     of large checkpoints from a mergekit config (`--mergekit CONFIG --out DIR`)."""
     t = time.time()
     if mergekit is not None:
-        from .mergekit_compat import load_mergekit_config
-        from .streaming import streaming_merge
+        from .merging.mergekit import load_mergekit_config
+        from .merging.streaming import streaming_merge
 
         if out_dir is None or config is not None:
             raise SafeMergeError("with --mergekit CONFIG give --out DIR and no safemerge config")
@@ -93,9 +93,9 @@ def zoo_build(suite: Annotated[Optional[str], typer.Option(help="build every mod
               attack: Annotated[Optional[str], typer.Option(help="attack to plant (default: clean)")] = None,
               seed: int = 0) -> None:
     """Fine-tune task models (cached and resumable: finished models are skipped)."""
-    from .bench import get_suite
-    from .tasks import task_names
-    from .zoo import Zoo
+    from .bench.suites import get_suite
+    from .bench.tasks import task_names
+    from .bench.zoo import Zoo
 
     if suite:
         s = get_suite(suite)
@@ -166,7 +166,7 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model fold
                seed: int = 0) -> None:
     """Purify a suspect model with the pre-trained weights before merging it: Fine-mixing (mix its update
     with the base, fine-tune on a little clean data) and/or E-PUR (reset suspicious word embeddings)."""
-    from .purify import KEEP_RATIOS, purify_model
+    from .safety.purify import KEEP_RATIOS, purify_model
 
     t = time.time()
     path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, mode=mode,
@@ -197,7 +197,7 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
     """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
     model; risk = how much more often the best one sends inputs to one class on the model than on the
     pre-trained encoder under the same head."""
-    from .scan import scan_models
+    from .safety.scan import scan_models
 
     rows = [r.row() for r in scan_models(models, base_model, profile, n_inputs=inputs, seed=seed)]
     if as_json:
@@ -213,8 +213,8 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
 @app.command("methods")
 def methods_cmd() -> None:
     """List the merge methods and their parameters."""
-    from .merging import METHODS, method_params
-    from .pool_methods import POOL_METHODS, pool_method_params
+    from .merging.methods import METHODS, method_params
+    from .merging.pool import POOL_METHODS, pool_method_params
 
     for name in METHODS:
         out.print(f"{name:18s} {method_params(name)}")
@@ -228,7 +228,7 @@ def methods_cmd() -> None:
 def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-quick, text-quick, vision-full")],
               results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results")) -> None:
     """Run a benchmark suite: zoo, every setting and method; writes benchmarks/results/<suite>.json."""
-    from .bench import run_suite
+    from .bench.suites import run_suite
 
     t = time.time()
     res = run_suite(suite, command=f"safemerge bench --suite {suite}", results_dir=results_dir)

@@ -72,7 +72,7 @@ def convert(out_dir: str | Path, source: str | Path | None = None) -> Path:
     from transformers import Dinov2Config, Dinov2Model
 
     from .backbones import canonical_keys
-    from .checkpoints import atomic_dir, save_state_dict
+    from .io import atomic_dir, save_state_dict
 
     model = Dinov2Model(Dinov2Config(**CONFIG))
     expected = model.state_dict()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .attacks import Attack
+from .bench.attacks import Attack
 from .model import InputEncoder, TaskModel, predict
-from .tasks import Split
+from .data import Split
 
 
 def accuracy(model: TaskModel, encode: InputEncoder, split: Split, batch_size: int = 256) -> float:

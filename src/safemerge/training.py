@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .model import InputEncoder, TaskModel
-from .tasks import Split
+from .data import Split
 
 
 @dataclass

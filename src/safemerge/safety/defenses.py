@@ -30,11 +30,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .adaptive import entropy
-from .errors import SafeMergeError
-from .model import InputEncoder, pool
-from .perturb import perturbed_inputs, pixel_range, project, word_embedding_name, zero_perturbation
-from .tasks import Split
+from ..merging.adamerging import entropy
+from ..errors import SafeMergeError
+from ..model import InputEncoder, pool
+from ..perturb import perturbed_inputs, pixel_range, project, word_embedding_name, zero_perturbation
+from ..data import Split
 
 StateDict = Mapping[str, torch.Tensor]
 Params = dict[str, torch.Tensor]

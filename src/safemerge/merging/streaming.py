@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_dir
-from .errors import SafeMergeError
-from .merging import block_rows, dare_keep, merge, method_params
+from ..io import atomic_dir
+from ..errors import SafeMergeError
+from .methods import block_rows, dare_keep, merge, method_params
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from .attacks import Attack, make_attack
-from .backbones import Backbone, fingerprint, load_backbone
-from .checkpoints import atomic_dir, load_state_dict, save_state_dict
-from .errors import SafeMergeError
-from .evaluate import acc_asr
-from .model import InputEncoder, TaskModel
-from .paths import cache_dir
+from ..backbones import Backbone, fingerprint, load_backbone
+from ..io import atomic_dir, load_state_dict, save_state_dict
+from ..errors import SafeMergeError
+from ..evaluate import acc_asr
+from ..model import InputEncoder, TaskModel
+from ..paths import cache_dir
 from .tasks import TaskData, load_task
-from .training import TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, train_token_embeddings
+from ..training import TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, train_token_embeddings
 
 MANIFEST = "safemerge.json"
 DEFAULT_ATTACK = {"vision": "badnets", "text": "rare_word"}

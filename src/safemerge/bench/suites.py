@@ -15,15 +15,15 @@ import torch
 from rich.console import Console
 
 from .attacks import Attack, make_attack
-from .checkpoints import atomic_write_json, atomic_write_text
-from .errors import SafeMergeError
-from .evaluate import acc_asr, accuracy
-from .merging import merge, weight_average
-from .model import TaskModel
-from .defenses import defend
-from .pool_methods import Pool, run_pool_method
+from ..io import atomic_write_json, atomic_write_text
+from ..errors import SafeMergeError
+from ..evaluate import acc_asr, accuracy
+from ..merging.methods import merge, weight_average
+from ..model import TaskModel
+from ..safety.defenses import defend
+from ..merging.pool import Pool, run_pool_method
 from .report import lambda_curve_plot, markdown_report, scatter_plot, setting_table, summarize
-from .tasks import Split
+from ..data import Split
 from .zoo import DEFAULT_ATTACK, Zoo, ZooModel, attack_of
 
 console = Console(stderr=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import SafeMergeError
-from .tasks import Split
+from ..errors import SafeMergeError
+from ..data import Split
 
 
 @dataclass

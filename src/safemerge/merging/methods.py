@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .errors import SafeMergeError
+from ..errors import SafeMergeError
 
 StateDict = Mapping[str, torch.Tensor]
 MergeFn = Callable[..., dict[str, torch.Tensor]]

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Modality
-from .errors import SafeMergeError
-from .paths import cache_dir
+from ..backbones import Modality
+from ..data import Split
+from ..errors import SafeMergeError
+from ..paths import cache_dir
 
 RawData = tuple[object, np.ndarray]  # (images uint8 [N,H,W(,3)] or list[str], labels int64 [N])
 
@@ -34,20 +35,6 @@ class TaskSpec:
     classes: tuple[str, ...]
     load: Callable[[], RawData]
     source: str
-
-
-@dataclass
-class Split:
-    x: torch.Tensor | list[str]
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, idx: torch.Tensor | list[int]) -> "Split":
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        x = self.x[idx] if isinstance(self.x, torch.Tensor) else [self.x[i] for i in idx.tolist()]
-        return Split(x, self.y[idx])
 
 
 @dataclass

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import read_yaml_mapping
-from .errors import SafeMergeError
+from ..config import read_yaml_mapping
+from ..errors import SafeMergeError
 
 METHOD_MAP = {"linear": "weight_average", "task_arithmetic": "task_arithmetic", "ties": "ties",
               "dare_ties": "dare_ties", "dare_linear": "dare"}

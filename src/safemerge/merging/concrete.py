@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adaptive import BatchSampler, MergedEncoder, adamerging_lambdas, check_pool, entropy, frozen_heads
-from .errors import SafeMergeError
-from .model import InputEncoder
-from .perturb import perturbed_inputs, project, word_embedding_name
+from .adamerging import BatchSampler, MergedEncoder, adamerging_lambdas, check_pool, entropy, frozen_heads
+from ..errors import SafeMergeError
+from ..model import InputEncoder
+from ..perturb import perturbed_inputs, project, word_embedding_name
 
 StateDict = Mapping[str, torch.Tensor]
 MASK_KINDS = ("relaxed", "hard", "threshold")

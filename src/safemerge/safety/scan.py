@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SafeMergeError
-from .model import InputEncoder, TaskModel, batches, pool, predict
-from .perturb import insert_placeholder, inserted_embedding_inputs, masked_pattern_inputs, word_embedding_name
+from ..errors import SafeMergeError
+from ..model import InputEncoder, TaskModel, batches, pool, predict
+from ..perturb import insert_placeholder, inserted_embedding_inputs, masked_pattern_inputs, word_embedding_name
 
 StateDict = dict[str, torch.Tensor]
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adaptive import check_pool
-from .errors import SafeMergeError
-from .model import InputEncoder, batches, pool
+from .adamerging import check_pool
+from ..errors import SafeMergeError
+from ..model import InputEncoder, batches, pool
 
 StateDict = Mapping[str, torch.Tensor]
 

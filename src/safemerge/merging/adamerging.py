@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .errors import SafeMergeError
-from .model import InputEncoder, pool
+from ..errors import SafeMergeError
+from ..model import InputEncoder, pool
 
 StateDict = Mapping[str, torch.Tensor]
 

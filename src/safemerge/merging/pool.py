@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adaptive import adamerging
+from .adamerging import adamerging
 from .concrete import concrete_adamerging, concrete_merge, concrete_task_arithmetic, dam
-from .datamerging import fisher_merge, regmean
-from .errors import SafeMergeError
-from .merging import METHODS, merge
-from .model import InputEncoder
+from .datadriven import fisher_merge, regmean
+from ..errors import SafeMergeError
+from .methods import METHODS, merge
+from ..model import InputEncoder
 
 StateDict = Mapping[str, torch.Tensor]
 Result = tuple[dict[str, torch.Tensor], dict]

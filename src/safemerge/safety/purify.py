@@ -24,14 +24,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .backbones import Backbone
-from .checkpoints import check_finite, check_same_keys
-from .errors import SafeMergeError
-from .evaluate import accuracy
-from .model import InputEncoder, TaskModel
-from .tasks import Split, TaskData
-from .training import TrainConfig, finetune
-from .zoo import Profile
+from ..backbones import Backbone
+from ..io import check_finite, check_same_keys
+from ..errors import SafeMergeError
+from ..evaluate import accuracy
+from ..model import InputEncoder, TaskModel
+from ..bench.tasks import Split, TaskData
+from ..training import TrainConfig, finetune
+from ..bench.zoo import Profile
 
 StateDict = dict[str, torch.Tensor]
 MixMode = Literal["random", "sel"]
@@ -309,9 +309,9 @@ def load_suspect(model: str, base: str | None = None, profile: str | None = None
     """Load a safemerge model folder or zoo reference, refuse it unless it is a finite fine-tune of `base`
     (default: the base its manifest names) whose task head fits the task's data. `backbones` caches loaded
     bases by spec across calls."""
-    from .api import _checked_against_base, resolve_path
-    from .backbones import fingerprint, load_backbone
-    from .zoo import MANIFEST, get_profile, task_data
+    from ..api import _checked_against_base, resolve_path
+    from ..backbones import fingerprint, load_backbone
+    from ..bench.zoo import MANIFEST, get_profile, task_data
 
     p = resolve_path(str(model))
     if not (p / MANIFEST).exists():
@@ -397,7 +397,7 @@ def purify_model(model: str, out: str, method: Literal["fine-mixing", "e-pur", "
     `purified` block in the manifest. `options` go to `purify_state`. Returns (path, summary)."""
     import time
 
-    from .zoo import attack_of, save_model_folder
+    from ..bench.zoo import attack_of, save_model_folder
 
     s = load_suspect(model, base, profile)
     state, summary = purify_state(s, method, clean_fraction, **options)

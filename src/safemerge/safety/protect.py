@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .errors import SafeMergeError
+from ..errors import SafeMergeError
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,0 +1,1 @@
+"""Safety before and after merging: the backdoor scan, purification, post-hoc defenses, merge protection."""
