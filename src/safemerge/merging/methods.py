@@ -1,181 +1,408 @@
-"""Data-free merging methods as small pure functions over state dicts (name -> tensor).
+"""Data-free merge methods: each is one frozen spec composed of the engine's building blocks, registered once
+with its options model. The same spec runs in memory (`merge`) and streaming from disk
+(`streaming.streaming_merge`), over the same chunks, so both give identical tensors.
 
-Every method takes the pre-trained `base` and the fine-tuned `models` (all with the same names and shapes)
-and returns a merged state dict. Only floating-point tensors are merged; integer buffers come from `base`.
-Task vectors are tau_i = theta_i - theta_0. Methods register themselves in `METHODS` by name."""
+Task vectors are tau_i = theta_i - theta_0; per-model `weight` and `density` (a number for every model, or a
+list with one per model) follow mergekit: weights scale each (sparsified) task vector before the sign election,
+and `normalize` divides by the summed weights (of the agreeing models, under a sign consensus).
+
+    merged = merge("ties", base, [sd1, sd2], density=0.2)
+    merged = merge("task_arithmetic", base, [sd1, sd2], weight=[1.0, 0.5], scaling=0.4)
+
+Adding a method: write its options model and one spec in `SPECS` below (a `TaskArithmetic` with another
+sparsification/consensus, or a class with `prepare` and `merge_tensor`)."""
 
 from __future__ import annotations
 
-import inspect
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 import torch
+from pydantic import Field, model_validator
 
 from ..errors import SafeMergeError
+from . import registry
+from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, dare_keep, dare_mask, della_mask,
+                     per_model, run, select_cuts, sign_consensus, slerp, task_vector)
+from .registry import Options
 
 StateDict = Mapping[str, torch.Tensor]
-MergeFn = Callable[..., dict[str, torch.Tensor]]
-METHODS: dict[str, MergeFn] = {}
+Density = Annotated[float, Field(gt=0, le=1)]
+PerModel = Union[float, list[float]]
+PerModelDensity = Union[Density, list[Density]]
+
+__all__ = ["METHODS", "SPECS", "dare_keep", "get_method", "merge", "method_params", "task_vectors", "weight_average"]
 
 
-def register(name: str) -> Callable[[MergeFn], MergeFn]:
-    def deco(fn: MergeFn) -> MergeFn:
-        METHODS[name] = fn
-        return fn
-    return deco
+# ------------------------------------------------------------------------------------------------ options
+class LinearOptions(Options):
+    weight: PerModel = Field(1.0, description="per-model weight")
+    normalize: bool = Field(True, description="divide by the summed weights")
 
 
-def _float_keys(base: StateDict) -> list[str]:
-    return [k for k, v in base.items() if v.is_floating_point()]
+class TaskArithmeticOptions(Options):
+    weight: PerModel = Field(1.0, description="per-model weight of its task vector")
+    scaling: float = Field(0.3, description="lambda: theta_0 + lambda * sum_i w_i tau_i")
+    normalize: bool = Field(False, description="divide the sum by the summed weights")
 
 
-def task_vectors(base: StateDict, models: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
-    keys = _float_keys(base)
-    return [{k: m[k].float() - base[k].float() for k in keys} for m in models]
+class TiesOptions(Options):
+    weight: PerModel = 1.0
+    density: PerModelDensity = Field(0.2, description="share of each task vector kept (largest magnitudes)")
+    scaling: float = 1.0
+    normalize: bool = Field(True, description="disjoint mean (divide by the agreeing models' weights)")
+    trim: Literal["global", "tensor"] = Field("global", description="rank magnitudes over the whole task vector "
+                                              "(the paper) or within each tensor (mergekit)")
 
 
-def _apply(base: StateDict, delta: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    out = {k: v.clone() for k, v in base.items()}
-    for k, d in delta.items():
-        out[k] = (base[k].float() + scaling * d).to(base[k].dtype)
+class DareOptions(Options):
+    weight: PerModel = 1.0
+    density: PerModelDensity = Field(0.5, description="keep probability of each entry")
+    scaling: float = 0.3
+    normalize: bool = False
+    rescale: bool = Field(True, description="divide kept entries by the density")
+    seed: int = 0
+
+
+class DareTiesOptions(DareOptions):
+    scaling: float = 1.0
+    normalize: bool = True
+
+
+class BreadcrumbsOptions(Options):
+    weight: PerModel = 1.0
+    density: PerModelDensity = Field(0.9, description="share of each tensor's task vector kept")
+    gamma: float = Field(0.01, ge=0, lt=1, description="share of the largest magnitudes dropped as outliers")
+    scaling: float = 0.3
+    normalize: bool = False
+
+
+class DellaOptions(Options):
+    weight: PerModel = 1.0
+    density: PerModelDensity = Field(0.5, description="mean keep probability")
+    epsilon: float = Field(0.15, ge=0, description="keep probabilities span density +- epsilon by magnitude rank")
+    scaling: float = 1.0
+    normalize: bool = True
+    rescale: bool = Field(True, description="divide kept entries by their keep probability")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _span(self) -> DellaOptions:
+        for d in self.density if isinstance(self.density, list) else [self.density]:
+            if d < 1 and not (0 < d - self.epsilon and d + self.epsilon < 1):
+                raise ValueError(f"density +- epsilon must lie in (0, 1) (density {d}, epsilon {self.epsilon})")
+        return self
+
+
+class SlerpOptions(Options):
+    t: float = Field(0.5, ge=0, le=1, description="0: the base model, 1: the other model")
+
+
+class ModelStockOptions(Options):
+    filter_wise: bool = Field(False, description="one interpolation ratio per row instead of per tensor")
+
+
+# -------------------------------------------------------------------------------------------------- specs
+def magnitude_k(density: float, n: int) -> int:
+    """Entries kept by a magnitude trim (mergekit's count: at least one)."""
+    return n if density >= 1 else max(1, int(density * n))
+
+
+def breadcrumbs_ks(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """Breadcrumbs keeps the magnitudes ranked (descending) in [k1, k2): the top k1 are outliers."""
+    if density >= 1:
+        return 0, n
+    target = int(density * n)
+    k1 = n - max(0, n - target - int(gamma * n)) - target
+    return k1, k1 + target
+
+
+def global_cuts(inputs: Inputs, densities: Sequence[float]) -> dict[str, list[Cut]]:
+    """TIES's global trim: per model, the cut of the k largest |tau_i| over every floating tensor (in sorted
+    name order), split into one cut per tensor that carries its share of the tie quota."""
+    names = sorted(n for n in inputs.names() if inputs.dtype(n).is_floating_point)
+    jobs = [TensorJob(inputs, n) for n in names]
+    total = sum(j.numel for j in jobs)
+    m = inputs.n_models
+
+    def stream():
+        for job in jobs:
+            yield from job.tv_stream()
+
+    cuts = [c[0] for c in select_cuts(stream, [total] * m, [[magnitude_k(d, total)] for d in densities])]
+    out = {n: list(cuts) for n in names}
+    partial = [i for i, c in enumerate(cuts) if not c.keeps_all and c.ties != c.n_equal]
+    if partial:  # count each tensor's ties so that the quota goes to the first ones in stream order
+        left = {i: cuts[i].ties for i in partial}
+        for job in jobs:
+            eq = dict.fromkeys(partial, 0)
+            for i, a in job.tv_stream():
+                if i in eq:
+                    eq[i] += int((a == cuts[i].value).sum())
+            for i in partial:
+                take = min(left[i], eq[i])
+                left[i] -= take
+                out[job.name][i] = Cut(cuts[i].k, cuts[i].n, cuts[i].value, take, eq[i])
     return out
 
 
-@register("weight_average")
-def weight_average(base: StateDict, models: Sequence[StateDict]) -> dict[str, torch.Tensor]:
-    """theta = mean_i theta_i."""
-    out = {k: v.clone() for k, v in base.items()}
-    for k in _float_keys(base):
-        out[k] = torch.stack([m[k].float() for m in models]).mean(0).to(base[k].dtype)
-    return out
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """Generalised task arithmetic (mergekit's): theta_0 + lambda * combine_i(w_i * sparsify(tau_i)), where
+    combine is a plain sum or TIES's sign consensus with the disjoint sum, optionally normalised by weights."""
+
+    name: str
+    options: type[Options]
+    sparsify: Literal["none", "magnitude", "random", "breadcrumbs", "della"] = "none"
+    consensus: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+
+    def prepare(self, inputs: Inputs, o: Any) -> Any:
+        if self.sparsify == "magnitude" and o.trim == "global":
+            return global_cuts(inputs, per_model(o.density, inputs.n_models, "density"))
+        return None
+
+    def _pruners(self, job: TensorJob, dens: list[float], o: Any, state: Any) -> list | None:
+        n, m = job.numel, job.n_models
+        if self.sparsify == "magnitude":
+            cuts = state[job.name] if state is not None else [
+                c[0] for c in select_cuts(job.tv_stream, [n] * m, [[magnitude_k(d, n)] for d in dens])]
+            return [Pruner(c) for c in cuts]
+        if self.sparsify == "breadcrumbs":
+            cuts = select_cuts(job.tv_stream, [n] * m, [list(breadcrumbs_ks(d, o.gamma, n)) for d in dens])
+            pairs = [(Pruner(a), Pruner(b)) for a, b in cuts]
+            return [lambda x, p=p: p[1](x) - p[0](x) if not p[0].cut.k == 0 else p[1](x) for p in pairs]
+        return None
+
+    def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
+        m = job.n_models
+        w = per_model(o.weight, m, "weight")
+        dens = per_model(getattr(o, "density", 1.0), m, "density")
+        prune = self._pruners(job, dens, o, state)
+        total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+        for ch in job.chunks():
+            b = ch.base()
+            deltas = []
+            acc = None
+            for i in range(m):
+                d = ch.model(i).sub_(b)
+                scale = w[i]
+                if prune is not None:
+                    d = prune[i](d)
+                elif self.sparsify == "random" and dens[i] < 1:
+                    d.mul_(dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
+                    scale = scale / dens[i] if o.rescale else scale
+                elif self.sparsify == "della" and dens[i] < 1:
+                    d.mul_(della_mask(d.view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name, ch.index,
+                                      o.rescale).reshape(-1))
+                if self.consensus:
+                    deltas.append(d.mul_(scale) if scale != 1 else d)
+                elif acc is None:
+                    acc = d.mul_(scale) if scale != 1 else d
+                else:
+                    acc.add_(d, alpha=scale)
+            if self.consensus:
+                acc, divisor = sign_consensus(deltas, w)
+                if o.normalize:
+                    acc.div_(divisor)
+            elif o.normalize:
+                acc.div_(total_w)
+            if o.scaling != 1:
+                acc.mul_(o.scaling)
+            yield acc.add_(b)
 
 
-@register("task_arithmetic")
-def task_arithmetic(base: StateDict, models: Sequence[StateDict], scaling: float = 0.3) -> dict[str, torch.Tensor]:
-    """theta = theta_0 + lambda * sum_i tau_i (Ilharco et al., 2023)."""
-    tvs = task_vectors(base, models)
-    return _apply(base, {k: sum(tv[k] for tv in tvs) for k in tvs[0]}, scaling)
+@dataclass(frozen=True)
+class Linear:
+    """Weighted average of the models' weights (mergekit's `linear`): sum_i w_i theta_i (/ sum_i w_i)."""
+
+    name: str
+    options: type[Options] = LinearOptions
+    min_models: int = 1
+    max_models: int | None = None
+
+    def prepare(self, inputs: Inputs, o: Any) -> Any:
+        return None
+
+    def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
+        w = per_model(o.weight, job.n_models, "weight")
+        total = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+        for ch in job.chunks():
+            acc = ch.model(0)
+            if w[0] != 1:
+                acc.mul_(w[0])
+            for i in range(1, job.n_models):
+                acc.add_(ch.model(i), alpha=w[i])
+            yield acc.div_(total) if o.normalize else acc
 
 
-def _topk_mask_global(tv: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """Keep the `density` share of entries with the largest magnitude over the whole task vector."""
-    flat = torch.cat([v.abs().flatten() for v in tv.values()])
-    k = max(1, int(round(density * flat.numel())))
-    # the k-th largest magnitude = the (n - k + 1)-th smallest
-    thresh = flat.kthvalue(flat.numel() - k + 1).values
-    return {name: v.abs() >= thresh for name, v in tv.items()}
+@dataclass(frozen=True)
+class Slerp:
+    """Spherical interpolation, row by row, from the base (t = 0) to the one other model (t = 1)."""
+
+    name: str
+    options: type[Options] = SlerpOptions
+    min_models: int = 1
+    max_models: int | None = 1
+
+    def prepare(self, inputs: Inputs, o: Any) -> Any:
+        return None
+
+    def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
+        for ch in job.chunks():
+            yield slerp(ch.base().view(ch.rows()), ch.model(0).view(ch.rows()), o.t).reshape(-1)
 
 
-def _topk_mask_tensor(tv: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """Keep the `density` share of each tensor's entries by magnitude (mergekit's per-tensor trim)."""
-    masks = {}
-    for name, v in tv.items():
-        flat = v.abs().flatten()
-        k = max(1, int(round(density * flat.numel())))
-        masks[name] = v.abs() >= flat.kthvalue(flat.numel() - k + 1).values
-    return masks
+@dataclass(frozen=True)
+class ModelStock:
+    """Model Stock (Jang et al., 2024): theta_0 + t * (mean_i theta_i - theta_0), t = N cos / (1 + (N - 1) cos)
+    from the mean pairwise cosine of the task vectors, per tensor (or per row with `filter_wise`)."""
+
+    name: str
+    options: type[Options] = ModelStockOptions
+    min_models: int = 2
+    max_models: int | None = None
+
+    def prepare(self, inputs: Inputs, o: Any) -> Any:
+        return None
+
+    @staticmethod
+    def ratio(dots: torch.Tensor, norms: torch.Tensor, n: int) -> torch.Tensor:
+        """t from pairwise dot products [pairs, ...] and squared norms [models, ...] (mergekit's clamps)."""
+        cos = []
+        p = 0
+        for a in range(n):
+            for b in range(a + 1, n):
+                prod = norms[a].sqrt() * norms[b].sqrt()
+                cos.append((dots[p] / prod.clamp(min=1e-6)).clamp(-1, 1))
+                p += 1
+        c = torch.stack(cos).mean(0)
+        den = 1 + (n - 1) * c
+        singular = den.abs() < 1e-6
+        return torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
+
+    def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
+        n = job.n_models
+        rows = o.filter_wise and len(job.shape) > 1
+        if not rows:  # one ratio for the tensor: a first pass over its chunks for the cosines
+            dots = torch.zeros(n * (n - 1) // 2, dtype=torch.float64)
+            norms = torch.zeros(n, dtype=torch.float64)
+            for ch in job.chunks():
+                tvs = [ch.tv(i) for i in range(n)]
+                p = 0
+                for a in range(n):
+                    norms[a] += float(torch.dot(tvs[a], tvs[a]))
+                    for b in range(a + 1, n):
+                        dots[p] += float(torch.dot(tvs[a], tvs[b]))
+                        p += 1
+            t_all = self.ratio(dots, norms, n).to(torch.float32)
+        for ch in job.chunks():
+            b = ch.base()
+            if rows:
+                shape = (ch.rows()[0], -1)
+                tvs = [ch.tv(i).view(shape) for i in range(n)]
+                norms_r = torch.stack([(x * x).sum(-1, keepdim=True) for x in tvs])
+                dots_r = torch.stack([(tvs[a] * tvs[c]).sum(-1, keepdim=True) for a in range(n)
+                                      for c in range(a + 1, n)])
+                t = self.ratio(dots_r, norms_r, n).expand(shape[0], b.numel() // shape[0]).reshape(-1)
+            else:
+                t = t_all
+            avg = ch.model(0)
+            for i in range(1, n):
+                avg.add_(ch.model(i))
+            avg.div_(n)
+            yield t * avg + (1 - t) * b
 
 
-def _disjoint_mean(tvs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """TIES sign election and disjoint mean: per entry, the sign of the summed vectors wins, and only the
-    entries that agree with it (and are non-zero) are averaged."""
-    merged = {}
-    for k in tvs[0]:
-        stack = torch.stack([tv[k] for tv in tvs])
-        sign = torch.sign(stack.sum(0))
-        agree = (torch.sign(stack) == sign) & (stack != 0)
-        merged[k] = (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
-    return merged
+SPECS: list = [
+    Linear("weight_average"),
+    TaskArithmetic("task_arithmetic", TaskArithmeticOptions),
+    TaskArithmetic("ties", TiesOptions, sparsify="magnitude", consensus=True),
+    TaskArithmetic("dare", DareOptions, sparsify="random"),
+    TaskArithmetic("dare_ties", DareTiesOptions, sparsify="random", consensus=True),
+    TaskArithmetic("breadcrumbs", BreadcrumbsOptions, sparsify="breadcrumbs"),
+    TaskArithmetic("breadcrumbs_ties", BreadcrumbsOptions, sparsify="breadcrumbs", consensus=True),
+    TaskArithmetic("della", DellaOptions, sparsify="della", consensus=True),
+    Slerp("slerp"),
+    ModelStock("model_stock"),
+]
+DOCS = {
+    "weight_average": "theta = sum_i w_i theta_i / sum_i w_i (mergekit: linear)",
+    "task_arithmetic": "theta_0 + lambda * sum_i w_i tau_i (Ilharco et al., 2023)",
+    "ties": "trim to the top-density magnitudes, elect signs, disjoint mean (Yadav et al., 2023)",
+    "dare": "drop entries at random, rescale the rest, task arithmetic (Yu et al., 2024; mergekit: dare_linear)",
+    "dare_ties": "DARE's random drop, then TIES's sign election and disjoint mean",
+    "breadcrumbs": "drop the largest (gamma) and smallest magnitudes per tensor, task arithmetic (Davari & "
+                   "Belilovsky, 2023)",
+    "breadcrumbs_ties": "breadcrumbs' band, then TIES's sign election",
+    "della": "drop at random with probabilities by magnitude rank, rescale, sign election (Deep et al., 2024)",
+    "slerp": "spherical interpolation between the base and one model, per row",
+    "model_stock": "interpolate towards the models' mean by their task vectors' angle (Jang et al., 2024)",
+}
+for _spec in SPECS:
+    registry.add(_spec.name, "merge", _spec.options, _spec, DOCS.get(_spec.name, ""))
 
 
-@register("ties")
-def ties(base: StateDict, models: Sequence[StateDict], density: float = 0.2, scaling: float = 1.0,
-         trim: str = "global") -> dict[str, torch.Tensor]:
-    """TIES-Merging (Yadav et al., 2023): trim each task vector to its top-`density` entries by magnitude,
-    elect signs, disjoint mean, theta = theta_0 + lambda * merged (lambda = 1 as in the paper: the disjoint mean
-    is already on the scale of one task vector). `trim="global"` (the default, as in the
-    paper) ranks entries over the whole vector; `trim="tensor"` ranks within each tensor, as mergekit does."""
-    if trim not in ("global", "tensor"):
-        raise SafeMergeError(f"ties: trim must be 'global' or 'tensor', not '{trim}'")
-    mask_fn = _topk_mask_global if trim == "global" else _topk_mask_tensor
-    tvs = []
-    for tv in task_vectors(base, models):
-        mask = mask_fn(tv, density)
-        tvs.append({k: v * mask[k] for k, v in tv.items()})
-    return _apply(base, _disjoint_mean(tvs), scaling)
-
-
-DARE_BLOCK = 1 << 22  # elements per block of rows in which DARE's random masks are drawn
-
-
-def block_rows(shape: Sequence[int]) -> int:
-    """Rows per DARE block (and per streaming chunk) of a tensor of this shape."""
-    row = 1
-    for d in shape[1:]:
-        row *= d
-    return max(1, DARE_BLOCK // max(1, row))
-
-
-def dare_keep(name: str, shape: Sequence[int], density: float, seed: int, index: int,
-              rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """DARE's Bernoulli(`density`) keep-mask for tensor `name` of model `index`, drawn in blocks of rows, each
-    from a generator seeded by (seed, index, name, block): any row range can be drawn alone (streaming) and
-    equals the same rows of the whole mask (in memory)."""
-    shape = tuple(shape)
-    if not shape:
-        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{index}|{name}|0".encode()))
-        return torch.rand((), generator=g) < density
-    br = block_rows(shape)
-    r0, r1 = rows if rows is not None else (0, shape[0])
-    parts = []
-    for b in range(r0 // br, -(-r1 // br)):
-        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{index}|{name}|{b}".encode()))
-        block = torch.rand((min(br, shape[0] - b * br), *shape[1:]), generator=g) < density
-        parts.append(block[max(r0, b * br) - b * br: min(r1, (b + 1) * br) - b * br])
-    return torch.cat(parts) if parts else torch.zeros((0, *shape[1:]), dtype=torch.bool)
-
-
-def _dare(tv: Mapping[str, torch.Tensor], density: float, seed: int, index: int) -> dict[str, torch.Tensor]:
-    """DARE (Yu et al., 2024): keep each entry with probability `density`, rescale kept ones by 1/density."""
-    return {k: v * dare_keep(k, v.shape, density, seed, index) / density for k, v in tv.items()}
-
-
-@register("dare")
-def dare(base: StateDict, models: Sequence[StateDict], density: float = 0.5, scaling: float = 0.3,
-         seed: int = 0) -> dict[str, torch.Tensor]:
-    """DARE + task arithmetic: theta = theta_0 + lambda * sum_i DARE(tau_i)."""
-    tvs = [_dare(tv, density, seed, i) for i, tv in enumerate(task_vectors(base, models))]
-    return _apply(base, {k: sum(tv[k] for tv in tvs) for k in tvs[0]}, scaling)
-
-
-@register("dare_ties")
-def dare_ties(base: StateDict, models: Sequence[StateDict], density: float = 0.5, scaling: float = 1.0,
-              seed: int = 0) -> dict[str, torch.Tensor]:
-    """DARE sparsification followed by TIES sign election and disjoint mean."""
-    tvs = [_dare(tv, density, seed, i) for i, tv in enumerate(task_vectors(base, models))]
-    return _apply(base, _disjoint_mean(tvs), scaling)
-
-
-def method_params(name: str) -> dict[str, object]:
-    """The tunable parameters of a method with their defaults."""
-    sig = inspect.signature(get_method(name))
-    return {p.name: p.default for p in list(sig.parameters.values())[2:]}
-
-
-def get_method(name: str) -> MergeFn:
-    if name not in METHODS:
-        raise SafeMergeError(f"unknown merge method '{name}' (known: {', '.join(METHODS)})")
-    return METHODS[name]
+# -------------------------------------------------------------------------------------------- entry points
+def check_model_count(name: str, spec: Any, n: int) -> None:
+    if n == 0:
+        raise SafeMergeError("nothing to merge: no models given")
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models else
+                f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models} to {spec.max_models}")
+        raise SafeMergeError(f"merge method '{name}' merges {want} model(s) besides the base, not {n}")
 
 
 def merge(method: str, base: StateDict, models: Sequence[StateDict], **params) -> dict[str, torch.Tensor]:
-    """Merge by name, with parameters checked against the method's signature."""
-    fn = get_method(method)
-    allowed = method_params(method)
-    bad = [k for k in params if k not in allowed]
-    if bad:
-        raise SafeMergeError(f"merge method '{method}' has no parameter '{bad[0]}' (parameters: {', '.join(allowed) or 'none'})")
-    if not models:
-        raise SafeMergeError("nothing to merge: no models given")
-    return fn(base, models, **params)
+    """Merge state dicts in memory by method name, options checked against the registry."""
+    entry = registry.get(method, "merge")
+    opts = registry.validate(method, params, "merge")
+    check_model_count(method, entry.fn, len(models))
+    from ..io import check_same_keys
+
+    for i, m in enumerate(models):
+        check_same_keys(base, m, f"model {i}")
+    sink = DictSink()
+    run(entry.fn, opts, StateDictInputs(base, models), sink)
+    return sink.out
+
+
+def get_method(name: str):
+    """The in-memory merge function of a method: fn(base, models, **params)."""
+    registry.get(name, "merge")
+    return lambda base, models, **params: merge(name, base, models, **params)
+
+
+def method_params(name: str) -> dict[str, object]:
+    """The options of a method with their defaults."""
+    return registry.get(name, "merge").defaults()
+
+
+class _Methods(Mapping):
+    """`METHODS[name](base, models, **params)`: a live view of the registered data-free methods."""
+
+    def __getitem__(self, name: str):
+        if name not in registry.names("merge"):
+            raise KeyError(name)
+        return get_method(name)
+
+    def __iter__(self):
+        return iter(registry.names("merge"))
+
+    def __len__(self) -> int:
+        return len(registry.names("merge"))
+
+
+METHODS = _Methods()
+
+
+def task_vectors(base: StateDict, models: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    return [{k: task_vector(m[k], base[k]) for k in keys} for m in models]
+
+
+def weight_average(base: StateDict, models: Sequence[StateDict]) -> dict[str, torch.Tensor]:
+    """theta = mean_i theta_i."""
+    return merge("weight_average", base, models)

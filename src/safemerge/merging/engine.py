@@ -1,0 +1,496 @@
+"""The merge engine: per-tensor building blocks, and the one loop that runs a merge method over tensors.
+
+Building blocks are small pure functions over float32 tensors (in the style of PEFT's `merge_utils`): task
+vectors, sparsification (exact magnitude top-k, its breadcrumbs band, DARE's random keep-and-rescale, DELLA's
+rank-dependent keep), sign consensus with the disjoint sum, weighted sums, SLERP. A merge method
+(`methods.py`) is a frozen spec that composes them in `merge_tensor(job, options, state)`, a generator of the
+merged float32 chunks of one tensor.
+
+`run` drives a spec over `Inputs`: state dicts in memory (`StateDictInputs`) or checkpoints read from disk
+(`streaming.CheckpointInputs`). Every tensor is cut into chunks of whole rows on one grid (`grid`, about
+`CHUNK` elements each) whatever the source, so both paths compute the same chunks with the same code and give
+bit-identical tensors; the chunk index also keys DARE's and DELLA's random draws. Non-finite inputs are caught
+by a running sum of every input chunk (NaN and inf propagate into it), then named exactly.
+
+Exact top-k (TIES's trim, breadcrumbs, purification masks): `select_cuts` finds the k-th largest magnitude
+of a stream of chunks by radix selection on the float32 bit patterns (which order non-negative floats): a
+histogram of the high 16 bits on a sample, then one counting pass over a window of buckets that resolves the
+low 16 bits exactly (a full high-bit pass when the sample's window misses). Entries equal to the threshold are
+kept in stream order until exactly k are kept, which is what a stable descending sort would keep. The same code
+serves TIES's global threshold over a whole model (streamed) and a tensor's own (in memory or streamed)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import SafeMergeError
+
+CHUNK = 1 << 20  # elements per chunk (whole rows): the unit of work and of the random draws
+SAMPLE = 16  # radix selection: the first pass looks at every SAMPLE-th entry of large streams
+WINDOW = 1  # ... and the counting pass resolves the sampled bucket +- WINDOW buckets
+EXACT_BELOW = 1 << 18  # streams shorter than this get an exact first pass
+
+
+# --------------------------------------------------------------------------------------------- the grid
+def row_length(shape: Sequence[int]) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def grid(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Flat element ranges of a tensor's chunks: whole rows, about CHUNK elements each."""
+    n = math.prod(shape)
+    if n == 0:
+        return []
+    step = max(1, CHUNK // row_length(shape)) * row_length(shape)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def task_vector(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """tau = theta_i - theta_0, in float32 (a fresh tensor)."""
+    return model.float() - base.float()
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i x_i in float32 (a fresh tensor), summed in order."""
+    acc = tensors[0].float() * weights[0] if weights[0] != 1.0 else tensors[0].float().clone()
+    for x, w in zip(tensors[1:], weights[1:]):
+        acc.add_(x, alpha=w)
+    return acc
+
+
+def sign_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES's sign election and disjoint sum (mergekit's 'sum' consensus): per entry the sign of sum_i d_i wins
+    (a zero sum elects +), and only the non-zero d_i of that sign are summed. `deltas` are already weighted;
+    returns (that sum, the summed weights of the models that agree, 1 where none does)."""
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    elect = total.sign_().add_(1).clamp_(max=1)  # 1 where the sum is >= 0
+    pos = deltas[0].clamp(min=0)
+    neg = deltas[0].clamp(max=0)
+    for d in deltas[1:]:
+        pos.add_(d.clamp(min=0))
+        neg.add_(d.clamp(max=0))
+    w_pos = torch.zeros_like(pos)
+    w_neg = torch.zeros_like(pos)
+    for d, w in zip(deltas, weights):
+        s = d.sign()
+        w_pos.add_(s.clamp(min=0), alpha=w)
+        w_neg.sub_(s.clamp_(max=0), alpha=w)
+    mixed = torch.lerp(neg, pos, elect)
+    divisor = torch.lerp(w_neg, w_pos, elect)
+    divisor.add_(1 - divisor.abs().sign())  # no agreeing model: divide by 1
+    return mixed, divisor
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation from `a` (t = 0) to `b` (t = 1) of each row ([rows, ...] float32): the angle
+    comes from the normalised rows; nearly collinear rows are interpolated linearly (mergekit's SLERP)."""
+    x, y = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    na = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    nb = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    na = torch.where(na > eps, na, 1.0)
+    nb = torch.where(nb > eps, nb, 1.0)
+    dot = ((x / na) * (y / nb)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0.0, dot))
+    sin = torch.sin(theta)
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin)
+    return (ca * x + cb * y).reshape(a.shape)
+
+
+def uniform16(seed: int, index: int, name: str, chunk: int, n: int) -> np.ndarray:
+    """n uniform 16-bit integers for chunk `chunk` of tensor `name` of model `index`, from a generator seeded by
+    (seed, index, name, chunk): any chunk is drawn alone, the same in memory and when streaming."""
+    ss = np.random.SeedSequence([seed & 0xFFFFFFFF, index, zlib.crc32(name.encode()), chunk])
+    raw = np.random.SFC64(ss).random_raw((n + 3) // 4)
+    return raw.view(np.uint16)[:n]
+
+
+def keep_level(p: float) -> int:
+    """A keep probability as a 16-bit level: keep where uniform16 < level (p quantised to 1/65536)."""
+    return int(round(min(max(p, 0.0), 1.0) * 65536))
+
+
+def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: float) -> torch.Tensor:
+    """DARE's Bernoulli(`density`) keep mask of one chunk, as float32 0/1."""
+    keep = uniform16(seed, index, name, chunk, n) < keep_level(density)
+    return torch.from_numpy(keep.view(np.uint8)).to(torch.float32)
+
+
+def dare_keep(name: str, shape: Sequence[int], density: float, seed: int, index: int) -> torch.Tensor:
+    """The whole boolean DARE keep mask of tensor `name` of model `index` (the chunks' masks, joined)."""
+    n = math.prod(shape)
+    parts = [dare_mask(seed, index, name, c, e - s, density) > 0 for c, (s, e) in enumerate(grid(shape))]
+    return (torch.cat(parts) if parts else torch.zeros(n, dtype=torch.bool)).view(tuple(shape))
+
+
+def della_mask(x: torch.Tensor, density: float, epsilon: float, seed: int, index: int, name: str,
+               chunk: int, rescale: bool = True) -> torch.Tensor:
+    """DELLA's MagPrune keep-and-rescale factors of one chunk of rows ([rows, cols] float32): within each row,
+    keep probability p = density - epsilon + 2 epsilon * (rank of |x| - 1) / (cols - 1), so larger entries
+    are kept more often; kept entries are divided by their p with `rescale` (0 where dropped)."""
+    rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+    cols = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    p = (density - epsilon) + ranks * (2 * epsilon / max(1, cols - 1))
+    u = torch.from_numpy(uniform16(seed, index, name, chunk, rows.numel()).astype(np.float32))
+    keep = (u.view_as(p) + 0.5) < p * 65536
+    return (keep / p if rescale else keep.to(torch.float32)).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------- exact top-k
+@dataclass(frozen=True)
+class Cut:
+    """The k largest magnitudes of a stream: every |x| > value, and the first `ties` of the `n_equal` entries
+    equal to value, in stream order (ties == n_equal: all of them)."""
+
+    k: int
+    n: int
+    value: float = 0.0
+    ties: int = 0
+    n_equal: int = 0
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.k >= self.n
+
+
+def _below(v: float) -> float:
+    """The largest float32 smaller than v (v > 0): |x| > below(v) <=> |x| >= v."""
+    t = torch.tensor(v, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.zeros_like(t)))
+
+
+class Pruner:
+    """Applies a Cut to the chunks of its stream, in stream order (the tie quota runs across chunks)."""
+
+    def __init__(self, cut: Cut):
+        self.cut = cut
+        self.left = cut.ties
+        self.below = _below(cut.value) if cut.value > 0 else 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the entries outside the top k set to zero (a fresh tensor, or x itself when all are kept)."""
+        c = self.cut
+        if c.keeps_all or (c.k > 0 and c.value == 0.0):  # a zero threshold keeps every non-zero entry
+            return x
+        if c.k == 0:
+            return torch.zeros_like(x)
+        if c.ties == c.n_equal:  # every entry equal to the threshold is kept
+            return F.hardshrink(x, self.below)
+        if self.left == 0:
+            return F.hardshrink(x, c.value)
+        eq = x.abs() == c.value
+        n = int(eq.sum())
+        if n <= self.left:
+            self.left -= n
+            return F.hardshrink(x, self.below)
+        out = F.hardshrink(x, c.value)
+        idx = eq.reshape(-1).nonzero()[: self.left, 0]
+        out.view(-1)[idx] = x.reshape(-1)[idx]
+        self.left = 0
+        return out
+
+    def mask(self, a: torch.Tensor) -> torch.Tensor:
+        """Boolean keep-mask of a chunk of magnitudes (exactly k True over the whole stream)."""
+        c = self.cut
+        if c.keeps_all or c.k == 0:
+            return torch.full(a.shape, c.k > 0, dtype=torch.bool)
+        if c.ties == c.n_equal:
+            return a >= c.value
+        kept = a > c.value
+        if self.left:
+            eq = (a == c.value).reshape(-1)
+            idx = eq.nonzero()[: self.left, 0]
+            kept.view(-1)[idx] = True
+            self.left -= idx.numel()
+        return kept
+
+
+def _bits(a: torch.Tensor) -> torch.Tensor:
+    return a.contiguous().view(torch.int32)
+
+
+def select_cuts(stream: Callable[[], Iterable[tuple[int, torch.Tensor]]], totals: Sequence[int],
+                ks: Sequence[Sequence[int]]) -> list[list[Cut]]:
+    """Exact top-k cuts of several streams of magnitudes at once. `stream()` yields (i, chunk of |x_i|) pairs,
+    float32 >= 0, the same chunks in the same order on every call; stream i has totals[i] entries and gets one
+    Cut per k in ks[i]. Two passes over the streams (three when a sampled guess misses)."""
+    cuts: list[list[Cut | None]] = [[None] * len(kk) for kk in ks]
+    todo = []
+    for i, kk in enumerate(ks):
+        for q, k in enumerate(kk):
+            if k <= 0 or k >= totals[i]:
+                cuts[i][q] = Cut(k=max(0, min(k, totals[i])), n=totals[i])
+            else:
+                todo.append((i, q))
+    streams = sorted({i for i, _ in todo})
+    exact = {i: totals[i] < EXACT_BELOW for i in streams}
+    for attempt in range(2):
+        if not todo:
+            break
+        # pass 1: histogram of the high 16 bits (sampled for long streams)
+        hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in streams}
+        seen = dict.fromkeys(streams, 0)
+        for i, a in stream():
+            if i in hist:
+                b = _bits(a).reshape(-1)
+                if not exact[i]:
+                    b = b[::SAMPLE]
+                seen[i] += b.numel()
+                hist[i] += torch.bincount(b >> 16, minlength=1 << 16)
+        windows = {}
+        for i, q in todo:
+            n, k = totals[i], ks[i][q]
+            rank = (n - k) * seen[i] / n if not exact[i] else n - k  # ascending rank of the k-th largest
+            cum = hist[i].cumsum(0)
+            hb = int(torch.searchsorted(cum, torch.tensor(int(rank)), right=True))
+            w = 0 if exact[i] else WINDOW
+            lo, hi = max(0, hb - w), min((1 << 15) - 1, hb + w)
+            windows[(i, q)] = (lo, hi - lo + 1)
+        # pass 2: exact counts of every bit pattern in the window, and of those below and above it
+        counts = {key: torch.zeros(nb * 65536 + 2, dtype=torch.int64) for key, (lo, nb) in windows.items()}
+        for i, a in stream():
+            if i not in hist:
+                continue
+            b = _bits(a).reshape(-1)
+            for (j, q), (lo, nb) in windows.items():
+                if j == i:
+                    key = (b - (lo << 16)).clamp_(-1, nb * 65536).add_(1)
+                    counts[(j, q)] += torch.bincount(key, minlength=nb * 65536 + 2)
+        missed = []
+        for (i, q), (lo, nb) in windows.items():
+            n, k, h = totals[i], ks[i][q], counts[(i, q)]
+            rank = n - k
+            below, above = int(h[0]), int(h[-1])
+            if not below <= rank < n - above:
+                missed.append((i, q))
+                continue
+            cum = below + h[1:-1].cumsum(0)
+            idx = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
+            value = float(torch.tensor([(lo << 16) + idx], dtype=torch.int32).view(torch.float32))
+            n_equal = int(h[1 + idx])
+            n_gt = n - int(cum[idx])
+            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=n_equal)
+        todo = missed
+        streams = sorted({i for i, _ in todo})
+        exact = dict.fromkeys(streams, True)
+    return cuts  # type: ignore[return-value]
+
+
+def topk_masks(tensors: Mapping[str, torch.Tensor], share: float, scope: str = "global") -> dict[str, torch.Tensor]:
+    """Boolean masks keeping the round(share * n) largest |x|, over all `tensors` together (scope "global", in
+    their order) or within each tensor (scope "tensor"); ties are kept in position order, so the count is
+    exact (what a stable descending sort would keep)."""
+    out: dict[str, torch.Tensor] = {}
+    groups = [[n] for n in tensors] if scope == "tensor" else [list(tensors)]
+    for group in groups:
+        flat = [tensors[n].float().abs().reshape(-1) for n in group]
+        total = sum(x.numel() for x in flat)
+        cut = select_cuts(lambda: ((0, x) for x in flat), [total], [[int(round(share * total))]])[0][0]
+        keep = Pruner(cut)
+        for n, x in zip(group, flat):
+            out[n] = keep.mask(x).view(tensors[n].shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- inputs, jobs
+@dataclass
+class Segment:
+    """Flat raw views of one tensor of the base and every model, elements [start, stop) (grid-aligned)."""
+
+    start: int
+    stop: int
+    raw: list[torch.Tensor]  # [base, model 0, model 1, ...], as stored
+
+
+class Inputs(Protocol):
+    n_models: int
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def label(self, j: int) -> str: ...  # 0: the base, 1 + i: model i (for error messages)
+    def segments(self, name: str) -> Iterator[Segment]: ...
+
+
+class StateDictInputs:
+    """A base state dict and fine-tuned ones, in memory: one segment per tensor."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                 labels: Sequence[str] | None = None):
+        self.base, self.models, self.n_models = base, list(models), len(models)
+        self.labels = list(labels) if labels else ["the base model", *(f"model {i}" for i in range(len(models)))]
+
+    def names(self) -> list[str]:
+        return list(self.base)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.base[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base[name].dtype
+
+    def label(self, j: int) -> str:
+        return self.labels[j]
+
+    def segments(self, name: str) -> Iterator[Segment]:
+        raw = [self.base[name].reshape(-1), *(m[name].reshape(-1) for m in self.models)]
+        yield Segment(0, raw[0].numel(), raw)
+
+
+class Chunk:
+    """One chunk of one tensor: the inputs as float32, loaded on demand."""
+
+    def __init__(self, job: TensorJob, seg: Segment, index: int, start: int, stop: int):
+        self.job, self.seg, self.index, self.start, self.stop = job, seg, index, start, stop
+        self._base: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    def rows(self) -> tuple[int, ...]:
+        """The shape of this chunk as whole rows of the tensor."""
+        shape = self.job.shape
+        if len(shape) < 1:
+            return (self.numel,)
+        return (self.numel // row_length(shape), *shape[1:])
+
+    def load(self, j: int) -> torch.Tensor:
+        """Input j (0: base, 1 + i: model i) as a fresh float32 tensor, its sum added to the finiteness check."""
+        x = self.seg.raw[j][self.start - self.seg.start: self.stop - self.seg.start].to(torch.float32, copy=True)
+        self.job.sums[j] += x.sum(dtype=torch.float64)
+        return x
+
+    def base(self) -> torch.Tensor:
+        """The base (do not modify: shared by the model calls)."""
+        if self._base is None:
+            self._base = self.load(0)
+        return self._base
+
+    def model(self, i: int) -> torch.Tensor:
+        return self.load(1 + i)
+
+    def tv(self, i: int) -> torch.Tensor:
+        """Task vector of model i (fresh)."""
+        return self.model(i).sub_(self.base())
+
+
+class TensorJob:
+    """One floating-point tensor to merge: its chunks, as often as a method passes over them."""
+
+    def __init__(self, inputs: Inputs, name: str):
+        self.inputs, self.name = inputs, name
+        self.shape = inputs.shape(name)
+        self.numel = math.prod(self.shape)
+        self.n_models = inputs.n_models
+        self.grid = grid(self.shape)
+        self.sums = [torch.zeros((), dtype=torch.float64) for _ in range(1 + self.n_models)]
+
+    def chunks(self) -> Iterator[Chunk]:
+        c = 0
+        for seg in self.inputs.segments(self.name):
+            while c < len(self.grid) and self.grid[c][1] <= seg.stop:
+                s, e = self.grid[c]
+                yield Chunk(self, seg, c, s, e)
+                c += 1
+
+    def tv_stream(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(i, |tau_i| chunk) for every chunk and model: the magnitude stream of per-tensor top-k."""
+        for ch in self.chunks():
+            for i in range(self.n_models):
+                yield i, ch.tv(i).abs_()
+
+    def check_finite(self) -> None:
+        """Refuse the tensor if an input chunk held NaN or inf, naming the first such input exactly."""
+        if all(math.isfinite(float(s)) for s in self.sums):
+            return
+        for j in range(1 + self.n_models):
+            for seg in self.inputs.segments(self.name):
+                if not torch.isfinite(seg.raw[j]).all():
+                    raise SafeMergeError(f"{self.inputs.label(j)}: tensor '{self.name}' holds NaN or inf values")
+        # finite inputs whose sum overflowed: nothing to refuse
+
+
+class Spec(Protocol):
+    """A merge method: a frozen spec composed of building blocks (see methods.py)."""
+
+    name: str
+    min_models: int
+    max_models: int | None
+
+    def prepare(self, inputs: Inputs, opts: Any) -> Any: ...
+    def merge_tensor(self, job: TensorJob, opts: Any, state: Any) -> Iterator[torch.Tensor]: ...
+
+
+class Sink(Protocol):
+    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None: ...
+    def write(self, chunk: torch.Tensor) -> None: ...  # flat, in order; float32 chunks are cast by the sink
+    def end(self) -> None: ...
+
+
+class DictSink:
+    """Collects the merged tensors in memory."""
+
+    def __init__(self):
+        self.out: dict[str, torch.Tensor] = {}
+
+    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.name, self.pos = name, 0
+        self.flat = torch.empty(math.prod(shape), dtype=dtype)
+        self.out[name] = self.flat.view(shape)
+
+    def write(self, chunk: torch.Tensor) -> None:
+        n = chunk.numel()
+        self.flat[self.pos: self.pos + n].copy_(chunk.reshape(-1))
+        self.pos += n
+
+    def end(self) -> None:
+        pass
+
+
+def run(spec: Spec, opts: Any, inputs: Inputs, sink: Sink, out_dtype: torch.dtype | None = None,
+        progress: Callable[[str], None] | None = None, state: Any = None) -> None:
+    """Merge every tensor of `inputs` with `spec` into `sink`, in the inputs' order. Floating-point tensors are
+    computed in float32 and written in their input dtype (or `out_dtype`); others are copied from the base."""
+    if state is None:
+        state = spec.prepare(inputs, opts)
+    for name in inputs.names():
+        dtype = inputs.dtype(name)
+        shape = inputs.shape(name)
+        if not dtype.is_floating_point:
+            sink.begin(name, shape, dtype)
+            for seg in inputs.segments(name):
+                sink.write(seg.raw[0])
+            sink.end()
+        else:
+            sink.begin(name, shape, out_dtype or dtype)
+            job = TensorJob(inputs, name)
+            for out in spec.merge_tensor(job, opts, state):
+                sink.write(out)
+            job.check_finite()
+            sink.end()
+        if progress is not None:
+            progress(name)
+
+
+def per_model(value: Any, n: int, what: str) -> list[float]:
+    """A per-model option (mergekit style): one value for every model, or a list with one per model."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise SafeMergeError(f"{what}: {len(value)} values for {n} models")
+        return [float(v) for v in value]
+    return [float(value)] * n
