@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SafeMergeError
+
+
+OutDtype = Literal["float32", "float16", "bfloat16"]
 
 
 class Strict(BaseModel):
@@ -32,9 +35,21 @@ class MergeConfig(Strict):
                                          description="refuse a model this far (relative L2) from the base")
     streaming: bool = Field(default=False, description="merge tensor by tensor from disk (checkpoints larger "
                             "than memory); writes the encoder only, as sharded safetensors")
-    out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+    out_dtype: OutDtype | None = Field(
         default=None, description="streaming: output dtype (default: the inputs')")
     max_shard_size: str = Field(default="2GB", description="streaming: largest output shard")
+
+    @model_validator(mode="after")
+    def _method(self) -> MergeConfig:
+        """The method and its parameters, checked against the registry when the config is read."""
+        from .merging import registry
+        from .merging.methods import check_model_count, check_per_model
+
+        opts = registry.validate(self.method, self.parameters, "merge")
+        entry = registry.get(self.method, "merge")
+        check_model_count(self.method, entry.fn, len(self.models))
+        check_per_model(self.method, opts, len(self.models))
+        return self
 
 
 def _one_line(e: ValidationError, source: str) -> str:
@@ -66,3 +81,5 @@ def load_config(path: str | Path, model: type[Strict]) -> Strict:
         return model.model_validate(data)
     except ValidationError as e:
         raise SafeMergeError(_one_line(e, str(path))) from None
+    except SafeMergeError as e:  # a method or parameter the registry refuses
+        raise SafeMergeError(f"{path}: {e}") from None

@@ -355,11 +355,20 @@ def check_model_count(name: str, spec: Any, n: int) -> None:
         raise SafeMergeError(f"merge method '{name}' merges {want} model(s) besides the base, not {n}")
 
 
+def check_per_model(name: str, opts: Any, n: int) -> None:
+    """Per-model options given as lists must have one value per model."""
+    for key in ("weight", "density"):
+        value = getattr(opts, key, None)
+        if isinstance(value, list) and len(value) != n:
+            raise SafeMergeError(f"merge method '{name}': parameter '{key}' has {len(value)} values for {n} models")
+
+
 def merge(method: str, base: StateDict, models: Sequence[StateDict], **params) -> dict[str, torch.Tensor]:
     """Merge state dicts in memory by method name, options checked against the registry."""
     entry = registry.get(method, "merge")
     opts = registry.validate(method, params, "merge")
     check_model_count(method, entry.fn, len(models))
+    check_per_model(method, opts, len(models))
     from ..io import check_same_keys
 
     for i, m in enumerate(models):
