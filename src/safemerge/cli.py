@@ -51,7 +51,7 @@ def merge_cmd(config: Annotated[Optional[Path], typer.Argument(help="safemerge Y
             raise SafeMergeError("with --mergekit CONFIG give --out DIR and no safemerge config")
         plan = load_mergekit_config(mergekit)
         path = streaming_merge(plan.method, plan.base, plan.models, out_dir, plan.params, out_dtype=plan.out_dtype,
-                               max_shard_size=shard_size, weights=plan.weights)
+                               max_shard_size=shard_size)
         out.print(f"merged {len(plan.models)} models with {plan.method} into {path} ({time.time() - t:.1f}s)")
         return
     from .api import merge_models
@@ -211,16 +211,31 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
 
 
 @app.command("methods")
-def methods_cmd() -> None:
-    """List the merge methods and their parameters."""
-    from .merging.methods import METHODS, method_params
-    from .merging.pool import POOL_METHODS, pool_method_params
+@one_line_errors
+def methods_cmd(kind: Annotated[Optional[str], typer.Option(help="merge, data_driven or defense (default: all)")] = None,
+                as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List the registry: merge methods (data-free; `safemerge merge`, streaming, mergekit configs), data-driven
+    methods (Python API run_pool_method, bench suites) and defenses, each with its options and defaults."""
+    from .merging import registry
 
-    for name in METHODS:
-        out.print(f"{name:18s} {method_params(name)}")
-    out.print("[bold]need heads and unlabeled inputs (Python API: safemerge.run_pool_method; bench suites):[/bold]")
-    for name in POOL_METHODS:
-        out.print(f"{name:18s} {pool_method_params(name)}")
+    kinds = ["merge", "data_driven", "defense"]
+    if kind is not None and kind not in kinds:
+        raise SafeMergeError(f"unknown kind '{kind}' (known: {', '.join(kinds)})")
+    chosen = [kind] if kind else kinds
+    if as_json:
+        print(json.dumps({e.name: {"kind": e.kind, "doc": e.doc.splitlines()[0] if e.doc else "",
+                                   "options": {k: {"type": t, "default": d} for k, t, d in registry.describe(e)}}
+                          for k in chosen for e in registry.entries(k)}, indent=2))
+        return
+    titles = {"merge": "data-free merge methods (safemerge merge, streaming, mergekit configs)",
+              "data_driven": "data-driven methods (need heads and unlabeled inputs: safemerge.run_pool_method)",
+              "defense": "post-hoc defenses (bench suites: safemerge.safety.defenses.defend)"}
+    for k in chosen:
+        table = Table("name", "options (default)", "", title=titles[k], title_justify="left", show_lines=False)
+        for e in registry.entries(k):
+            opts = ", ".join(f"{name}={default}" for name, _, default in registry.describe(e)) or "-"
+            table.add_row(e.name, opts, (e.doc.splitlines()[0] if e.doc else ""))
+        out.print(table)
 
 
 @app.command("bench")

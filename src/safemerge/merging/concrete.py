@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +83,15 @@ def _head_rows(inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Te
 
 def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Module],
                    inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, *,
-                   granularity: str = "layer", fixed_lambda: float | None = None, adversarial: bool = False,
-                   lambda_adv: float = 0.1, clean_weight: float = 1.0, masks: str = "single",
-                   mask_steps: int = 1000, adamerging_steps: int = 1000, lr: float = 1e-3, inner: str = "amortized",
+                   granularity: Literal["task", "layer"] = "layer", fixed_lambda: float | None = None, adversarial: bool = False,
+                   lambda_adv: float = 0.1, clean_weight: float = 1.0, masks: Literal["single", "two"] = "single",
+                   mask_steps: int = 1000, adamerging_steps: int = 1000, lr: float = 1e-3,
+                   inner: Literal["amortized", "exact"] = "amortized",
                    inner_lr: float = 1.0, adamerging_lr: float = 1e-3, init: float = 0.3, temperature: float = 0.5,
                    batch_size: int = 16, adv_batch_size: int | None = None, perturb_every: int = 4,
                    adv_lr: float = 1e-4,
-                   perturb_norm: str = "l1", perturb_bound: float = 0.0066, final_mask: str = "relaxed",
+                   perturb_norm: Literal["l1", "l2", "linf"] = "l1", perturb_bound: float = 0.0066,
+                   final_mask: Literal["relaxed", "hard", "threshold"] = "relaxed",
                    clamp: bool = True, seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The shared loop of Concrete TA / Concrete AdaMerging / DAM; returns (merged state dict, info).
 
@@ -102,17 +105,10 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
         input size). 0 or inf = unbounded.
     final_mask: how the mask is frozen after training: "relaxed" (one relaxed sample, the reference's
         'continuous'), "hard" (a Bernoulli sample) or "threshold" (sigmoid(x) >= 0.5).
+    String choices are Literal-typed: the registry's options models (pool.py) validate them before a run.
     """
     who = "dam" if adversarial else "concrete merging"
     check_pool(models, heads, inputs, who)
-    if granularity not in ("task", "layer"):
-        raise SafeMergeError(f"{who}: granularity must be 'task' or 'layer', not '{granularity}'")
-    if masks not in ("single", "two"):
-        raise SafeMergeError(f"{who}: masks must be 'single' or 'two', not '{masks}'")
-    if inner not in ("amortized", "exact"):
-        raise SafeMergeError(f"{who}: inner must be 'amortized' or 'exact', not '{inner}'")
-    if final_mask not in MASK_KINDS:
-        raise SafeMergeError(f"{who}: final_mask must be one of {', '.join(MASK_KINDS)}, not '{final_mask}'")
     merged = MergedEncoder(encoder, base, models, encode.modality)
     heads = frozen_heads(heads)
     sample = BatchSampler(inputs, encode, batch_size, seed)

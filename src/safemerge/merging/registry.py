@@ -29,7 +29,8 @@ from ..errors import SafeMergeError
 
 Kind = Literal["merge", "data_driven", "defense"]
 KIND_WORDS = {"merge": "merge method", "data_driven": "merge method", "defense": "defense"}
-PROVIDERS = ("safemerge.merging.methods", "safemerge.merging.pool", "safemerge.safety.defenses")
+PROVIDERS = {"merge": "safemerge.merging.methods", "data_driven": "safemerge.merging.pool",
+             "defense": "safemerge.safety.defenses"}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -56,7 +57,6 @@ class Entry:
 
 
 _ENTRIES: dict[str, Entry] = {}
-_loaded = False
 
 
 def add(name: str, kind: Kind, options: type[Options], fn: Any, doc: str = "") -> Entry:
@@ -76,17 +76,16 @@ def register(name: str, kind: Kind, options: type[Options]) -> Callable[[F], F]:
     return deco
 
 
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in PROVIDERS:
-            importlib.import_module(mod)
+def _load(kinds: Sequence[str] | None = None) -> None:
+    """Import the modules that register entries of `kinds` (all by default): a data-free lookup does not
+    import the data-driven methods' dependencies."""
+    for kind in kinds or PROVIDERS:
+        importlib.import_module(PROVIDERS[kind])
 
 
 def entries(kind: Kind | Sequence[Kind] | None = None) -> list[Entry]:
-    _load()
     kinds = (kind,) if isinstance(kind, str) else kind
+    _load(kinds)
     return [e for e in _ENTRIES.values() if kinds is None or e.kind in kinds]
 
 
@@ -96,9 +95,11 @@ def names(kind: Kind | Sequence[Kind] | None = None) -> list[str]:
 
 def get(name: str, kind: Kind | Sequence[Kind] | None = None) -> Entry:
     """The entry `name` (of one of `kind`), or a one-line error listing the known names."""
-    _load()
     kinds = (kind,) if isinstance(kind, str) else kind
     entry = _ENTRIES.get(name)
+    if entry is None or (kinds is not None and entry.kind not in kinds):
+        _load()
+        entry = _ENTRIES.get(name)
     if entry is None or (kinds is not None and entry.kind not in kinds):
         word = KIND_WORDS[kinds[0]] if kinds else "method or defense"
         known = names(kinds)

@@ -20,9 +20,9 @@ number means a comparable perturbation in both modalities. The forward pass is f
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from pydantic import Field
+
+from ..merging import registry
 from ..merging.adamerging import entropy
+from ..merging.registry import Options
 from ..errors import SafeMergeError
 from ..model import InputEncoder, pool
 from ..perturb import perturbed_inputs, pixel_range, project, word_embedding_name, zero_perturbation
@@ -40,16 +44,60 @@ StateDict = Mapping[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
 DefenseFn = Callable[..., dict[str, torch.Tensor]]
 DEFENSES: dict[str, DefenseFn] = {}
-_FIXED = ("encoder", "base", "merged", "heads", "data", "encode", "seed", "progress")
 # the DAM reference perturbs CLIP ViT-B/32 inputs (3 x 224 x 224); its L1 bound of 1000 is for that size
 _REFERENCE_INPUT_NUMEL = 3 * 224 * 224
 
 
-def register(name: str) -> Callable[[DefenseFn], DefenseFn]:
+def register(name: str, options: type[Options]) -> Callable[[DefenseFn], DefenseFn]:
+    """Register a defense in the one registry, with its options model."""
     def deco(fn: DefenseFn) -> DefenseFn:
         DEFENSES[name] = fn
+        registry.add(name, "defense", options, fn)
         return fn
     return deco
+
+
+# Options models: each defense's keyword options with its signature's defaults (checked in tests).
+class AwmOptions(Options):
+    steps: int = Field(10, ge=0)
+    batch_size: int = Field(16, ge=1)
+    mask_lr: float = 0.05
+    delta_lr: float = 10.0
+    delta_steps: int = Field(1, ge=0)
+    bound: Optional[float] = None
+    labeled: bool = True
+    clean_weight: Optional[float] = None
+    adv_weight: Optional[float] = None
+    l1: float = 1e-8
+    granularity: Literal["entry", "row"] = "entry"
+
+
+class SauOptions(Options):
+    steps: int = Field(2, ge=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = 1e-4
+    eps: float = 0.2
+    pgd_steps: int = Field(5, ge=0)
+    pgd_step_size: float = 0.2
+    beta1: float = 0.01
+    beta2: float = 1.0
+    lmd1: float = 1.0
+    lmd2: float = 0.0
+    lmd3: float = 1.0
+    reference: Literal["merged", "base"] = "merged"
+    pixel_units: bool = True
+
+
+class AnpOptions(Options):
+    steps: int = Field(10, ge=0)
+    batch_size: int = Field(16, ge=1)
+    eps: float = 0.4
+    noise_steps: int = Field(1, ge=1)
+    alpha: float = 0.2
+    lr: float = 0.2
+    momentum: float = 0.9
+    threshold: float = 0.2
+    neurons: Literal["mlp", "attn", "mlp+attn"] = "mlp+attn"
 
 
 class _Net:
@@ -132,13 +180,13 @@ def _resolution(data: Sequence[Split]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- AWM
-@register("awm")
+@register("awm", AwmOptions)
 def awm(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
         data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True, steps: int = 10,
         batch_size: int = 16, mask_lr: float = 0.05, delta_lr: float = 10.0, delta_steps: int = 1,
         bound: float | None = None, labeled: bool = True, clean_weight: float | None = None,
         adv_weight: float | None = None, l1: float = 1e-8,
-        granularity: str = "entry") -> dict[str, torch.Tensor]:
+        granularity: Literal["entry", "row"] = "entry") -> dict[str, torch.Tensor]:
     """Adversarial Weight Masking on a merged model: theta = theta_merged - (1 - m) * (theta_merged - theta_0)
     with a soft mask m in [0, 1] (init 1 = the merged model; m = 0 falls back to the pre-trained weight).
     Each step alternates (a) `delta_steps` SGD steps (lr `delta_lr`) on one universal perturbation per task,
@@ -155,8 +203,6 @@ def awm(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[
     (AWM re-fits one per epoch of its loader; our budget is a few steps). `mask_lr` (open in METHODS) is
     0.05 so a mask entry can travel half-way to 0 within the default 10 steps; steps=10 costs about a
     minute on the real quick-profile models on 2 CPU cores (batch 16 x 6 tasks)."""
-    if granularity not in ("entry", "row"):
-        raise SafeMergeError(f"awm: granularity must be 'entry' or 'row', not '{granularity}'")
     net = _Net(encoder, base, merged, heads, data, encode, "awm")
     cw = clean_weight if clean_weight is not None else (0.9 if labeled else 1.0)
     aw = adv_weight if adv_weight is not None else (0.1 if labeled else 0.01)
@@ -216,12 +262,12 @@ def _js(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (0.5 * (p * p.log() + q * q.log()) - 0.5 * (p * mix.log() + q * mix.log())).sum(-1)
 
 
-@register("sau")
+@register("sau", SauOptions)
 def sau(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
         data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True, steps: int = 2,
         batch_size: int = 16, lr: float = 1e-4, eps: float = 0.2, pgd_steps: int = 5,
         pgd_step_size: float = 0.2, beta1: float = 0.01, beta2: float = 1.0, lmd1: float = 1.0,
-        lmd2: float = 0.0, lmd3: float = 1.0, reference: str = "merged",
+        lmd2: float = 0.0, lmd3: float = 1.0, reference: Literal["merged", "base"] = "merged",
         pixel_units: bool = True) -> dict[str, torch.Tensor]:
     """Shared Adversarial Unlearning on a merged model. Per step and task: PGD (L-inf `eps`, `pgd_steps` sign
     steps of `pgd_step_size`, started at +eps like the reference code's 'max' init) minimises
@@ -240,8 +286,6 @@ def sau(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[
     are in units of the word-embedding RMS, per entry of each token's embedding. One step costs about 13
     forward/backward passes per task, so the default steps=2 (two batches of 16 per task; the paper runs
     epochs over its 5% of clean data) stays near a minute on the real quick-profile models on 2 CPU cores."""
-    if reference not in ("merged", "base"):
-        raise SafeMergeError(f"sau: reference must be 'merged' or 'base', not '{reference}'")
     net = _Net(encoder, base, merged, heads, data, encode, "sau")
     torch.manual_seed(seed)
     params = {n: t.clone().requires_grad_(True) for n, t in net.merged.items()}
@@ -320,7 +364,7 @@ def anp_neurons(names: Sequence[str], which: str = "mlp+attn") -> list[str]:
     return [n for n in names if any(p.search(n) for p in pats[which])]
 
 
-@register("anp")
+@register("anp", AnpOptions)
 def anp(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
         data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True, steps: int = 10,
         batch_size: int = 16, eps: float = 0.4, noise_steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
@@ -403,27 +447,21 @@ def anp_pruned(merged: StateDict, defended: StateDict, neurons: str = "mlp+attn"
 
 # ---------------------------------------------------------------------------------------------------- entry
 def get_defense(name: str) -> DefenseFn:
-    if name not in DEFENSES:
-        raise SafeMergeError(f"unknown defense '{name}' (known: {', '.join(DEFENSES)})")
-    return DEFENSES[name]
+    return registry.get(name, "defense").fn
 
 
 def defense_params(name: str) -> dict[str, object]:
-    """The tunable parameters of a defense with their defaults."""
-    sig = inspect.signature(get_defense(name))
-    return {p.name: p.default for p in sig.parameters.values() if p.name not in _FIXED}
+    """The options of a defense with their defaults (from its options model)."""
+    return registry.get(name, "defense").defaults()
 
 
 def defend(name: str, encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
            data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True,
            **params) -> dict[str, torch.Tensor]:
-    """Purify a merged encoder with a post-hoc defense by name, parameters checked against its signature.
+    """Purify a merged encoder with a post-hoc defense by name, options validated by the registry.
     `base`: the pre-trained encoder state dict; `heads[i]` / `data[i]`: task i's frozen head and small clean
     labeled split. Returns the defended encoder state dict (the keys and dtypes of `merged`)."""
     fn = get_defense(name)
-    allowed = defense_params(name)
-    bad = [k for k in params if k not in allowed]
-    if bad:
-        raise SafeMergeError(f"defense '{name}' has no parameter '{bad[0]}' "
-                             f"(parameters: {', '.join(allowed)})")
-    return fn(encoder, base, merged, heads, data, encode, seed=seed, progress=progress, **params)
+    opts = registry.validate(name, params, "defense")
+    return fn(encoder, base, merged, heads, data, encode, seed=seed, progress=progress,
+              **opts.model_dump(exclude_unset=True))

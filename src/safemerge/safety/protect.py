@@ -23,6 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import SafeMergeError
+from ..merging.engine import dare_keep
 
 StateDict = dict[str, torch.Tensor]
 
@@ -125,14 +126,13 @@ def dropout_prune(model: StateDict, base: StateDict, p: float, seed: int = 0) ->
     """Drop a share `p` of every floating update theta - theta_0 at random, rescale the rest by 1/(1-p)."""
     if not 0.0 <= p < 1.0:
         raise SafeMergeError(f"dropout pruning rate must be in [0, 1), not {p}")
-    g = torch.Generator().manual_seed(seed)
     out = dict(model)
     for k in sorted(model):
         v = model[k]
         if p == 0 or not v.is_floating_point():
             continue
         delta = v.float() - base[k].float()
-        keep = torch.rand(v.shape, generator=g) >= p
+        keep = dare_keep(k, v.shape, 1 - p, seed, 0)  # DARE's keep mask, from the merge engine
         out[k] = (base[k].float() + delta * keep / (1 - p)).to(v.dtype)
     return out
 

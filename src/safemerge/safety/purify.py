@@ -26,6 +26,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..io import check_finite, check_same_keys
+from ..merging.engine import dare_keep, topk_masks
 from ..errors import SafeMergeError
 from ..evaluate import accuracy
 from ..model import InputEncoder, TaskModel
@@ -69,20 +70,10 @@ def mixing_mask(base: StateDict, suspect: StateDict, keep_ratio: float, mode: Mi
     if scope not in ("global", "tensor"):
         raise SafeMergeError(f"unknown mixing scope '{scope}' (known: global, tensor)")
     keys = _mixable(base)
-    if mode == "random":
-        g = torch.Generator().manual_seed(seed)
-        return {k: torch.rand(base[k].shape, generator=g) < keep_ratio for k in keys}
-    groups = [[k] for k in keys] if scope == "tensor" else [keys]
-    masks: dict[str, torch.Tensor] = {}
-    for group in groups:
-        flat = torch.cat([(suspect[k].float() - base[k].float()).abs().flatten() for k in group])
-        n_keep = int(round(keep_ratio * flat.numel()))
-        keep = torch.zeros(flat.numel(), dtype=torch.bool)
-        if n_keep:
-            keep[torch.argsort(flat, descending=True, stable=True)[:n_keep]] = True
-        for k, m in zip(group, keep.split([base[k].numel() for k in group])):
-            masks[k] = m.view(base[k].shape)
-    return masks
+    if mode == "random":  # the engine's DARE keep mask (chunk-seeded Bernoulli draws)
+        return {k: dare_keep(k, base[k].shape, keep_ratio, seed, 0) for k in keys}
+    # the engine's exact top-k (ties kept in position order, as a stable descending sort would)
+    return topk_masks({k: suspect[k].float() - base[k].float() for k in keys}, keep_ratio, scope)
 
 
 def mix_states(base: StateDict, suspect: StateDict, keep_ratio: float, mode: MixMode = "random",
