@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safemerge.io import (atomic_dir, check_same_base, check_same_keys, load_state_dict,
-                                   save_state_dict)
+from safemerge.io import (atomic_dir, atomic_write_json, check_same_base, check_same_keys, load_state_dict,
+                          save_state_dict)
 from safemerge.errors import SafeMergeError
 
 
@@ -21,7 +21,7 @@ def test_truncated_file(tmp_path):
     p = tmp_path / "m.safetensors"
     save_file({"a": torch.randn(100, 100)}, str(p))
     p.write_bytes(p.read_bytes()[:5000])
-    with pytest.raises(SafeMergeError, match=r"m\.safetensors: not a readable safetensors file") as e:
+    with pytest.raises(SafeMergeError, match=r"m\.safetensors: truncated or corrupt safetensors file") as e:
         load_state_dict(p)
     assert "\n" not in str(e.value)
 
@@ -67,3 +67,38 @@ def test_atomic_dir_removes_partial_output(tmp_path):
         (tmp / "done.txt").write_text("ok")
     assert (target / "done.txt").read_text() == "ok"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_outputs_are_world_readable(tmp_path):
+    """Not mkstemp's 0600 / mkdtemp's 0700: files 0644, folders 0755 (under the usual umask 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_state_dict({"a": torch.zeros(2)}, tmp_path / "m.safetensors")
+        atomic_write_json(tmp_path / "r.json", {"x": 1})
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f.txt").write_text("ok")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_sharded_folder_and_dtype_kinds(tmp_path):
+    import json
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"a": torch.ones(3)}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.arange(4)}, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    sd = load_state_dict(folder)
+    assert torch.equal(sd["a"], torch.ones(3)) and torch.equal(sd["b"], torch.arange(4))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(SafeMergeError, match="shard listed in the index is missing"):
+        load_state_dict(folder)
+    with pytest.raises(SafeMergeError, match="tensor 'b' is float32, the base model has int64"):
+        check_same_keys({"b": torch.arange(4)}, {"b": torch.zeros(4)}, "m.st")

@@ -1,10 +1,14 @@
-"""Every data-free merge method against a hand-computed expectation."""
+"""Every data-free merge method against a hand-computed expectation; the engine's building blocks."""
+
+import math
 
 import pytest
 import torch
 
 from safemerge.errors import SafeMergeError
-from safemerge.merging.methods import merge, method_params
+from safemerge.merging import engine
+from safemerge.merging.engine import Pruner, select_cuts, sign_consensus, topk_masks
+from safemerge.merging.methods import METHODS, merge, method_params, task_vectors
 
 BASE = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([0.0, 0.0]), "ids": torch.tensor([3, 4])}
 M1 = {"w": torch.tensor([2.0, 1.0, 0.5, 1.0]), "b": torch.tensor([1.0, -1.0]), "ids": torch.tensor([3, 4])}
@@ -12,45 +16,56 @@ M2 = {"w": torch.tensor([0.0, 1.5, 0.8, 3.0]), "b": torch.tensor([1.0, 2.0]), "i
 # task vectors: t1 = w [1, 0, -0.5, 0], b [1, -1];  t2 = w [-1, 0.5, -0.2, 2], b [1, 2]
 
 
-def test_weight_average():
+def test_weight_average_and_weights():
     out = merge("weight_average", BASE, [M1, M2])
     assert torch.allclose(out["w"], torch.tensor([1.0, 1.25, 0.65, 2.0]))
     assert torch.allclose(out["b"], torch.tensor([1.0, 0.5]))
     assert torch.equal(out["ids"], BASE["ids"])  # integer buffers are not averaged
+    out = merge("weight_average", BASE, [M1, M2], weight=[3.0, 1.0])
+    assert torch.allclose(out["w"], (3 * M1["w"] + M2["w"]) / 4)
 
 
-def test_task_arithmetic():
+def test_task_arithmetic_with_per_model_weights():
     out = merge("task_arithmetic", BASE, [M1, M2], scaling=0.5)
     # sum of task vectors: w [0, 0.5, -0.7, 2], b [2, 1]
     assert torch.allclose(out["w"], torch.tensor([1.0, 1.25, 0.65, 2.0]))
     assert torch.allclose(out["b"], torch.tensor([1.0, 0.5]))
+    out = merge("task_arithmetic", BASE, [M1, M2], scaling=1.0, weight=[1.0, 0.5], normalize=True)
+    t1, t2 = task_vectors(BASE, [M1, M2])
+    assert torch.allclose(out["w"], BASE["w"] + (t1["w"] + 0.5 * t2["w"]) / 1.5)
 
 
 def test_ties_global_trim():
-    # 6 entries per task vector; density 0.5 keeps the 3 largest magnitudes of the WHOLE vector.
-    # t1 |.| = w [1, 0, .5, 0], b [1, 1] -> keeps w0, b0, b1      -> w [1, 0, 0, 0], b [1, -1]
-    # t2 |.| = w [1, .5, .2, 2], b [1, 2] -> keeps w3, b1 and one of the ties at 1 (w0, b0): both kept (>=)
+    # 6 entries per task vector; density 0.5 keeps exactly int(0.5 * 6) = 3 largest magnitudes of the WHOLE
+    # vector, ranked over the tensors in sorted name order (b, then w), ties kept in that order.
+    # t1 |.| = b [1, 1], w [1, 0, .5, 0] -> keeps b0, b1 and the first tie at 1 (w0) -> b [1, -1], w [1, 0, 0, 0]
+    # t2 |.| = b [1, 2], w [1, .5, .2, 2] -> keeps b1, w3 and the first tie at 1 (b0) -> b [1, 2], w [0, 0, 0, 2]
     out = merge("ties", BASE, [M1, M2], density=0.5, scaling=1.0)
-    # t2 trimmed: w [-1, 0, 0, 2], b [1, 2]
-    # w0: +1 and -1 -> sum 0 -> sign 0 -> nothing agrees -> 0;  w3: only t2 -> 2
-    # b0: 1, 1 -> 1;  b1: -1, 2 -> sign + -> only t2 -> 2
-    assert torch.allclose(out["w"], torch.tensor([1.0, 1.0, 1.0, 3.0]))
+    # w0: only t1 -> 1;  w3: only t2 -> 2;  b0: 1, 1 -> mean 1;  b1: -1, 2 -> sum + -> only t2 -> 2
+    assert torch.allclose(out["w"], torch.tensor([2.0, 1.0, 1.0, 3.0]))
     assert torch.allclose(out["b"], torch.tensor([1.0, 2.0]))
 
 
 def test_ties_tensor_trim_differs_from_global():
-    # per tensor, density 0.5: t1 w keeps [1, _, -.5, _]; t1 b keeps both (2 * .5 = 1 -> ties at 1 kept)
+    # per tensor, density 0.5: t1 w keeps [1, _, -.5, _]; t2 w keeps [-1, _, _, 2]
     out = merge("ties", BASE, [M1, M2], density=0.5, scaling=1.0, trim="tensor")
-    # t1 w trimmed [1, 0, -0.5, 0]; t2 w trimmed [-1, 0, 0, 2]
-    # w0: sum 0 -> 0; w2: only t1 -> -0.5; w3: 2
-    assert torch.allclose(out["w"], torch.tensor([1.0, 1.0, 0.5, 3.0]))
+    # w0: +1 and -1 -> zero sum elects + (mergekit) -> only t1 -> 1; w2: only t1 -> -0.5; w3: 2
+    assert torch.allclose(out["w"], torch.tensor([2.0, 1.0, 0.5, 3.0]))
 
 
-def test_ties_disjoint_mean_averages_agreeing_entries():
+def test_ties_disjoint_mean_and_weights():
     m3 = {"w": torch.tensor([4.0, 1.0, 1.0, 1.0]), "b": torch.tensor([0.0, 0.0]), "ids": BASE["ids"]}
     out = merge("ties", BASE, [M1, m3], density=1.0, scaling=1.0)
-    # w0: t1 = 1, t3 = 3 -> agree -> mean 2
-    assert out["w"][0].item() == pytest.approx(3.0)
+    assert out["w"][0].item() == pytest.approx(3.0)  # w0: t1 = 1, t3 = 3 agree -> mean 2
+    out = merge("ties", BASE, [M1, m3], density=1.0, scaling=1.0, weight=[1.0, 3.0])
+    assert out["w"][0].item() == pytest.approx(1 + (1 + 9) / 4)  # weighted: (1*1 + 3*3) / (1 + 3)
+
+
+def test_sign_consensus_is_mergekits():
+    d = [torch.tensor([1.0, -2.0, 1.0, 0.0]), torch.tensor([-1.0, -1.0, 3.0, 0.0])]
+    mixed, div = sign_consensus(d, [1.0, 1.0])
+    assert torch.equal(mixed, torch.tensor([1.0, -3.0, 4.0, 0.0]))  # zero sum elects +
+    assert torch.equal(div, torch.tensor([1.0, 2.0, 2.0, 1.0]))  # nobody agrees -> 1
 
 
 def test_dare_with_full_density_is_task_arithmetic():
@@ -66,8 +81,8 @@ def test_dare_drops_and_rescales():
     kept = out != 0
     assert torch.allclose(out[kept], torch.full_like(out[kept], 4.0))  # 1 / density
     assert abs(kept.float().mean().item() - 0.25) < 0.02
-    again = merge("dare", base, [model], density=0.25, scaling=1.0, seed=3)["w"]
-    assert torch.equal(out, again)  # deterministic under its seed
+    assert torch.equal(out, merge("dare", base, [model], density=0.25, scaling=1.0, seed=3)["w"])
+    assert not torch.equal(out, merge("dare", base, [model], density=0.25, scaling=1.0, seed=4)["w"])
 
 
 def test_dare_ties_full_density_is_ties_without_trim():
@@ -76,9 +91,106 @@ def test_dare_ties_full_density_is_ties_without_trim():
     assert torch.allclose(a["w"], b["w"]) and torch.allclose(a["b"], b["b"])
 
 
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    base = {"w": torch.zeros(100)}
+    model = {"w": torch.arange(1.0, 101.0)}
+    out = merge("breadcrumbs", base, [model], density=0.5, gamma=0.1, scaling=1.0)["w"]
+    # keeps ranks 11..60 from the top: values 41..90
+    assert torch.equal(out, torch.where((model["w"] >= 41) & (model["w"] <= 90), model["w"], 0.0))
+    ties = merge("breadcrumbs_ties", base, [model, model], density=0.5, gamma=0.1, scaling=1.0)["w"]
+    assert torch.equal(ties, 2 * out)  # two agreeing copies, summed (no normalisation by default)
+
+
+def test_della_keeps_large_entries_more_often():
+    base = {"w": torch.zeros(64, 256)}
+    model = {"w": torch.arange(1.0, 257.0).repeat(64, 1)}
+    out = merge("della", base, [model], density=0.5, epsilon=0.4, scaling=1.0, normalize=False)["w"]
+    kept = (out != 0).float().mean(0)
+    assert kept[:32].mean() < 0.25 and kept[-32:].mean() > 0.75  # p from 0.1 to 0.9 by rank
+    nz = out != 0
+    p = 0.1 + 0.8 * (model["w"] - 1) / 255
+    assert torch.allclose(out[nz], (model["w"] / p)[nz], rtol=1e-5)  # rescaled by 1 / p
+    with pytest.raises(SafeMergeError, match="density \\+- epsilon"):
+        merge("della", base, [model], density=0.9, epsilon=0.2)
+
+
+def test_slerp_endpoints_and_angle():
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(4, 16, generator=g), "v": torch.randn(16, generator=g)}
+    b = {"w": torch.randn(4, 16, generator=g), "v": torch.randn(16, generator=g)}
+    assert torch.allclose(merge("slerp", a, [b], t=0.0)["w"], a["w"], atol=1e-6)
+    assert torch.allclose(merge("slerp", a, [b], t=1.0)["w"], b["w"], atol=1e-5)
+    mid = merge("slerp", a, [b], t=0.5)["w"]
+    x, y = a["w"] / a["w"].norm(dim=1, keepdim=True), b["w"] / b["w"].norm(dim=1, keepdim=True)
+    theta = torch.acos((x * y).sum(1, keepdim=True))
+    want = (torch.sin(theta / 2) / torch.sin(theta)) * (a["w"] + b["w"])
+    assert torch.allclose(mid, want, atol=1e-5)
+    # 1-D tensors: each entry is its own row (collinear), so linear interpolation (mergekit)
+    assert torch.allclose(merge("slerp", a, [b], t=0.25)["v"], 0.75 * a["v"] + 0.25 * b["v"], atol=1e-6)
+    with pytest.raises(SafeMergeError, match="exactly 1 model"):
+        merge("slerp", a, [b, b])
+
+
+def test_model_stock_ratio():
+    base = {"w": torch.zeros(2, 2)}
+    e1, e2 = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    # orthogonal task vectors: cos 0 -> t = 0 -> the base
+    assert torch.equal(merge("model_stock", base, [{"w": e1}, {"w": e2}])["w"], base["w"])
+    # identical task vectors: cos 1 -> t = 2 / 2 = 1 -> their mean
+    out = merge("model_stock", base, [{"w": e1}, {"w": e1.clone()}])["w"]
+    assert torch.allclose(out, e1)
+    cos = 0.6
+    v2 = torch.tensor([[cos, math.sqrt(1 - cos ** 2)], [0.0, 0.0]])
+    t = 2 * cos / (1 + cos)
+    assert torch.allclose(merge("model_stock", base, [{"w": e1}, {"w": v2}])["w"], t * (e1 + v2) / 2, atol=1e-6)
+    with pytest.raises(SafeMergeError, match="at least 2"):
+        merge("model_stock", base, [{"w": e1}])
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_select_cuts_is_exact_with_ties(monkeypatch, sample):
+    """The k-th largest and the tie quota equal a stable descending sort, sampled or not, window hit or miss."""
+    if sample:
+        monkeypatch.setattr(engine, "EXACT_BELOW", 0)
+        monkeypatch.setattr(engine, "SAMPLE", 97)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-50, 50, (5000,), generator=g).float() / 7  # many ties
+    chunks = list(x.split(333))
+    for k in (1, 17, 1000, 2500, 4999, 5000):
+        cut = select_cuts(lambda: ((0, c.abs()) for c in chunks), [x.numel()], [[k]])[0][0]
+        order = torch.argsort(x.abs(), descending=True, stable=True)
+        want = torch.zeros(x.numel(), dtype=torch.bool)
+        want[order[:k]] = True
+        prune = Pruner(cut)
+        got = torch.cat([prune.mask(c.abs()) for c in chunks])
+        assert torch.equal(got, want), k
+        pruned = Pruner(cut)
+        kept = torch.cat([pruned(c) for c in chunks])
+        assert torch.equal(kept, torch.where(want, x, 0.0)), k
+
+
+def test_topk_masks_global_and_tensor():
+    t = {"a": torch.tensor([3.0, -1.0, 2.0]), "b": torch.tensor([2.0, 0.5])}
+    m = topk_masks(t, 0.4, "global")  # round(0.4 * 5) = 2: 3.0, then the first 2.0 (a[2])
+    assert m["a"].tolist() == [True, False, True] and m["b"].tolist() == [False, False]
+    m = topk_masks(t, 0.5, "tensor")  # round(1.5) = 2 in a, round(1.0) = 1 in b
+    assert m["a"].tolist() == [True, False, True] and m["b"].tolist() == [True, False]
+
+
 def test_unknown_method_and_parameter_are_one_line_errors():
     with pytest.raises(SafeMergeError, match="unknown merge method 'tie'"):
         merge("tie", BASE, [M1])
     with pytest.raises(SafeMergeError, match="no parameter 'lambda'"):
         merge("task_arithmetic", BASE, [M1], **{"lambda": 0.3})
-    assert method_params("ties") == {"density": 0.2, "scaling": 1.0, "trim": "global"}
+    with pytest.raises(SafeMergeError, match="parameter 'trim'"):
+        merge("ties", BASE, [M1], trim="layer")
+    with pytest.raises(SafeMergeError, match="parameter 'density'"):
+        merge("ties", BASE, [M1], density=1.5)
+    with pytest.raises(SafeMergeError, match="'weight' has 3 values for 2 models"):
+        merge("task_arithmetic", BASE, [M1, M2], weight=[1.0, 1.0, 1.0])
+    with pytest.raises(SafeMergeError, match="needs heads and unlabeled inputs"):
+        merge("dam", BASE, [M1])
+    assert method_params("ties") == {"weight": 1.0, "density": 0.2, "scaling": 1.0, "normalize": True,
+                                     "trim": "global"}
+    assert set(METHODS) >= {"slerp", "breadcrumbs", "breadcrumbs_ties", "della", "model_stock"}
+    assert torch.equal(METHODS["task_arithmetic"](BASE, [M1])["w"], merge("task_arithmetic", BASE, [M1])["w"])

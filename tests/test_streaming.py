@@ -1,5 +1,6 @@
-"""Streaming merges: equal to the in-memory methods on tiny sharded checkpoints, exact global TIES threshold,
-mergekit configs, and bad inputs as one-line errors that leave no output folder."""
+"""Streaming merges: identical to the in-memory methods on tiny sharded checkpoints (every registered method,
+per-model weights and densities), exact global TIES threshold, mergekit configs, and bad inputs as one-line
+errors that leave no output folder."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from typer.testing import CliRunner
 from safemerge.cli import app
 from safemerge.errors import SafeMergeError
 from safemerge.merging.mergekit import load_mergekit_config
-from safemerge.merging.methods import _topk_mask_global, merge, task_vectors
-from safemerge.merging.streaming import LazyCheckpoint, magnitude_threshold, streaming_merge
+from safemerge.io import Checkpoint, load_state_dict
+from safemerge.merging import registry
+from safemerge.merging.engine import StateDictInputs, select_cuts
+from safemerge.merging.methods import global_cuts, merge, task_vectors
+from safemerge.merging.streaming import streaming_merge
 
 runner = CliRunner()
 SHAPES = {"embed.weight": (40, 8), "layers.0.attn.q.weight": (8, 8), "layers.0.attn.q.bias": (8,),
@@ -61,39 +65,71 @@ def ckpts(tmp_path):
     return base, models, _write(base, tmp_path / "base"), [_write(m, tmp_path / f"ft{i}") for i, m in enumerate(models)]
 
 
-CASES = [("weight_average", {}), ("task_arithmetic", {"scaling": 0.4}), ("ties", {"density": 0.3}),
-         ("ties", {"density": 0.3, "trim": "tensor"}), ("dare", {"density": 0.5, "seed": 3}),
-         ("dare_ties", {"density": 0.5, "seed": 3})]
+def _cases() -> list[tuple[str, dict]]:
+    """Every registered data-free method, with per-model weights and densities where it has them."""
+    out = []
+    for e in registry.entries("merge"):
+        fields = e.options.model_fields
+        p: dict = {}
+        if "weight" in fields:
+            p["weight"] = [1.0, 0.5, 2.0]
+        if "density" in fields:
+            p["density"] = [0.3, 0.5, 0.4] if e.name != "della" else [0.5, 0.4, 0.6]
+        if "seed" in fields:
+            p["seed"] = 3
+        if e.name == "slerp":
+            p["t"] = 0.3
+        out.append((e.name, p))
+        if e.name == "ties":
+            out.append(("ties", {**p, "trim": "tensor"}))
+        if e.name == "model_stock":
+            out.append(("model_stock", {"filter_wise": True}))
+    return out
 
 
-@pytest.mark.parametrize("block", [None, 24])
-@pytest.mark.parametrize("method,params", CASES)
-def test_streaming_equals_in_memory(ckpts, tmp_path, monkeypatch, method, params, block):
-    """Also with tiny row blocks, so that large-tensor chunking (and DARE's per-block masks) is exercised."""
-    if block:
-        monkeypatch.setattr("safemerge.merging.methods.DARE_BLOCK", block)
+CASES = _cases()
+
+
+@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_streaming_equals_in_memory(ckpts, tmp_path, monkeypatch, method, params, small):
+    """Identical tensors from disk and from memory; `small` cuts tensors into chunks of a few rows and maps
+    one chunk at a time, so chunking, segments and the per-chunk random draws are exercised."""
+    if small:
+        monkeypatch.setattr("safemerge.merging.engine.CHUNK", 24)
+        monkeypatch.setattr("safemerge.merging.streaming.SEGMENT", 24)
     base, models, bp, mps = ckpts
+    if method == "slerp":
+        models, mps = models[:1], mps[:1]
     out = streaming_merge(method, bp, mps, tmp_path / "out", params, max_shard_size=600, progress=False)
-    got = LazyCheckpoint(out)
+    got = Checkpoint(out)
     assert (out / "model.safetensors.index.json").exists() and (out / "config.json").exists()
     ref = merge(method, base, models, **params)
+    assert list(got.names()) and set(got.names()) == set(ref)
     for k in ref:
-        assert torch.allclose(got.read(k), ref[k], atol=1e-6), (method, k)
+        assert torch.equal(got[k], ref[k]), (method, k)
+    assert not torch.equal(ref["layers.0.attn.q.weight"], base["layers.0.attn.q.weight"])
 
 
 @pytest.mark.parametrize("direct", [0, 1 << 24])
 def test_global_threshold_is_exact(ckpts, monkeypatch, direct):
-    """Radix selection (direct = 0) and in-memory selection give kthvalue's threshold."""
-    monkeypatch.setattr("safemerge.merging.streaming.DIRECT_SELECT", direct)
+    """Sampled (direct = 0) and exact first passes give kthvalue's threshold, and keep exactly k entries."""
+    monkeypatch.setattr("safemerge.merging.engine.EXACT_BELOW", direct)
     base, models, bp, mps = ckpts
-    tv = {k: v for k, v in task_vectors(base, [models[0]])[0].items()}
+    tv = task_vectors(base, [models[0]])[0]
+    flat = torch.cat([tv[k].abs().flatten() for k in sorted(tv)])
     for density in (0.01, 0.2, 0.5, 1.0):
-        thr = magnitude_threshold(LazyCheckpoint(bp), LazyCheckpoint(mps[0]), density)
-        flat = torch.cat([v.abs().flatten() for v in tv.values()])
-        k = max(1, int(round(density * flat.numel())))
-        assert thr == float(flat.kthvalue(flat.numel() - k + 1).values)
-        mask = _topk_mask_global(tv, density)
-        assert sum(int(m.sum()) for m in mask.values()) == sum(int((v.abs() >= thr).sum()) for v in tv.values())
+        on_disk = global_cuts(__import__("safemerge.merging.streaming", fromlist=["x"]).CheckpointInputs(
+            Checkpoint(bp), [Checkpoint(mps[0])]), [density])
+        in_memory = global_cuts(StateDictInputs(base, [models[0]]), [density])
+        assert on_disk == in_memory
+        k = flat.numel() if density >= 1 else max(1, int(density * flat.numel()))
+        cut = next(iter(in_memory.values()))[0]
+        if k < flat.numel():
+            assert cut.value == float(flat.kthvalue(flat.numel() - k + 1).values)
+        kept = merge("ties", base, [models[0]], density=density, scaling=1.0)
+        n_kept = sum(int((kept[n] != base[n]).sum()) for n in tv)
+        assert n_kept == k
 
 
 def test_bf16_in_bf16_out_computed_in_fp32(tmp_path):
@@ -101,12 +137,13 @@ def test_bf16_in_bf16_out_computed_in_fp32(tmp_path):
     models = [_state(i + 1, base, torch.bfloat16) for i in range(2)]
     bp = _write(base, tmp_path / "b", 1)
     mps = [_write(m, tmp_path / f"m{i}", 1) for i, m in enumerate(models)]
-    out = LazyCheckpoint(streaming_merge("task_arithmetic", bp, mps, tmp_path / "o", {"scaling": 0.5}, progress=False))
+    out = Checkpoint(streaming_merge("task_arithmetic", bp, mps, tmp_path / "o", {"scaling": 0.5}, progress=False))
     ref = merge("task_arithmetic", base, models, scaling=0.5)
-    assert out.read("embed.weight").dtype == torch.bfloat16 and torch.equal(out.read("embed.weight"), ref["embed.weight"])
-    f32 = LazyCheckpoint(streaming_merge("task_arithmetic", bp, mps, tmp_path / "o32", {"scaling": 0.5},
-                                         out_dtype="float32", progress=False))
-    assert f32.read("embed.weight").dtype == torch.float32
+    assert out["embed.weight"].dtype == torch.bfloat16 and torch.equal(out["embed.weight"], ref["embed.weight"])
+    f32 = Checkpoint(streaming_merge("task_arithmetic", bp, mps, tmp_path / "o32", {"scaling": 0.5},
+                                     out_dtype="float32", progress=False))
+    assert f32["embed.weight"].dtype == torch.float32
+    assert f32["step"].dtype == torch.int64  # integer tensors keep their dtype
 
 
 def _expect_error(fn, pattern: str, out: Path):
@@ -123,7 +160,7 @@ def test_bad_inputs(ckpts, tmp_path):
     shard = sorted(mps[0].glob("*.safetensors"))[0]
     raw = shard.read_bytes()
     shard.write_bytes(raw[: len(raw) - 20])
-    _expect_error(lambda: streaming_merge("ties", bp, mps, out, progress=False), "truncated file", out)
+    _expect_error(lambda: streaming_merge("ties", bp, mps, out, progress=False), "truncated or corrupt", out)
     shard.write_bytes(raw)
     # a missing tensor
     m = dict(models[1])
@@ -135,12 +172,22 @@ def test_bad_inputs(ckpts, tmp_path):
     m["layers.0.attn.q.weight"] = torch.zeros(8, 4)
     _expect_error(lambda: streaming_merge("ties", bp, [_write(m, tmp_path / "shape", 1)], out, progress=False),
                   "'layers.0.attn.q.weight' has shape", out)
+    # an integer tensor where the base has a float one
+    m = dict(models[1])
+    m["norm.weight"] = torch.zeros(8, dtype=torch.int64)
+    _expect_error(lambda: streaming_merge("ties", bp, [_write(m, tmp_path / "dtype", 1)], out, progress=False),
+                  "'norm.weight' is int64", out)
+    # options are refused before any file is opened
+    _expect_error(lambda: streaming_merge("ties", tmp_path / "nowhere", mps, out, {"densty": 0.2}, progress=False),
+                  "has no parameter 'densty'", out)
+    _expect_error(lambda: streaming_merge("ties", bp, mps, out, weights=[1.0, 2.0], progress=False),
+                  "'weight' has 2 values for 3 models", out)
     # NaN met while streaming: the half-written output is removed
     m = dict(models[1])
     m["layers.1.mlp.fc1.weight"] = m["layers.1.mlp.fc1.weight"].clone()
     m["layers.1.mlp.fc1.weight"][0, 0] = float("nan")
     _expect_error(lambda: streaming_merge("task_arithmetic", bp, [mps[0], _write(m, tmp_path / "nan", 1)], out,
-                                          progress=False), "NaN or inf", out)
+                                          progress=False), "nan.*'layers.1.mlp.fc1.weight' holds NaN or inf", out)
 
 
 def test_mergekit_config_cli(ckpts, tmp_path):
@@ -150,12 +197,13 @@ def test_mergekit_config_cli(ckpts, tmp_path):
     path = tmp_path / "mk.yaml"
     path.write_text(yaml.safe_dump(cfg))
     plan = load_mergekit_config(path)
-    assert plan.method == "ties" and plan.params == {"density": 0.3, "trim": "tensor", "scaling": 1.0}
+    assert plan.method == "ties" and plan.params == {"normalize": True, "scaling": 1.0, "density": 0.3,
+                                                     "trim": "tensor", "weight": 1.0}
     res = runner.invoke(app, ["merge", "--mergekit", str(path), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     ref = merge("ties", base, models, density=0.3, trim="tensor")
-    got = LazyCheckpoint(tmp_path / "o")
-    assert all(torch.allclose(got.read(k), ref[k], atol=1e-6) for k in ref)
+    got = Checkpoint(tmp_path / "o")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
     # task arithmetic with per-model weights and lambda
     cfg.update(merge_method="task_arithmetic", parameters={"lambda": 0.5})
     cfg["models"] = [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(mps, (1.0, 0.5, 0.25))]
@@ -165,13 +213,49 @@ def test_mergekit_config_cli(ckpts, tmp_path):
     tvs = task_vectors(base, models)
     want = base["embed.weight"] + 0.5 * (tvs[0]["embed.weight"] + 0.5 * tvs[1]["embed.weight"]
                                          + 0.25 * tvs[2]["embed.weight"])
-    assert torch.allclose(LazyCheckpoint(tmp_path / "o2").read("embed.weight"), want, atol=1e-5)
-    # an unsupported key is one line
-    cfg["slices"] = []
+    assert torch.allclose(Checkpoint(tmp_path / "o2")["embed.weight"], want, atol=1e-5)
+    # per-model densities, mergekit's defaults (dare_linear: no normalisation, rescale)
+    cfg.update(merge_method="dare_linear", parameters={})
+    cfg["models"] = [{"model": str(p), "parameters": {"weight": 1.0, "density": d}} for p, d in zip(mps, (.3, .5, .7))]
     path.write_text(yaml.safe_dump(cfg))
-    res = runner.invoke(app, ["merge", "--mergekit", str(path), "--out", str(tmp_path / "o3")])
-    assert res.exit_code == 2 and "slices: unsupported mergekit key" in res.output
-    assert not (tmp_path / "o3").exists()
+    plan = load_mergekit_config(path)
+    assert plan.method == "dare" and plan.params["density"] == [0.3, 0.5, 0.7]
+    assert plan.params["normalize"] is False and plan.params["scaling"] == 1.0
+    # slerp: the base and one other model
+    cfg.update(merge_method="slerp", parameters={"t": 0.3})
+    cfg["models"] = [{"model": str(bp)}, {"model": str(mps[0])}]
+    path.write_text(yaml.safe_dump(cfg))
+    plan = load_mergekit_config(path)
+    assert plan.method == "slerp" and plan.models == [str(mps[0])] and plan.params == {"t": 0.3}
+    # an unsupported key, a bad option and a bad count are one line, before any file is opened
+    for change, pattern in [({"slices": []}, "slices: unsupported mergekit key"),
+                            ({"merge_method": "ties", "parameters": {"normalize": "maybe"}}, "parameter 'normalize'"),
+                            ({"merge_method": "model_stock", "parameters": {},
+                              "models": [{"model": str(mps[0])}]}, "at least 2 model")]:
+        bad = {**cfg, **change}
+        path.write_text(yaml.safe_dump(bad))
+        res = runner.invoke(app, ["merge", "--mergekit", str(path), "--out", str(tmp_path / "o3")])
+        assert res.exit_code == 2 and pattern in res.output.replace("\n", " "), res.output
+        assert not (tmp_path / "o3").exists()
+
+
+def test_output_permissions_and_error_below_the_bar(ckpts, tmp_path, capsys):
+    base, models, bp, mps = ckpts
+    out = streaming_merge("task_arithmetic", bp, mps, tmp_path / "perm", progress=False)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir())
+    m = dict(models[1])
+    m["norm.weight"] = torch.full((8,), float("inf"))
+    with pytest.raises(SafeMergeError):
+        streaming_merge("task_arithmetic", bp, [mps[0], _write(m, tmp_path / "inf", 1)], tmp_path / "o", progress=True)
+    err = capsys.readouterr().err
+    assert err.endswith("\n")  # the bar was closed before the error propagates: the message gets its own line
+
+
+def test_sharded_folder_loads_everywhere(ckpts):
+    base, models, bp, mps = ckpts
+    sd = load_state_dict(mps[0])
+    assert set(sd) == set(models[0]) and all(torch.equal(sd[k], models[0][k]) for k in sd)
 
 
 def test_checkpoint_of_another_base_is_refused(ckpts, tmp_path):

@@ -61,13 +61,13 @@ class MergekitPlan:
     out_dtype: str | None = None
 
 
-def _scalar(value, where: str, path: Path) -> float | bool:
-    if isinstance(value, bool):
-        return value
-    if not isinstance(value, (int, float)):
+def _scalar(value, where: str, path: Path):
+    """A scalar parameter (its type is checked by the method's options); mergekit's per-layer gradients
+    (lists) and filters (mappings) are refused."""
+    if isinstance(value, (list, dict)):
         raise SafeMergeError(f"{path}: {where}: only scalar values are supported (got {value!r}; "
-                             "per-layer gradients are not)")
-    return float(value)
+                             "per-layer gradients and filters are not)")
+    return value
 
 
 def load_mergekit_config(path: str | Path) -> MergekitPlan:
@@ -136,7 +136,7 @@ def load_mergekit_config(path: str | Path) -> MergekitPlan:
     resolve = (lambda p: str((rel / p).resolve()) if not Path(p).expanduser().is_absolute() and (rel / p).exists()
                else str(Path(p).expanduser()))
     weights = params.get("weight", 1.0)
-    weights = weights if isinstance(weights, list) else [float(weights)] * len(models)
+    weights = [float(w) for w in weights] if isinstance(weights, list) else [float(weights)] * len(models)
     from .methods import check_model_count, check_per_model
 
     entry = registry.get(method, "merge")

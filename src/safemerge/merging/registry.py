@@ -113,14 +113,20 @@ def get(name: str, kind: Kind | Sequence[Kind] | None = None) -> Entry:
 
 
 def options_error(name: str, e: ValidationError, where: str = "", word: str = "merge method") -> str:
-    """A pydantic error on an options model as one line naming the option."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
+    """A pydantic error on an options model as one line naming the option (the first one that is wrong)."""
+    errs = e.errors()
+    err = errs[0]
+    key = str(err["loc"][0]) if err["loc"] else "(options)"
+    loc = ".".join([key, *(str(x) for x in err["loc"][1:] if isinstance(x, int))])
+    others = {str(x["loc"][0]) for x in errs if x["loc"]} - {key}
     prefix = f"{where}: " if where else ""
-    more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    more = f" (+{len(others)} more)" if others else ""
     if err["type"] == "extra_forbidden":
         return f"{prefix}{word} '{name}' has no parameter '{loc}'{more}"
-    return f"{prefix}{word} '{name}': parameter '{loc}': {err['msg']}{more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:
+        return f"{prefix}{word} '{name}': {msg}{more}"
+    return f"{prefix}{word} '{name}': parameter '{loc}': {msg}{more}"
 
 
 def validate(name: str, params: dict[str, Any] | None = None, kind: Kind | Sequence[Kind] | None = None,
