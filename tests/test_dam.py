@@ -86,8 +86,9 @@ def test_concrete_ta_keeps_its_lambda_and_exact_inner_runs(tiny_vision):
     _, info = concrete_adamerging(bb.model, base, models, heads, xs, enc, mask_steps=2, adamerging_steps=1,
                                   inner="exact", granularity="task", progress=False)
     assert info["lambdas"].shape == (2,)
-    with pytest.raises(SafeMergeError, match="masks must be"):
-        dam(bb.model, base, models, heads, xs, enc, masks="three", progress=False)
+    pool = Pool(bb.model, base, models, heads, xs, xs, enc, progress=False)
+    with pytest.raises(SafeMergeError, match="dam': parameter 'masks'"):  # refused by the registry, before a run
+        run_pool_method("dam", pool, masks="three")
     with pytest.raises(SafeMergeError, match="one head and one input set per model"):
         dam(bb.model, base, models, heads[:1], xs, enc, progress=False)
 

@@ -62,7 +62,7 @@ def test_ties_disjoint_mean_and_weights():
 
 
 def test_sign_consensus_is_mergekits():
-    d = [torch.tensor([1.0, -2.0, 1.0, 0.0]), torch.tensor([-1.0, -1.0, 3.0, 0.0])]
+    d = torch.tensor([[1.0, -2.0, 1.0, 0.0], [-1.0, -1.0, 3.0, 0.0]])
     mixed, div = sign_consensus(d, [1.0, 1.0])
     assert torch.equal(mixed, torch.tensor([1.0, -3.0, 4.0, 0.0]))  # zero sum elects +
     assert torch.equal(div, torch.tensor([1.0, 2.0, 2.0, 1.0]))  # nobody agrees -> 1
@@ -157,7 +157,7 @@ def test_select_cuts_is_exact_with_ties(monkeypatch, sample):
     x = torch.randint(-50, 50, (5000,), generator=g).float() / 7  # many ties
     chunks = list(x.split(333))
     for k in (1, 17, 1000, 2500, 4999, 5000):
-        cut = select_cuts(lambda: ((0, c.abs()) for c in chunks), [x.numel()], [[k]])[0][0]
+        cut = select_cuts(lambda every=1: ((0, c.abs()) for c in chunks), [x.numel()], [[k]])[0][0]
         order = torch.argsort(x.abs(), descending=True, stable=True)
         want = torch.zeros(x.numel(), dtype=torch.bool)
         want[order[:k]] = True

@@ -67,27 +67,19 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return acc
 
 
-def sign_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES's sign election and disjoint sum (mergekit's 'sum' consensus): per entry the sign of sum_i d_i wins
-    (a zero sum elects +), and only the non-zero d_i of that sign are summed. `deltas` are already weighted;
-    returns (that sum, the summed weights of the models that agree, 1 where none does)."""
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total.add_(d)
-    elect = total.sign_().add_(1).clamp_(max=1)  # 1 where the sum is >= 0
-    pos = deltas[0].clamp(min=0)
-    neg = deltas[0].clamp(max=0)
-    for d in deltas[1:]:
-        pos.add_(d.clamp(min=0))
-        neg.add_(d.clamp(max=0))
-    w_pos = torch.zeros_like(pos)
-    w_neg = torch.zeros_like(pos)
-    for d, w in zip(deltas, weights):
-        s = d.sign()
-        w_pos.add_(s.clamp(min=0), alpha=w)
-        w_neg.sub_(s.clamp_(max=0), alpha=w)
-    mixed = torch.lerp(neg, pos, elect)
-    divisor = torch.lerp(w_neg, w_pos, elect)
+def sign_consensus(deltas: torch.Tensor, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES's sign election and disjoint sum (mergekit's 'sum' consensus) over the rows of `deltas` [models,
+    n] (already weighted; overwritten): per entry the sign of sum_i d_i wins (a zero sum elects +), and only the
+    non-zero d_i of that sign are summed. Returns (that sum, the summed weights of the models that agree, 1
+    where none does)."""
+    elect = deltas.sum(0).sign_().add_(1).sign_().mul_(2).sub_(1)  # +1 where the sum is >= 0, else -1
+    agree = deltas.mul_(elect).clamp_(min=0)  # |d| where d has the elected sign, else 0
+    mixed = agree.sum(0).mul_(elect)
+    agree.sign_()
+    if all(w == 1.0 for w in weights):
+        divisor = agree.sum(0)
+    else:
+        divisor = torch.matmul(torch.tensor(list(weights), dtype=agree.dtype), agree)
     divisor.add_(1 - divisor.abs().sign())  # no agreeing model: divide by 1
     return mixed, divisor
 
@@ -125,8 +117,7 @@ def keep_level(p: float) -> int:
 
 def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: float) -> torch.Tensor:
     """DARE's Bernoulli(`density`) keep mask of one chunk, as float32 0/1."""
-    keep = uniform16(seed, index, name, chunk, n) < keep_level(density)
-    return torch.from_numpy(keep.view(np.uint8)).to(torch.float32)
+    return torch.from_numpy((uniform16(seed, index, name, chunk, n) < keep_level(density)).astype(np.float32))
 
 
 def dare_keep(name: str, shape: Sequence[int], density: float, seed: int, index: int) -> torch.Tensor:
@@ -181,27 +172,30 @@ class Pruner:
         self.left = cut.ties
         self.below = _below(cut.value) if cut.value > 0 else 0.0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x with the entries outside the top k set to zero (a fresh tensor, or x itself when all are kept)."""
+    def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """x with the entries outside the top k set to zero (a fresh tensor, or x itself: `inplace`, or all
+        entries kept)."""
         c = self.cut
         if c.keeps_all or (c.k > 0 and c.value == 0.0):  # a zero threshold keeps every non-zero entry
             return x
         if c.k == 0:
-            return torch.zeros_like(x)
+            return x.zero_() if inplace else torch.zeros_like(x)
+        out = x if inplace else None
         if c.ties == c.n_equal:  # every entry equal to the threshold is kept
-            return F.hardshrink(x, self.below)
+            return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
         if self.left == 0:
-            return F.hardshrink(x, c.value)
+            return torch.hardshrink(x, c.value, out=out) if inplace else F.hardshrink(x, c.value)
         eq = x.abs() == c.value
         n = int(eq.sum())
         if n <= self.left:
             self.left -= n
-            return F.hardshrink(x, self.below)
-        out = F.hardshrink(x, c.value)
+            return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
         idx = eq.reshape(-1).nonzero()[: self.left, 0]
-        out.view(-1)[idx] = x.reshape(-1)[idx]
+        kept = x.reshape(-1)[idx].clone()
+        res = torch.hardshrink(x, c.value, out=out) if inplace else F.hardshrink(x, c.value)
+        res.view(-1)[idx] = kept
         self.left = 0
-        return out
+        return res
 
     def mask(self, a: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask of a chunk of magnitudes (exactly k True over the whole stream)."""
@@ -223,11 +217,12 @@ def _bits(a: torch.Tensor) -> torch.Tensor:
     return a.contiguous().view(torch.int32)
 
 
-def select_cuts(stream: Callable[[], Iterable[tuple[int, torch.Tensor]]], totals: Sequence[int],
+def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], totals: Sequence[int],
                 ks: Sequence[Sequence[int]]) -> list[list[Cut]]:
-    """Exact top-k cuts of several streams of magnitudes at once. `stream()` yields (i, chunk of |x_i|) pairs,
-    float32 >= 0, the same chunks in the same order on every call; stream i has totals[i] entries and gets one
-    Cut per k in ks[i]. Two passes over the streams (three when a sampled guess misses)."""
+    """Exact top-k cuts of several streams of magnitudes at once. `stream(every)` yields (i, chunk of |x_i|)
+    pairs, float32 >= 0, the same chunks in the same order on every call (with every > 1 it may yield a sample
+    of each chunk instead, e.g. every so many rows); stream i has totals[i] entries and gets one Cut per k in
+    ks[i]. Two passes over the streams (three when the sampled first pass misses)."""
     cuts: list[list[Cut | None]] = [[None] * len(kk) for kk in ks]
     todo = []
     for i, kk in enumerate(ks):
@@ -241,16 +236,23 @@ def select_cuts(stream: Callable[[], Iterable[tuple[int, torch.Tensor]]], totals
     for attempt in range(2):
         if not todo:
             break
-        # pass 1: histogram of the high 16 bits (sampled for long streams)
+        # pass 1: histogram of the high 16 bits (of a sample, for long streams)
         hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in streams}
         seen = dict.fromkeys(streams, 0)
-        for i, a in stream():
+        sampled = not all(exact.values())
+        for i, a in (stream(SAMPLE) if sampled else stream(1)):
             if i in hist:
                 b = _bits(a).reshape(-1)
-                if not exact[i]:
-                    b = b[::SAMPLE]
+                if sampled and exact[i]:
+                    continue
                 seen[i] += b.numel()
                 hist[i] += torch.bincount(b >> 16, minlength=1 << 16)
+        if sampled and any(exact.values()):  # short streams next to long ones: their own exact pass
+            for i, a in stream(1):
+                if i in hist and exact[i]:
+                    b = _bits(a).reshape(-1)
+                    seen[i] += b.numel()
+                    hist[i] += torch.bincount(b >> 16, minlength=1 << 16)
         windows = {}
         for i, q in todo:
             n, k = totals[i], ks[i][q]
@@ -262,7 +264,7 @@ def select_cuts(stream: Callable[[], Iterable[tuple[int, torch.Tensor]]], totals
             windows[(i, q)] = (lo, hi - lo + 1)
         # pass 2: exact counts of every bit pattern in the window, and of those below and above it
         counts = {key: torch.zeros(nb * 65536 + 2, dtype=torch.int64) for key, (lo, nb) in windows.items()}
-        for i, a in stream():
+        for i, a in stream(1):
             if i not in hist:
                 continue
             b = _bits(a).reshape(-1)
@@ -299,7 +301,7 @@ def topk_masks(tensors: Mapping[str, torch.Tensor], share: float, scope: str = "
     for group in groups:
         flat = [tensors[n].float().abs().reshape(-1) for n in group]
         total = sum(x.numel() for x in flat)
-        cut = select_cuts(lambda: ((0, x) for x in flat), [total], [[int(round(share * total))]])[0][0]
+        cut = select_cuts(lambda every=1: ((0, x) for x in flat), [total], [[int(round(share * total))]])[0][0]
         keep = Pruner(cut)
         for n, x in zip(group, flat):
             out[n] = keep.mask(x).view(tensors[n].shape)
@@ -369,10 +371,19 @@ class Chunk:
             return (self.numel,)
         return (self.numel // row_length(shape), *shape[1:])
 
-    def load(self, j: int) -> torch.Tensor:
-        """Input j (0: base, 1 + i: model i) as a fresh float32 tensor, its sum added to the finiteness check."""
-        x = self.seg.raw[j][self.start - self.seg.start: self.stop - self.seg.start].to(torch.float32, copy=True)
-        self.job.sums[j] += x.sum(dtype=torch.float64)
+    def raw(self, j: int, every: int = 1) -> torch.Tensor:
+        """Input j (0: base, 1 + i: model i) as stored; `every` > 1: every so many rows (a sample)."""
+        raw = self.seg.raw[j][self.start - self.seg.start: self.stop - self.seg.start]
+        if every > 1:
+            rows = self.rows()
+            raw = raw.view(rows)[::every] if rows[0] >= every else raw[::every]
+        return raw
+
+    def load(self, j: int, every: int = 1, check: bool = True) -> torch.Tensor:
+        """Input j as a fresh flat float32 tensor; `check`: its sum joins the finiteness check."""
+        x = self.raw(j, every).to(torch.float32, copy=True).reshape(-1)
+        if check:
+            self.job.checksum += x.sum()
         return x
 
     def base(self) -> torch.Tensor:
@@ -388,6 +399,18 @@ class Chunk:
         """Task vector of model i (fresh)."""
         return self.model(i).sub_(self.base())
 
+    def models(self, every: int = 1, check: bool = True) -> torch.Tensor:
+        """Every model's chunk as rows of one float32 [models, n] tensor (the job's reused buffer: it is
+        overwritten by the next chunk, so keep nothing that views it)."""
+        first = self.raw(1, every)
+        n = first.numel()
+        buf = self.job.buffer(self.job.n_models, n)
+        for i in range(self.job.n_models):
+            buf[i].view(first.shape).copy_(self.raw(1 + i, every) if i else first)
+        if check:
+            self.job.checksum += buf.sum()
+        return buf
+
 
 class TensorJob:
     """One floating-point tensor to merge: its chunks, as often as a method passes over them."""
@@ -398,7 +421,13 @@ class TensorJob:
         self.numel = math.prod(self.shape)
         self.n_models = inputs.n_models
         self.grid = grid(self.shape)
-        self.sums = [torch.zeros((), dtype=torch.float64) for _ in range(1 + self.n_models)]
+        self.checksum = torch.zeros(())
+        self._buf: torch.Tensor | None = None
+
+    def buffer(self, m: int, n: int) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < m * n:
+            self._buf = torch.empty(m * n)
+        return self._buf[: m * n].view(m, n)
 
     def chunks(self) -> Iterator[Chunk]:
         c = 0
@@ -408,15 +437,18 @@ class TensorJob:
                 yield Chunk(self, seg, c, s, e)
                 c += 1
 
-    def tv_stream(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(i, |tau_i| chunk) for every chunk and model: the magnitude stream of per-tensor top-k."""
+    def tv_stream(self, every: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+        """(i, |tau_i| chunk) for every chunk and model: the magnitude stream of per-tensor top-k (with `every`
+        > 1, a sample of its rows, for `select_cuts`' first pass). Chunks are views of a reused buffer."""
         for ch in self.chunks():
+            x = ch.models(every, check=False)
+            x.sub_(ch.load(0, every, check=False)).abs_()
             for i in range(self.n_models):
-                yield i, ch.tv(i).abs_()
+                yield i, x[i]
 
     def check_finite(self) -> None:
         """Refuse the tensor if an input chunk held NaN or inf, naming the first such input exactly."""
-        if all(math.isfinite(float(s)) for s in self.sums):
+        if math.isfinite(float(self.checksum)):
             return
         for j in range(1 + self.n_models):
             for seg in self.inputs.segments(self.name):

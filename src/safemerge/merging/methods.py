@@ -126,9 +126,9 @@ def global_cuts(inputs: Inputs, densities: Sequence[float]) -> dict[str, list[Cu
     total = sum(j.numel for j in jobs)
     m = inputs.n_models
 
-    def stream():
+    def stream(every: int = 1):
         for job in jobs:
-            yield from job.tv_stream()
+            yield from job.tv_stream(every)
 
     cuts = [c[0] for c in select_cuts(stream, [total] * m, [[magnitude_k(d, total)] for d in densities])]
     out = {n: list(cuts) for n in names}
@@ -165,15 +165,22 @@ class TaskArithmetic:
         return None
 
     def _pruners(self, job: TensorJob, dens: list[float], o: Any, state: Any) -> list | None:
+        """Per model, an in-place function that zeroes what the magnitude trim (or breadcrumbs' band) drops."""
         n, m = job.numel, job.n_models
         if self.sparsify == "magnitude":
             cuts = state[job.name] if state is not None else [
                 c[0] for c in select_cuts(job.tv_stream, [n] * m, [[magnitude_k(d, n)] for d in dens])]
-            return [Pruner(c) for c in cuts]
+            return [lambda x, p=Pruner(c): p(x, inplace=True) for c in cuts]
         if self.sparsify == "breadcrumbs":
             cuts = select_cuts(job.tv_stream, [n] * m, [list(breadcrumbs_ks(d, o.gamma, n)) for d in dens])
-            pairs = [(Pruner(a), Pruner(b)) for a, b in cuts]
-            return [lambda x, p=p: p[1](x) - p[0](x) if not p[0].cut.k == 0 else p[1](x) for p in pairs]
+
+            def band(x: torch.Tensor, top: Pruner, keep: Pruner) -> None:
+                outliers = top(x) if top.cut.k > 0 else None  # the k1 largest, to take back out
+                keep(x, inplace=True)
+                if outliers is not None:
+                    x.sub_(outliers)
+
+            return [lambda x, a=Pruner(c1), b=Pruner(c2): band(x, a, b) for c1, c2 in cuts]
         return None
 
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
@@ -181,33 +188,35 @@ class TaskArithmetic:
         w = per_model(o.weight, m, "weight")
         dens = per_model(getattr(o, "density", 1.0), m, "density")
         prune = self._pruners(job, dens, o, state)
+        # the factor of each sparsified task vector: its weight, and DARE's 1 / density
+        scale = [wi / d if self.sparsify == "random" and o.rescale and d < 1 else wi for wi, d in zip(w, dens)]
         total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+        wv, sv = torch.tensor(w), torch.tensor(scale)[:, None]
+        plain = self.sparsify == "none" and not self.consensus
         for ch in job.chunks():
             b = ch.base()
-            deltas = []
-            acc = None
-            for i in range(m):
-                d = ch.model(i).sub_(b)
-                scale = w[i]
-                if prune is not None:
-                    d = prune[i](d)
-                elif self.sparsify == "random" and dens[i] < 1:
-                    d.mul_(dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
-                    scale = scale / dens[i] if o.rescale else scale
-                elif self.sparsify == "della" and dens[i] < 1:
-                    d.mul_(della_mask(d.view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name, ch.index,
-                                      o.rescale).reshape(-1))
+            x = ch.models()
+            if plain:  # sum_i w_i (theta_i - theta_0) = w @ theta - (sum_i w_i) theta_0: one pass over the models
+                acc = torch.matmul(wv, x).sub_(b, alpha=sum(w))
+            else:
+                x.sub_(b)  # task vectors
+                for i in range(m):
+                    if prune is not None:
+                        prune[i](x[i])
+                    elif self.sparsify == "random" and dens[i] < 1:
+                        x[i].mul_(dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
+                    elif self.sparsify == "della" and dens[i] < 1:
+                        x[i].mul_(della_mask(x[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
+                                             ch.index, o.rescale).reshape(-1))
+                if any(f != 1 for f in scale):
+                    x.mul_(sv)
                 if self.consensus:
-                    deltas.append(d.mul_(scale) if scale != 1 else d)
-                elif acc is None:
-                    acc = d.mul_(scale) if scale != 1 else d
+                    acc, divisor = sign_consensus(x, w)
+                    if o.normalize:
+                        acc.div_(divisor)
                 else:
-                    acc.add_(d, alpha=scale)
-            if self.consensus:
-                acc, divisor = sign_consensus(deltas, w)
-                if o.normalize:
-                    acc.div_(divisor)
-            elif o.normalize:
+                    acc = x.sum(0)
+            if not self.consensus and o.normalize:
                 acc.div_(total_w)
             if o.scaling != 1:
                 acc.mul_(o.scaling)
@@ -229,12 +238,9 @@ class Linear:
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
         w = per_model(o.weight, job.n_models, "weight")
         total = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+        wv = torch.tensor(w)
         for ch in job.chunks():
-            acc = ch.model(0)
-            if w[0] != 1:
-                acc.mul_(w[0])
-            for i in range(1, job.n_models):
-                acc.add_(ch.model(i), alpha=w[i])
+            acc = torch.matmul(wv, ch.models())
             yield acc.div_(total) if o.normalize else acc
 
 
