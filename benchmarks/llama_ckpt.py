@@ -58,8 +58,8 @@ def n_params(dims: dict) -> int:
 
 
 def write_checkpoint(folder: Path, dims: dict, seed: int, base: Path | None, shard_bytes: int = 1 << 30,
-                     noise: float = 0.002) -> None:
-    """A bf16 sharded HF folder; a fine-tune = base + `noise` * N(0, 1) (read back shard by shard)."""
+                     noise: float = 0.002, dtype: torch.dtype = torch.bfloat16) -> None:
+    """A sharded HF folder (bf16 by default); a fine-tune = base + `noise` * N(0, 1) (read shard by shard)."""
     shapes = llama_shapes(dims)
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -67,12 +67,12 @@ def write_checkpoint(folder: Path, dims: dict, seed: int, base: Path | None, sha
     shards, cur, size = [], {}, 0
     for name, shape in shapes.items():
         if base_ck is None:
-            t = (torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)).to(torch.bfloat16)
+            t = (torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)).to(dtype)
         else:
             b = base_ck[name].float()
-            t = (b + noise * torch.randn(shape, generator=g)).to(torch.bfloat16)
+            t = (b + noise * torch.randn(shape, generator=g)).to(dtype)
         cur[name] = t
-        size += t.numel() * 2
+        size += t.numel() * t.itemsize
         if size >= shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
@@ -83,26 +83,27 @@ def write_checkpoint(folder: Path, dims: dict, seed: int, base: Path | None, sha
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(sd, folder / fname, metadata={"format": "pt"})
         wm.update({k: fname for k in sd})
-    total = sum(math.prod(s) * 2 for s in shapes.values())
+    total = sum(math.prod(s) * dtype.itemsize for s in shapes.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": wm}))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": str(dtype).split(".")[-1],
            "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **dims}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def make_checkpoints(work: Path, dims: dict, n_models: int = 3) -> None:
+def make_checkpoints(work: Path, dims: dict, n_models: int = 3, dtype: torch.dtype = torch.bfloat16) -> None:
     """base + ft1..ftN under `work` (kept if already there with the same dims)."""
     stamp = work / "dims.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {**dims, "models": n_models}:
+    want = {**dims, "models": n_models, "dtype": str(dtype)}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
         return
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-    write_checkpoint(work / "base", dims, 0, None)
+    write_checkpoint(work / "base", dims, 0, None, dtype=dtype)
     for i in range(1, n_models + 1):
-        write_checkpoint(work / f"ft{i}", dims, i, work / "base")
-    stamp.write_text(json.dumps({**dims, "models": n_models}))
+        write_checkpoint(work / f"ft{i}", dims, i, work / "base", dtype=dtype)
+    stamp.write_text(json.dumps(want))
 
 
 def mergekit_config(method: str, work: Path, out_dtype: str = "bfloat16") -> dict:
@@ -129,8 +130,12 @@ def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), (e - 8).to(torch.int32))
 
 
+NOISE_FLOOR = 1e-6  # float32 noise where a result cancels to near zero (a bf16 step at the weights' scale: ~1e-4)
+
+
 def compare(a: Path, b: Path) -> dict:
-    """Deterministic methods: max abs difference, and whether every entry is within one bf16 rounding step."""
+    """Deterministic methods: max abs difference, and whether every entry is within one bf16 rounding step
+    (of the larger of the two values, or NOISE_FLOOR absolute)."""
     ca, cb = Checkpoint(a), Checkpoint(b)
     worst, worst_name, n_diff, beyond, total = 0.0, None, 0, 0, 0
     for name in ca.names():
@@ -138,7 +143,7 @@ def compare(a: Path, b: Path) -> dict:
         d = (x - y).abs()
         m = float(d.max()) if d.numel() else 0.0
         n_diff += m > 0
-        beyond += int((d > _bf16_ulp(torch.maximum(x.abs(), y.abs()))).sum())
+        beyond += int((d > _bf16_ulp(torch.maximum(x.abs(), y.abs())).clamp_min(NOISE_FLOOR)).sum())
         total += d.numel()
         if m > worst:
             worst, worst_name = m, name

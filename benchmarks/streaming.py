@@ -1,13 +1,23 @@
-"""Streaming merges against mergekit, in the same run (issue 6).
+"""Streaming merges against the I/O floor and against mergekit, every figure from one run (issue 16).
 
-Generates a Llama-shaped base and 3 fine-tunes in bf16, sharded like a hub checkpoint (TinyLlama-1.1B
-shapes by default: about 2.2 GB each), then merges them with safemerge (`safemerge merge --mergekit`) and
-with mergekit (`mergekit-yaml`, from PyPI in its own venv) on the same TA, TIES and DARE-TIES configs.
-Reports wall time, peak RSS (/usr/bin/time -v) and the max abs difference of the output tensors.
+Generates a Llama-shaped base and 3 fine-tunes in bf16, sharded like a hub checkpoint (TinyLlama-1.1B shapes by
+default: about 2.2 GB each; kept in --workdir between runs), then, in this order:
 
-    python benchmarks/streaming.py --workdir /tmp/streaming-bench   # -> benchmarks/results/streaming-vs-mergekit.{json,md}
+1. warms the page cache (reads every input once, untimed), so every figure below reads from the same cache;
+2. measures the I/O floor: the time to read every input file once (sequential 16 MB reads) and write an output
+   of the merged size once (`io_floor_s`);
+3. per method, merges with safemerge (`safemerge merge --mergekit CONFIG`, its own process) and with mergekit
+   (`mergekit-yaml`, from a venv) on the same config: wall time and peak RSS (/usr/bin/time -v), and the
+   outputs compared (max abs difference and bf16 rounding for deterministic methods; statistics of the merged
+   update for the random ones, whose masks come from different generators).
 
-The mergekit venv: python3 -m venv V && V/bin/pip install torch==2.13.0 mergekit==0.1.5 (pass --mergekit-venv V).
+    python benchmarks/streaming.py                     # full size: run it ALONE on the machine (about an hour
+                                                       # with every method; --methods to choose)
+    python benchmarks/streaming.py --small --workdir /tmp/sb-small --out /tmp/sb-out   # smoke test, ~1 min
+
+-> benchmarks/results/streaming-vs-mergekit.{json,md} (the .md is generated, with the issue's checks).
+The mergekit venv: python3 -m venv --system-site-packages V && V/bin/pip install --no-deps mergekit==0.1.5 &&
+V/bin/pip install torch==2.13.0 accelerate immutables peft sentencepiece   (pass --mergekit-venv V).
 """
 
 from __future__ import annotations
@@ -22,147 +32,141 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
-from safetensors.torch import save_file
 
-from safemerge.bench.suites import device_description
-from safemerge.io import atomic_write_json, atomic_write_text
-from safemerge.merging.streaming import LazyCheckpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_ckpt import (METHODS, RANDOM, SMALL, TINYLLAMA, compare, make_checkpoints, mergekit_config,  # noqa: E402
+                        n_params, random_stats)
 
-LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-             num_attention_heads=32, num_key_value_heads=4)
+from safemerge.bench.suites import device_description  # noqa: E402
+from safemerge.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-
-def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    h, i, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (c["vocab_size"], h)})
-    return shapes
+SAFEMERGE = [sys.executable, "-c", "from safemerge.cli import main; main()"]
+TARGETS = {"ta_vs_floor": 1.3, "ties_vs_ta": 1.5, "speedup": 2.0, "rss_ratio": 0.25}
 
 
-def write_checkpoint(folder: Path, cfg_dims: dict, seed: int, base: Path | None, shard_bytes: int = 1 << 30) -> None:
-    """A bf16 sharded HF folder; a fine-tune = base + small noise (read back shard by shard, low memory)."""
-    shapes = llama_shapes(cfg_dims)
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    base_ck = LazyCheckpoint(base) if base else None
-    shards, cur, size = [], {}, 0
-    for name, shape in shapes.items():
-        if base_ck is None:
-            t = (torch.randn(shape, generator=g) * 0.02 if len(shape) == 2 else torch.ones(shape)).to(torch.bfloat16)
-        else:
-            b = base_ck.read(name).float()
-            t = (b + 0.002 * torch.randn(shape, generator=g)).to(torch.bfloat16)
-        cur[name] = t
-        size += t.numel() * 2
-        if size >= shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-    if cur:
-        shards.append(cur)
-    wm = {}
-    for i, sd in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sd, folder / fname, metadata={"format": "pt"})
-        wm.update({k: fname for k in sd})
-    total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": wm}))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
-           "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **cfg_dims}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+def inputs_of(work: Path) -> list[Path]:
+    return sorted(p for d in ("base", "ft1", "ft2", "ft3") for p in (work / d).glob("*.safetensors"))
 
 
+def read_all(files: list[Path], buf: bytearray) -> int:
+    n = 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while True:
+                got = fh.readinto(buf)
+                if not got:
+                    break
+                n += got
+    return n
 
-def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run under /usr/bin/time -v: wall seconds and peak RSS (MB)."""
-    t = time.time()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
-    wall = time.time() - t
+
+def io_floor(work: Path, out_bytes: int) -> dict:
+    """Read every input file once and write `out_bytes` once (16 MB at a time), as a merge must."""
+    buf = bytearray(16 << 20)
+    files = inputs_of(work)
+    subprocess.run(["sync"])
+    t = time.perf_counter()
+    read = read_all(files, buf)
+    t_read = time.perf_counter() - t
+    target = work / "io-floor.bin"
+    view = memoryview(buf)
+    with open(target, "wb", buffering=0) as fh:
+        left = out_bytes
+        while left:
+            left -= fh.write(view[: min(left, len(buf))])
+    total = time.perf_counter() - t
+    target.unlink()
+    subprocess.run(["sync"])
+    return {"io_floor_s": round(total, 3), "read_s": round(t_read, 3), "write_s": round(total - t_read, 3),
+            "bytes_read": read, "bytes_written": out_bytes}
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run under /usr/bin/time -v: wall seconds, peak RSS (MB), and the machine's load average around it."""
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    wall = time.perf_counter() - t
     if p.returncode != 0:
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
-
-
-def max_abs_diff(a: Path, b: Path) -> dict:
-    ca, cb = LazyCheckpoint(a), LazyCheckpoint(b)
-    worst, worst_name, n_diff = 0.0, None, 0
-    for name in ca.names():
-        d = float((ca.read(name).float() - cb.read(name).float()).abs().max())
-        n_diff += d > 0
-        if d > worst:
-            worst, worst_name = d, name
-    return {"max_abs_diff": worst, "worst_tensor": worst_name, "tensors_differing": n_diff, "tensors": len(ca.names())}
+    out = {"wall_s": round(wall, 2), "peak_rss_mb": round(rss), "load_before": round(load, 2)}
+    m = re.search(r"\((\d+\.\d)s\)\s*$", p.stdout.strip())
+    if m:  # safemerge prints the merge's own time (after interpreter start and imports)
+        out["merge_s"] = float(m.group(1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="/tmp/streaming-bench")
     ap.add_argument("--mergekit-venv", default="/tmp/mkvenv")
-    ap.add_argument("--layers", type=int, default=LLAMA["num_hidden_layers"])
+    ap.add_argument("--no-mergekit", action="store_true", help="safemerge and the I/O floor only")
+    ap.add_argument("--small", action="store_true", help="tiny dimensions (a smoke test of the script)")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--shard-size", default="2GB", help="output shards (mergekit gets the same in parameters)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args(argv)
-    dims = {**LLAMA, "num_hidden_layers": args.layers}
+    dims = dict(SMALL if args.small else TINYLLAMA)
+    if args.layers is not None:
+        dims["num_hidden_layers"] = args.layers
     work = Path(args.workdir)
-    shapes = llama_shapes(dims)
-    n_params = sum(torch.Size(s).numel() for s in shapes.values())
     t0 = time.time()
-    if not (work / "ft3" / "config.json").exists():
-        shutil.rmtree(work, ignore_errors=True)
-        write_checkpoint(work / "base", dims, 0, None)
-        for i in (1, 2, 3):
-            write_checkpoint(work / f"ft{i}", dims, i, work / "base")
+    make_checkpoints(work, dims)
     gen_s = time.time() - t0
-    ckpt_gb = sum(f.stat().st_size for f in (work / "ft1").glob("*.safetensors")) / 1e9
-    configs = {
-        "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.3}},
-        "ties": {"merge_method": "ties", "parameters": {"normalize": True, "lambda": 1.0, "density": 0.2}},
-        "dare_ties": {"merge_method": "dare_ties", "parameters": {"normalize": True, "lambda": 1.0, "density": 0.5}},
-    }
+    ckpt_bytes = sum(f.stat().st_size for f in (work / "ft1").glob("*.safetensors"))
+    read_all(inputs_of(work), bytearray(16 << 20))  # warm the page cache: every figure reads from it
+    floor = io_floor(work, ckpt_bytes)
+    print(f"I/O floor {floor['io_floor_s']} s (read {floor['read_s']} s, write {floor['write_s']} s)", flush=True)
     mk_bin = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
-    sm_bin = Path(sys.executable).parent / "safemerge"
+    use_mk = not args.no_mergekit and mk_bin.exists()
     mk_version = subprocess.run([str(Path(args.mergekit_venv) / "bin" / "python"), "-c",
                                  "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                capture_output=True, text=True).stdout.strip()
+                                capture_output=True, text=True).stdout.strip() if use_mk else None
+    shard_bytes = int(float(args.shard_size.upper().removesuffix("GB")) * 1e9) if args.shard_size.upper().endswith(
+        "GB") else int(args.shard_size)
     rows = []
-    for name, c in configs.items():
-        cfg = {**c, "base_model": str(work / "base"), "dtype": "float32", "out_dtype": "bfloat16",
-               "models": [{"model": str(work / f"ft{i}"), "parameters": {"weight": 1.0}} for i in (1, 2, 3)]}
-        path = work / f"{name}.yaml"
+    for method in args.methods:
+        cfg = mergekit_config(method, work)
+        path = work / f"{method}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        for tool in ("safemerge", "mergekit"):
-            out = work / f"out-{tool}-{name}"
+        row: dict = {"method": method, "random": method in RANDOM}
+        for tool in ("safemerge", "mergekit") if use_mk else ("safemerge",):
+            out = work / f"out-{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"])
-            cmd = ([str(sm_bin), "merge", "--mergekit", str(path), "--out", str(out)] if tool == "safemerge" else
-                   [str(mk_bin), str(path), str(out), "--lazy-unpickle", "--out-shard-size", "1B", "--no-copy-tokenizer",
-                    "--no-write-model-card", "--random-seed", "0", "--quiet"])
-            env = {**os.environ, "TQDM_DISABLE": "1"}
-            r = timed(cmd, env)
-            print(f"{name:16s} {tool:10s} {r['wall_s']:7.1f} s  peak RSS {r['peak_rss_mb']} MB", flush=True)
-            rows.append({"config": name, "tool": tool, **r})
-        diff = max_abs_diff(work / f"out-safemerge-{name}", work / f"out-mergekit-{name}")
-        rows[-1]["vs_safemerge"] = diff
-        sm, mk = rows[-2], rows[-1]
-        sm["speedup_vs_mergekit"] = round(mk["wall_s"] / sm["wall_s"], 2)
-        sm["rss_ratio_vs_mergekit"] = round(sm["peak_rss_mb"] / mk["peak_rss_mb"], 2)
+            cmd = ([*SAFEMERGE, "merge", "--mergekit", str(path), "--out", str(out), "--shard-size", args.shard_size]
+                   if tool == "safemerge" else
+                   [str(mk_bin), str(path), str(out), "--out-shard-size", str(shard_bytes // 2),
+                    "--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"])
+            r = timed(cmd)
+            print(f"{method:16s} {tool:10s} {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mb']:6d} MB  "
+                  f"(load {r['load_before']})", flush=True)
+            row[tool] = r
+        if use_mk:
+            sm, mk = work / f"out-safemerge-{method}", work / f"out-mergekit-{method}"
+            row["outputs"] = random_stats(sm, mk, work / "base") if method in RANDOM else compare(sm, mk)
+            row["speedup_vs_mergekit"] = round(row["mergekit"]["wall_s"] / row["safemerge"]["wall_s"], 2)
+            row["rss_ratio_vs_mergekit"] = round(row["safemerge"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"], 3)
+        row["vs_io_floor"] = round(row["safemerge"]["wall_s"] / max(floor["io_floor_s"], 1e-3), 2)
         for tool in ("safemerge", "mergekit"):
-            shutil.rmtree(work / f"out-{tool}-{name}", ignore_errors=True)
+            shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+        rows.append(row)
+    ta = next((r for r in rows if r["method"] == "task_arithmetic"), None)
+    for r in rows:
+        if ta is not None:
+            r["vs_task_arithmetic"] = round(r["safemerge"]["wall_s"] / ta["safemerge"]["wall_s"], 2)
     result = {"command": "python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
-              "checkpoints": {"shape": "Llama (TinyLlama-1.1B dims)", **dims, "parameters": n_params,
-                              "dtype": "bfloat16", "gb_each": round(ckpt_gb, 2), "models": 3, "generate_s": round(gen_s, 1)},
-              "mergekit_version": mk_version, "rows": rows}
+              **floor,
+              "checkpoints": {"shape": "Llama (TinyLlama-1.1B dims)" if not args.small else "Llama (small dims)",
+                              **dims, "parameters": n_params(dims), "dtype": "bfloat16",
+                              "gb_each": round(ckpt_bytes / 1e9, 3), "models": 3, "generate_s": round(gen_s, 1)},
+              "mergekit_version": mk_version, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "streaming-vs-mergekit.json", result)
@@ -173,20 +177,70 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _check(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
 def markdown(r: dict) -> str:
     c = r["checkpoints"]
-    lines = ["# Streaming merge: safemerge vs mergekit", "", f"Command: `{r['command']}`  ",
-             f"Device: {r['device']}; mergekit {r['mergekit_version']}.  ",
-             f"Inputs: a base and {c['models']} fine-tunes, {c['parameters'] / 1e9:.2f} B parameters each, "
-             f"{c['dtype']}, {c['gb_each']} GB each, sharded.", "",
-             "| config | tool | wall (s) | peak RSS (MB) | speed-up vs mergekit | RSS ratio | max abs diff of outputs |",
-             "|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        diff = row.get("vs_safemerge")
-        lines.append(f"| {row['config']} | {row['tool']} | {row['wall_s']:.1f} | {row['peak_rss_mb']} | "
-                     f"{row.get('speedup_vs_mergekit', '')} | {row.get('rss_ratio_vs_mergekit', '')} | "
-                     + (f"{diff['max_abs_diff']:.3g} ({diff['tensors_differing']}/{diff['tensors']} tensors differ)"
-                        if diff else "") + " |")
+    rows = r["rows"]
+    mk = r["mergekit_version"]
+    lines = ["# Streaming merge: safemerge vs the I/O floor and mergekit", "",
+             f"Command: `{r['command']}`  ", f"Created: {r['created']}  ",
+             f"Device: {r['device']}" + (f"; mergekit {mk}" if mk else "; mergekit not run") + ".  ",
+             f"Inputs: a base and {c['models']} fine-tunes, {c['parameters'] / 1e9:.3f} B parameters each, "
+             f"{c['dtype']}, {c['gb_each']} GB each, sharded; output shards {r['shard_size']}.  ",
+             f"**I/O floor: {r['io_floor_s']} s** (read every input once: {r['read_s']} s; write the output once: "
+             f"{r['write_s']} s; page cache warmed first, as for every run below).", "",
+             "wall = the whole command (interpreter start, imports, checks, merge, write); merge = safemerge's own "
+             "timer, after start-up. Load = the machine's 1-minute load average before the run (a clean run has "
+             "it near 0).", "",
+             "| method | safemerge wall (s) | merge (s) | x I/O floor | x task arithmetic | peak RSS (MB) | "
+             "mergekit wall (s) | mergekit RSS (MB) | speed-up | RSS ratio | outputs | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        sm, m = row["safemerge"], row.get("mergekit", {})
+        o = row.get("outputs")
+        if o is None:
+            outputs = ""
+        elif row["random"]:
+            outputs = (f"random masks: changed {o['share_changed_safemerge']:.3f} vs {o['share_changed_mergekit']:.3f}"
+                       f", update L2 ratio {o['l2_update_ratio']}, cosine {o['update_cosine']}")
+        else:
+            outputs = (f"max abs diff {o['max_abs_diff']:.3g}; " +
+                       ("within bf16 rounding" if o["within_bf16_rounding"] else
+                        f"{o['entries_beyond_bf16_rounding']} of {o['entries']} entries beyond bf16 rounding"))
+        lines.append(f"| {row['method']} | {sm['wall_s']:.2f} | {sm.get('merge_s', '')} | {row['vs_io_floor']} | "
+                     f"{row.get('vs_task_arithmetic', '')} | {sm['peak_rss_mb']} | {m.get('wall_s', '')} | "
+                     f"{m.get('peak_rss_mb', '')} | {row.get('speedup_vs_mergekit', '')} | "
+                     f"{row.get('rss_ratio_vs_mergekit', '')} | {outputs} | {sm['load_before']} |")
+    by = {row["method"]: row for row in rows}
+    t = r["targets"]
+    checks = []
+    if "task_arithmetic" in by:
+        v = by["task_arithmetic"]["vs_io_floor"]
+        checks.append(f"| task arithmetic <= {t['ta_vs_floor']} x I/O floor | {v} | {_check(v <= t['ta_vs_floor'])} |")
+        for name in ("ties", "dare_ties"):
+            if name in by:
+                v = by[name]["vs_task_arithmetic"]
+                checks.append(f"| {name} <= {t['ties_vs_ta']} x task arithmetic | {v} | {_check(v <= t['ties_vs_ta'])} |")
+    if mk:
+        slow = [row["method"] for row in rows if row["speedup_vs_mergekit"] < t["speedup"]]
+        fat = [row["method"] for row in rows if row["rss_ratio_vs_mergekit"] > t["rss_ratio"]]
+        off = [row["method"] for row in rows if not row["random"] and not row["outputs"]["within_bf16_rounding"]]
+        checks.append(f"| every method >= {t['speedup']} x faster than mergekit | "
+                      f"{'all' if not slow else 'not: ' + ', '.join(slow)} | {_check(not slow)} |")
+        checks.append(f"| every method <= {t['rss_ratio']} x mergekit's peak RSS | "
+                      f"{'all' if not fat else 'not: ' + ', '.join(fat)} | {_check(not fat)} |")
+        checks.append(f"| deterministic outputs within bf16 rounding of mergekit's | "
+                      f"{'all' if not off else 'not: ' + ', '.join(off)} | {_check(not off)} |")
+    if checks:
+        lines += ["", "## The issue's checks", "", "| check | measured | met |", "|---|---|---|", *checks]
+    lines += ["", "Random methods (dare_ties, dare_linear, della) draw their masks from different generators in the two "
+              "tools, and rescale kept entries differently (safemerge: by 1/keep probability, as the papers; mergekit: to "
+              "each tensor's L1 norm): their rows compare the share of changed entries and the merged updates' size and "
+              "direction instead of entries. See benchmarks/results/mergekit-parity.md for every method on small "
+              "checkpoints."]
     return "\n".join(lines) + "\n"
 
 
