@@ -147,17 +147,20 @@ def test_model_stock_ratio():
         merge("model_stock", base, [{"w": e1}])
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_select_cuts_is_exact_with_ties(monkeypatch, sample):
-    """The k-th largest and the tie quota equal a stable descending sort, sampled or not, window hit or miss."""
-    if sample:
+@pytest.mark.parametrize("mode", ["whole", "window", "miss"])
+def test_select_cuts_is_exact_with_ties(monkeypatch, mode):
+    """The k-th largest and the tie quota equal a stable descending sort: a stream held whole, sampled and
+    resolved in a window, or with a window that misses (the radix fallback)."""
+    if mode != "whole":
         monkeypatch.setattr(engine, "EXACT_BELOW", 0)
-        monkeypatch.setattr(engine, "SAMPLE", 97)
+        monkeypatch.setattr(engine, "SAMPLE", 7)
+    if mode == "miss":
+        monkeypatch.setattr(engine, "SIGMAS", -3.0)  # brackets that exclude the k-th value
     g = torch.Generator().manual_seed(1)
     x = torch.randint(-50, 50, (5000,), generator=g).float() / 7  # many ties
     chunks = list(x.split(333))
     for k in (1, 17, 1000, 2500, 4999, 5000):
-        cut = select_cuts(lambda every=1: ((0, c.abs()) for c in chunks), [x.numel()], [[k]])[0][0]
+        cut = select_cuts(lambda every=1: ((0, c.abs()[::every]) for c in chunks), [x.numel()], [[k]])[0][0]
         order = torch.argsort(x.abs(), descending=True, stable=True)
         want = torch.zeros(x.numel(), dtype=torch.bool)
         want[order[:k]] = True
@@ -167,6 +170,8 @@ def test_select_cuts_is_exact_with_ties(monkeypatch, sample):
         pruned = Pruner(cut)
         kept = torch.cat([pruned(c) for c in chunks])
         assert torch.equal(kept, torch.where(want, x, 0.0)), k
+        if k < x.numel():
+            assert cut.chunk_equal is not None and sum(cut.chunk_equal) == cut.n_equal
 
 
 def test_topk_masks_global_and_tensor():

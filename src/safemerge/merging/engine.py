@@ -13,9 +13,9 @@ bit-identical tensors; the chunk index also keys DARE's and DELLA's random draws
 by a running sum of every input chunk (NaN and inf propagate into it), then named exactly.
 
 Exact top-k (TIES's trim, breadcrumbs, purification masks): `select_cuts` finds the k-th largest magnitude
-of a stream of chunks by radix selection on the float32 bit patterns (which order non-negative floats): a
-histogram of the high 16 bits on a sample, then one counting pass over a window of buckets that resolves the
-low 16 bits exactly (a full high-bit pass when the sample's window misses). Entries equal to the threshold are
+of a stream of chunks exactly: a sample brackets it between two values, and one counting pass histograms the
+float32 bit patterns between them (bit patterns order non-negative floats), with the counts below and above;
+a miss falls back to two passes of radix selection on the high and low 16 bits. Entries equal to the threshold are
 kept in stream order until exactly k are kept, which is what a stable descending sort would keep. The same code
 serves TIES's global threshold over a whole model (streamed) and a tensor's own (in memory or streamed)."""
 
@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from ..errors import SafeMergeError
 
 CHUNK = 1 << 20  # elements per chunk (whole rows): the unit of work and of the random draws
-SAMPLE = 16  # radix selection: the first pass looks at every SAMPLE-th entry of large streams
-WINDOW = 1  # ... and the counting pass resolves the sampled bucket +- WINDOW buckets
-EXACT_BELOW = 1 << 18  # streams shorter than this get an exact first pass
+SAMPLE = 16  # selection: the first pass of a long stream looks at every SAMPLE-th row
+MAX_SAMPLE = 1 << 24  # ... or fewer, at most this many values
+SIGMAS = 8.0  # ... and brackets the k-th value by this many standard deviations of its sample rank
+EXACT_BELOW = 1 << 18  # streams shorter than this are held whole and cut directly
+TRACK_CHUNKS = 256  # streams of at most this many chunks record where the threshold's ties are
 
 
 # --------------------------------------------------------------------------------------------- the grid
@@ -152,6 +154,7 @@ class Cut:
     value: float = 0.0
     ties: int = 0
     n_equal: int = 0
+    chunk_equal: tuple[int, ...] | None = None  # entries equal to value in each chunk of the stream, if known
 
     @property
     def keeps_all(self) -> bool:
@@ -171,6 +174,7 @@ class Pruner:
         self.cut = cut
         self.left = cut.ties
         self.below = _below(cut.value) if cut.value > 0 else 0.0
+        self.chunk = 0  # chunks seen (to look up the ties of the next one in cut.chunk_equal)
 
     def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """x with the entries outside the top k set to zero (a fresh tensor, or x itself: `inplace`, or all
@@ -183,8 +187,12 @@ class Pruner:
         out = x if inplace else None
         if c.ties == c.n_equal:  # every entry equal to the threshold is kept
             return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
+        self.chunk += 1
         if self.left == 0:
             return torch.hardshrink(x, c.value, out=out) if inplace else F.hardshrink(x, c.value)
+        if c.chunk_equal is not None and c.chunk_equal[self.chunk - 1] <= self.left:  # known: no counting
+            self.left -= c.chunk_equal[self.chunk - 1]
+            return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
         eq = x.abs() == c.value
         n = int(eq.sum())
         if n <= self.left:
@@ -217,12 +225,27 @@ def _bits(a: torch.Tensor) -> torch.Tensor:
     return a.contiguous().view(torch.int32)
 
 
+def _cut_from_values(values: torch.Tensor, sizes: list[int], n: int, k: int) -> Cut:
+    """The exact cut of a stream held in memory (its chunks concatenated; `sizes`: their lengths)."""
+    value = float(values.kthvalue(n - k + 1).values)
+    eq = values == value
+    n_gt = int((values > value).sum())
+    chunk_equal = tuple(int(c.sum()) for c in eq.split(sizes)) if len(sizes) <= TRACK_CHUNKS else None
+    return Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(eq.sum()), chunk_equal=chunk_equal)
+
+
 def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], totals: Sequence[int],
                 ks: Sequence[Sequence[int]]) -> list[list[Cut]]:
     """Exact top-k cuts of several streams of magnitudes at once. `stream(every)` yields (i, chunk of |x_i|)
     pairs, float32 >= 0, the same chunks in the same order on every call (with every > 1 it may yield a sample
     of each chunk instead, e.g. every so many rows); stream i has totals[i] entries and gets one Cut per k in
-    ks[i]. Two passes over the streams (three when the sampled first pass misses)."""
+    ks[i].
+
+    Short streams are held whole and cut directly (one pass). Long ones: a histogram of the high 16 bits of a
+    sample brackets each k-th value within a few buckets (SIGMAS standard deviations of its sample rank either
+    side); a counting pass then histograms the float32 bit patterns of those buckets, with the counts below
+    and above, which gives the exact value, the ties and where they are. If the bracket missed, two passes of
+    radix selection (high, then low 16 bits) find it (still exact, just slower)."""
     cuts: list[list[Cut | None]] = [[None] * len(kk) for kk in ks]
     todo = []
     for i, kk in enumerate(ks):
@@ -231,65 +254,105 @@ def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], total
                 cuts[i][q] = Cut(k=max(0, min(k, totals[i])), n=totals[i])
             else:
                 todo.append((i, q))
+    if not todo:
+        return cuts  # type: ignore[return-value]
     streams = sorted({i for i, _ in todo})
-    exact = {i: totals[i] < EXACT_BELOW for i in streams}
+    long = any(totals[i] >= EXACT_BELOW for i in streams)
+    every = max(SAMPLE, -(-max(totals[i] for i in streams) // MAX_SAMPLE)) if long else 1
+    held: dict[int, list[torch.Tensor]] = {i: [] for i in streams}  # short streams, whole
+    hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in streams}  # long ones: high 16 bits of a sample
+    seen = dict.fromkeys(streams, 0)
+    for i, a in stream(every):
+        if i in hist:
+            a = a.reshape(-1)
+            seen[i] += a.numel()
+            if long:
+                hist[i] += torch.bincount(_bits(a) >> 16, minlength=1 << 16)
+            else:
+                held[i].append(a.clone())
+    windows: dict[tuple[int, int], tuple[int, int]] = {}
+    for i, q in todo:
+        n, k, m = totals[i], ks[i][q], seen[i]
+        if not long and m == n:  # the whole stream was held
+            cuts[i][q] = _cut_from_values(torch.cat(held[i]), [c.numel() for c in held[i]], n, k)
+            continue
+        r = (n - k) * m / n  # the k-th largest's rank in the sample, ascending
+        spread = SIGMAS * math.sqrt(m * (k / n) * (1 - k / n)) + 2
+        cum = hist[i].cumsum(0)
+        b_lo = int(torch.searchsorted(cum, torch.tensor(max(0, int(r - spread))), right=True))
+        b_hi = int(torch.searchsorted(cum, torch.tensor(min(m - 1, int(r + spread))), right=True))
+        b_lo, b_hi = min(b_lo, 0x7FFE), min(max(b_hi, b_lo), 0x7FFE)  # below the NaN patterns
+        windows[(i, q)] = (b_lo << 16, (b_hi << 16) | 0xFFFF)
+    del held
     for attempt in range(2):
-        if not todo:
+        if not windows:
             break
-        # pass 1: histogram of the high 16 bits (of a sample, for long streams)
-        hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in streams}
-        seen = dict.fromkeys(streams, 0)
-        sampled = not all(exact.values())
-        for i, a in (stream(SAMPLE) if sampled else stream(1)):
-            if i in hist:
-                b = _bits(a).reshape(-1)
-                if sampled and exact[i]:
-                    continue
-                seen[i] += b.numel()
-                hist[i] += torch.bincount(b >> 16, minlength=1 << 16)
-        if sampled and any(exact.values()):  # short streams next to long ones: their own exact pass
-            for i, a in stream(1):
-                if i in hist and exact[i]:
-                    b = _bits(a).reshape(-1)
-                    seen[i] += b.numel()
-                    hist[i] += torch.bincount(b >> 16, minlength=1 << 16)
-        windows = {}
-        for i, q in todo:
-            n, k = totals[i], ks[i][q]
-            rank = (n - k) * seen[i] / n if not exact[i] else n - k  # ascending rank of the k-th largest
-            cum = hist[i].cumsum(0)
-            hb = int(torch.searchsorted(cum, torch.tensor(int(rank)), right=True))
-            w = 0 if exact[i] else WINDOW
-            lo, hi = max(0, hb - w), min((1 << 15) - 1, hb + w)
-            windows[(i, q)] = (lo, hi - lo + 1)
-        # pass 2: exact counts of every bit pattern in the window, and of those below and above it
-        counts = {key: torch.zeros(nb * 65536 + 2, dtype=torch.int64) for key, (lo, nb) in windows.items()}
+        counts = {key: torch.zeros(hi - lo + 3, dtype=torch.int64) for key, (lo, hi) in windows.items()}
+        per_chunk: dict[tuple[int, int], list | None] = {key: [] for key in windows}  # sparse chunk histograms
+        wanted = {i for i, _ in windows}
         for i, a in stream(1):
-            if i not in hist:
+            if i not in wanted:
                 continue
             b = _bits(a).reshape(-1)
-            for (j, q), (lo, nb) in windows.items():
-                if j == i:
-                    key = (b - (lo << 16)).clamp_(-1, nb * 65536).add_(1)
-                    counts[(j, q)] += torch.bincount(key, minlength=nb * 65536 + 2)
-        missed = []
-        for (i, q), (lo, nb) in windows.items():
+            for (j, q), (lo, hi) in windows.items():
+                if j != i:
+                    continue
+                h = torch.bincount(b.clamp(lo - 1, hi + 1).sub_(lo - 1), minlength=hi - lo + 3)
+                counts[(j, q)] += h
+                rec = per_chunk[(j, q)]
+                if rec is not None:
+                    if len(rec) >= TRACK_CHUNKS:
+                        per_chunk[(j, q)] = None
+                    else:
+                        nz = h[1:-1].nonzero()[:, 0]
+                        rec.append((nz, h[1:-1][nz]))
+        missed = {}
+        for (i, q), (lo, hi) in windows.items():
             n, k, h = totals[i], ks[i][q], counts[(i, q)]
             rank = n - k
             below, above = int(h[0]), int(h[-1])
             if not below <= rank < n - above:
-                missed.append((i, q))
+                missed[(i, q)] = (0, 0x7F800000)  # every finite magnitude
                 continue
             cum = below + h[1:-1].cumsum(0)
             idx = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
-            value = float(torch.tensor([(lo << 16) + idx], dtype=torch.int32).view(torch.float32))
-            n_equal = int(h[1 + idx])
+            value = float(torch.tensor([lo + idx], dtype=torch.int32).view(torch.float32))
             n_gt = n - int(cum[idx])
-            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=n_equal)
-        todo = missed
-        streams = sorted({i for i, _ in todo})
-        exact = dict.fromkeys(streams, True)
+            rec = per_chunk[(i, q)]
+            chunk_equal = None if rec is None else tuple(int(c[nz == idx].sum()) for nz, c in rec)
+            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(h[1 + idx]), chunk_equal=chunk_equal)
+        if missed and attempt == 0:  # a full window: exact, with a histogram of 2^31 patterns split in two levels
+            for key in missed:
+                i, q = key
+                cuts[i][q] = _radix_cut(stream, i, totals[i], ks[i][q])
+        windows = {}
     return cuts  # type: ignore[return-value]
+
+
+def _radix_cut(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], i: int, n: int, k: int) -> Cut:
+    """The fallback: two exact passes of radix selection, on the high then the low 16 bits."""
+    rank = n - k
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for j, a in stream(1):
+        if j == i:
+            hist += torch.bincount(_bits(a).reshape(-1) >> 16, minlength=1 << 16)
+    cum = hist.cumsum(0)
+    hb = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
+    lo, hi = hb << 16, (hb << 16) | 0xFFFF
+    low = torch.zeros(hi - lo + 3, dtype=torch.int64)
+    sizes: list[torch.Tensor] = []
+    for j, a in stream(1):
+        if j == i:
+            h = torch.bincount(_bits(a).reshape(-1).clamp(lo - 1, hi + 1).sub_(lo - 1), minlength=hi - lo + 3)
+            low += h
+            sizes.append(h)
+    below = int(low[0])
+    c2 = below + low[1:-1].cumsum(0)
+    idx = int(torch.searchsorted(c2, torch.tensor(rank), right=True))
+    value = float(torch.tensor([lo + idx], dtype=torch.int32).view(torch.float32))
+    n_gt = n - int(c2[idx])
+    chunk_equal = tuple(int(h[1 + idx]) for h in sizes) if len(sizes) <= TRACK_CHUNKS else None
+    return Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(low[1 + idx]), chunk_equal=chunk_equal)
 
 
 def topk_masks(tensors: Mapping[str, torch.Tensor], share: float, scope: str = "global") -> dict[str, torch.Tensor]:

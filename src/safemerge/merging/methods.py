@@ -15,7 +15,7 @@ sparsification/consensus, or a class with `prepare` and `merge_tensor`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Union
 
 import torch
@@ -130,7 +130,8 @@ def global_cuts(inputs: Inputs, densities: Sequence[float]) -> dict[str, list[Cu
         for job in jobs:
             yield from job.tv_stream(every)
 
-    cuts = [c[0] for c in select_cuts(stream, [total] * m, [[magnitude_k(d, total)] for d in densities])]
+    cuts = [replace(c[0], chunk_equal=None)  # chunk counts of the whole-model stream do not apply per tensor
+            for c in select_cuts(stream, [total] * m, [[magnitude_k(d, total)] for d in densities])]
     out = {n: list(cuts) for n in names}
     partial = [i for i, c in enumerate(cuts) if not c.keeps_all and c.ties != c.n_equal]
     if partial:  # count each tensor's ties so that the quota goes to the first ones in stream order
