@@ -58,7 +58,8 @@ def merge_models(cfg: MergeConfig) -> Path:
 
         base_path = resolve_backbone_path(cfg.base_model) if cfg.base_model in ("vision", "text") else cfg.base_model
         return streaming_merge(cfg.method, base_path, [resolve_path(m.path) for m in cfg.models], cfg.output,
-                               cfg.parameters, out_dtype=cfg.out_dtype, max_shard_size=cfg.max_shard_size)
+                               cfg.parameters, out_dtype=cfg.out_dtype, max_shard_size=cfg.max_shard_size,
+                               max_relative_distance=cfg.max_relative_distance)
     backbone = load_backbone(cfg.base_model)
     base = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
     base_fp = fingerprint(base)

@@ -148,6 +148,13 @@ def global_cuts(inputs: Inputs, densities: Sequence[float]) -> dict[str, list[Cu
     return out
 
 
+class _NoPreparation:
+    """Methods that need no whole-model pass before the tensors: everything is per tensor."""
+
+    def prepare(self, inputs: Inputs, o: Any) -> Any:
+        return None
+
+
 @dataclass(frozen=True)
 class TaskArithmetic:
     """Generalised task arithmetic (mergekit's): theta_0 + lambda * combine_i(w_i * sparsify(tau_i)), where
@@ -225,16 +232,13 @@ class TaskArithmetic:
 
 
 @dataclass(frozen=True)
-class Linear:
+class Linear(_NoPreparation):
     """Weighted average of the models' weights (mergekit's `linear`): sum_i w_i theta_i (/ sum_i w_i)."""
 
     name: str
     options: type[Options] = LinearOptions
     min_models: int = 1
     max_models: int | None = None
-
-    def prepare(self, inputs: Inputs, o: Any) -> Any:
-        return None
 
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
         w = per_model(o.weight, job.n_models, "weight")
@@ -246,7 +250,7 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class Slerp:
+class Slerp(_NoPreparation):
     """Spherical interpolation, row by row, from the base (t = 0) to the one other model (t = 1)."""
 
     name: str
@@ -254,16 +258,13 @@ class Slerp:
     min_models: int = 1
     max_models: int | None = 1
 
-    def prepare(self, inputs: Inputs, o: Any) -> Any:
-        return None
-
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
         for ch in job.chunks():
             yield slerp(ch.base().view(ch.rows()), ch.model(0).view(ch.rows()), o.t).reshape(-1)
 
 
 @dataclass(frozen=True)
-class ModelStock:
+class ModelStock(_NoPreparation):
     """Model Stock (Jang et al., 2024): theta_0 + t * (mean_i theta_i - theta_0), t = N cos / (1 + (N - 1) cos)
     from the mean pairwise cosine of the task vectors, per tensor (or per row with `filter_wise`)."""
 
@@ -271,9 +272,6 @@ class ModelStock:
     options: type[Options] = ModelStockOptions
     min_models: int = 2
     max_models: int | None = None
-
-    def prepare(self, inputs: Inputs, o: Any) -> Any:
-        return None
 
     @staticmethod
     def ratio(dots: torch.Tensor, norms: torch.Tensor, n: int) -> torch.Tensor:
