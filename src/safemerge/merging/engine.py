@@ -39,6 +39,7 @@ MAX_SAMPLE = 1 << 24  # ... or fewer, at most this many values
 SIGMAS = 8.0  # ... and brackets the k-th value by this many standard deviations of its sample rank
 EXACT_BELOW = 1 << 18  # streams shorter than this are held whole and cut directly
 TRACK_CHUNKS = 256  # streams of at most this many chunks record where the threshold's ties are
+CACHE_ELEMENTS = 1 << 26  # per-tensor trims hold a tensor's task vectors (all models) up to this many floats
 
 
 # --------------------------------------------------------------------------------------------- the grid
@@ -462,12 +463,12 @@ class Chunk:
         """Task vector of model i (fresh)."""
         return self.model(i).sub_(self.base())
 
-    def models(self, every: int = 1, check: bool = True) -> torch.Tensor:
-        """Every model's chunk as rows of one float32 [models, n] tensor (the job's reused buffer: it is
-        overwritten by the next chunk, so keep nothing that views it)."""
+    def models(self, every: int = 1, check: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every model's chunk as rows of one float32 [models, n] tensor: `out`, or the job's reused buffer
+        (overwritten by the next chunk, so keep nothing that views it)."""
         first = self.raw(1, every)
         n = first.numel()
-        buf = self.job.buffer(self.job.n_models, n)
+        buf = out if out is not None else self.job.buffer(self.job.n_models, n)
         for i in range(self.job.n_models):
             buf[i].view(first.shape).copy_(self.raw(1 + i, every) if i else first)
         if check:
@@ -508,6 +509,26 @@ class TensorJob:
             x.sub_(ch.load(0, every, check=False)).abs_()
             for i in range(self.n_models):
                 yield i, x[i]
+
+    def task_vectors(self) -> torch.Tensor:
+        """Every model's task vector of the whole tensor, [models, numel] float32 (one pass over the inputs; for
+        methods that pass over a tensor several times, when it is small enough to hold: see CACHE_ELEMENTS)."""
+        out = torch.empty(self.n_models, self.numel)
+        for ch in self.chunks():
+            ch.models(out=out[:, ch.start: ch.stop]).sub_(ch.base())
+        return out
+
+    def cached_stream(self, tvs: torch.Tensor) -> Callable[..., Iterator[tuple[int, torch.Tensor]]]:
+        """`tv_stream` over task vectors held in memory (same chunks, same samples)."""
+        def stream(every: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+            for s, e in self.grid:
+                rows = (e - s) // row_length(self.shape) if len(self.shape) > 1 else e - s
+                for i in range(self.n_models):
+                    v = tvs[i, s:e]
+                    if every > 1:
+                        v = v.view(rows, -1)[::every] if rows >= every else v[::every]
+                    yield i, v.abs()
+        return stream
 
     def check_finite(self) -> None:
         """Refuse the tensor if an input chunk held NaN or inf, naming the first such input exactly."""

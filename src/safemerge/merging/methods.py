@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import SafeMergeError
-from . import registry
+from . import engine, registry
 from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, dare_keep, dare_mask, della_mask,
                      per_model, run, select_cuts, sign_consensus, slerp, task_vector)
 from .registry import Options
@@ -172,15 +172,17 @@ class TaskArithmetic:
             return global_cuts(inputs, per_model(o.density, inputs.n_models, "density"))
         return None
 
-    def _pruners(self, job: TensorJob, dens: list[float], o: Any, state: Any) -> list | None:
+    def _pruners(self, job: TensorJob, dens: list[float], o: Any, state: Any,
+                 tvs: torch.Tensor | None) -> list | None:
         """Per model, an in-place function that zeroes what the magnitude trim (or breadcrumbs' band) drops."""
         n, m = job.numel, job.n_models
+        stream = job.tv_stream if tvs is None else job.cached_stream(tvs)
         if self.sparsify == "magnitude":
             cuts = state[job.name] if state is not None else [
-                c[0] for c in select_cuts(job.tv_stream, [n] * m, [[magnitude_k(d, n)] for d in dens])]
+                c[0] for c in select_cuts(stream, [n] * m, [[magnitude_k(d, n)] for d in dens])]
             return [lambda x, p=Pruner(c): p(x, inplace=True) for c in cuts]
         if self.sparsify == "breadcrumbs":
-            cuts = select_cuts(job.tv_stream, [n] * m, [list(breadcrumbs_ks(d, o.gamma, n)) for d in dens])
+            cuts = select_cuts(stream, [n] * m, [list(breadcrumbs_ks(d, o.gamma, n)) for d in dens])
 
             def band(x: torch.Tensor, top: Pruner, keep: Pruner) -> None:
                 outliers = top(x) if top.cut.k > 0 else None  # the k1 largest, to take back out
@@ -195,7 +197,10 @@ class TaskArithmetic:
         m = job.n_models
         w = per_model(o.weight, m, "weight")
         dens = per_model(getattr(o, "density", 1.0), m, "density")
-        prune = self._pruners(job, dens, o, state)
+        # a per-tensor trim passes over the tensor several times: hold its task vectors when they fit
+        tvs = (job.task_vectors() if self.sparsify in ("magnitude", "breadcrumbs") and state is None
+               and job.numel * m <= engine.CACHE_ELEMENTS and any(d < 1 for d in dens) else None)
+        prune = self._pruners(job, dens, o, state, tvs)
         # the factor of each sparsified task vector: its weight, and DARE's 1 / density
         scale = [wi / d if self.sparsify == "random" and o.rescale and d < 1 else wi for wi, d in zip(w, dens)]
         total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
@@ -203,11 +208,12 @@ class TaskArithmetic:
         plain = self.sparsify == "none" and not self.consensus
         for ch in job.chunks():
             b = ch.base()
-            x = ch.models()
+            x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models()
             if plain:  # sum_i w_i (theta_i - theta_0) = w @ theta - (sum_i w_i) theta_0: one pass over the models
                 acc = torch.matmul(wv, x).sub_(b, alpha=sum(w))
             else:
-                x.sub_(b)  # task vectors
+                if tvs is None:
+                    x.sub_(b)  # task vectors
                 for i in range(m):
                     if prune is not None:
                         prune[i](x[i])
