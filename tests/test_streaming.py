@@ -18,9 +18,9 @@ from safemerge.errors import SafeMergeError
 from safemerge.merging.mergekit import load_mergekit_config
 from safemerge.io import Checkpoint, load_state_dict
 from safemerge.merging import registry
-from safemerge.merging.engine import StateDictInputs, select_cuts
+from safemerge.merging.engine import StateDictInputs
 from safemerge.merging.methods import global_cuts, merge, task_vectors
-from safemerge.merging.streaming import streaming_merge
+from safemerge.merging.streaming import CheckpointInputs, streaming_merge
 
 runner = CliRunner()
 SHAPES = {"embed.weight": (40, 8), "layers.0.attn.q.weight": (8, 8), "layers.0.attn.q.bias": (8,),
@@ -120,8 +120,7 @@ def test_global_threshold_is_exact(ckpts, monkeypatch, direct):
     tv = task_vectors(base, [models[0]])[0]
     flat = torch.cat([tv[k].abs().flatten() for k in sorted(tv)])
     for density in (0.01, 0.2, 0.5, 1.0):
-        on_disk = global_cuts(__import__("safemerge.merging.streaming", fromlist=["x"]).CheckpointInputs(
-            Checkpoint(bp), [Checkpoint(mps[0])]), [density])
+        on_disk = global_cuts(CheckpointInputs(Checkpoint(bp), [Checkpoint(mps[0])]), [density])
         in_memory = global_cuts(StateDictInputs(base, [models[0]]), [density])
         assert on_disk == in_memory
         k = flat.numel() if density >= 1 else max(1, int(density * flat.numel()))

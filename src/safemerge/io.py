@@ -122,7 +122,8 @@ class Checkpoint:
             listed = json.loads((self.path / INDEX).read_text())["weight_map"]
             absent = [n for n, f in listed.items() if self.meta.get(n) is None or self.meta[n].file.name != f]
             if absent:
-                raise SafeMergeError(f"{self.path / INDEX}: tensor '{absent[0]}' is not in its shard {listed[absent[0]]}")
+                raise SafeMergeError(f"{self.path / INDEX}: tensor '{absent[0]}' is not in its shard "
+                                     f"{listed[absent[0]]}")
 
     @property
     def config_dir(self) -> Path | None:
