@@ -12,7 +12,7 @@ from safemerge.backbones import load_backbone
 from safemerge.merging.concrete import ConcreteMask, concrete_adamerging, concrete_task_arithmetic, dam
 from safemerge.merging.datadriven import fisher_merge, regmean
 from safemerge.errors import SafeMergeError
-from safemerge.model import InputEncoder
+from safemerge.model import InputEncoder, as_head
 from safemerge.perturb import project, project_l1
 from safemerge.merging.pool import Pool, run_pool_method
 
@@ -44,7 +44,7 @@ def test_mask_and_lambda_receive_gradients_and_zero_mask_is_base(pool):
     lam = torch.full((2, len(m.names)), 0.3, requires_grad=True)
     sample = mask.sample(torch.Generator().manual_seed(0))
     assert all(abs(float(v.detach().mean()) - 1.0) < 1e-4 for v in sample.values())  # rescaled to mean 1
-    loss = entropy(heads[0](m.features(m.params(lam, sample), enc(xs[0][:4]))))
+    loss = entropy(m.logits(as_head(heads[0], m.modality), m.params(lam, sample), enc(xs[0][:4])))
     loss.backward()
     assert lam.grad is not None and lam.grad.abs().sum() > 0
     assert sum(float(p.grad.abs().sum()) for p in mask.parameters() if p.grad is not None) > 0

@@ -69,18 +69,25 @@ def test_merge_and_eval_cli(vision_zoo, tiny_vision, tmp_path):
     res = runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a, b]))])
     assert res.exit_code == 0, res.output
     out = tmp_path / "merged"
-    merged = load_state_dict(out)
-    base = canonical_keys(load_state_dict(tiny_vision), merged)
+    from transformers import AutoModelForImageClassification
+
+    base = load_state_dict(tiny_vision)
     sa, sb = load_state_dict(a), load_state_dict(b)
-    for k in base:
-        if base[k].is_floating_point():
-            assert torch.allclose(merged[k], base[k] + 0.5 * ((sa[k] - base[k]) + (sb[k] - base[k])), atol=1e-6), k
-    heads = load_state_dict(out / "heads.safetensors")
-    assert set(heads) == {"digits.weight", "digits.bias", "mnist.weight", "mnist.bias"}
-    res = runner.invoke(app, ["eval", str(out), "--json"])
+    for task, own in (("digits", a), ("mnist", b)):  # one transformers folder per task: merged encoder, own head
+        model = AutoModelForImageClassification.from_pretrained(out / task)
+        merged = model.dinov2.state_dict()
+        base = canonical_keys(base, merged)
+        for k in base:
+            if base[k].is_floating_point():
+                assert torch.allclose(merged[k], base[k] + 0.5 * ((sa[k] - base[k]) + (sb[k] - base[k])), atol=1e-6), k
+        head = load_state_dict(own / "heads.safetensors")
+        w = model.classifier.weight.detach()
+        assert torch.equal(w[:, :head[f"{task}.weight"].shape[1]], head[f"{task}.weight"])
+        assert not w[:, head[f"{task}.weight"].shape[1]:].any()  # DINOv2's mean-patch half stays unused
+    res = runner.invoke(app, ["eval", str(out / "digits"), "--json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
-    assert {r["task"] for r in rows} == {"digits", "mnist"} and all(0 <= r["acc"] <= 100 for r in rows)
+    assert [r["task"] for r in rows] == ["digits"] and all(0 <= r["acc"] <= 100 for r in rows)
 
 
 def _assert_one_line_error(res, pattern):
@@ -201,8 +208,10 @@ def test_protect_cli_keeps_outputs_and_refuses_other_bases(vision_zoo, tiny_visi
     out = tmp_path / "protected"
     res = runner.invoke(app, ["protect", str(a), "--out", str(out), "--base", str(tiny_vision)])
     assert res.exit_code == 0, res.output
-    orig, prot = vision_zoo.load("digits"), vision_zoo.load("digits")
-    prot.encoder_state = canonical_keys(load_state_dict(out), orig.encoder_state)
+    from safemerge.folders import load_task_folder
+
+    orig, prot = vision_zoo.load("digits"), load_task_folder(out)
+    assert prot.kind == "hf"  # a transformers folder: DINOv2's own classifier computes the zoo head
     assert json.loads((out / "safemerge.json").read_text())["protected"]["permute"] is True
     x = vision_zoo.data("digits").test.x
     la = logits(vision_zoo.model(orig), vision_zoo.encoder(), x)

@@ -21,7 +21,8 @@ from torch import nn
 
 from .attacks import Attack, make_attack
 from ..backbones import Backbone, fingerprint, load_backbone
-from ..io import atomic_dir, load_state_dict, save_state_dict
+from ..folders import MANIFEST, TaskFolder, heads_from_state, load_task_folder, save_model_folder
+from ..io import load_state_dict, save_state_dict
 from ..errors import SafeMergeError
 from ..evaluate import acc_asr
 from ..model import InputEncoder, TaskModel
@@ -29,7 +30,6 @@ from ..paths import cache_dir
 from .tasks import TaskData, load_task
 from ..training import TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, train_token_embeddings
 
-MANIFEST = "safemerge.json"
 DEFAULT_ATTACK = {"vision": "badnets", "text": "rare_word"}
 
 
@@ -76,63 +76,18 @@ def task_data(task: str, profile: Profile, seed: int = 0) -> TaskData:
     return load_task(task, profile.n_train, profile.n_val, profile.n_test, seed=seed, resolution=profile.resolution)
 
 
-@dataclass
-class ZooModel:
-    """A task model as stored in the zoo."""
-
-    path: Path
-    manifest: dict
-    encoder_state: dict[str, torch.Tensor] = field(repr=False)
-    heads: dict[str, nn.Linear] = field(repr=False)
-
-    @property
-    def task(self) -> str:
-        return self.manifest["task"]
-
-    @property
-    def attack(self) -> str | None:
-        return self.manifest.get("attack")
+ZooModel = TaskFolder  # a task model as stored in the zoo (a model folder like any other)
 
 
-def head_state(heads: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+def head_state(heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
 
 
-def heads_from_state(sd: dict[str, torch.Tensor], source: Path) -> dict[str, nn.Linear]:
-    heads: dict[str, nn.Linear] = {}
-    for task in sorted({k.rsplit(".", 1)[0] for k in sd}):
-        if f"{task}.weight" not in sd or f"{task}.bias" not in sd:
-            raise SafeMergeError(f"{source}: head '{task}' lacks its weight or bias")
-        w = sd[f"{task}.weight"]
-        head = nn.Linear(w.shape[1], w.shape[0])
-        head.load_state_dict({"weight": w, "bias": sd[f"{task}.bias"]})
-        heads[task] = head
-    return heads
-
-
-def save_model_folder(out: Path, backbone: Backbone, encoder_state: dict[str, torch.Tensor],
-                      heads: dict[str, nn.Linear], manifest: dict, attack: Attack | None = None) -> Path:
-    """Write a model folder atomically (the encoder as an HF folder, heads and manifest beside it)."""
-    with atomic_dir(out) as tmp:
-        backbone.model.config.save_pretrained(tmp)
-        if backbone.tokenizer is not None:
-            backbone.tokenizer.save_pretrained(tmp)
-        save_state_dict(encoder_state, tmp / "model.safetensors", metadata={"format": "pt"})
-        save_state_dict(head_state(heads), tmp / "heads.safetensors")
-        if attack is not None and attack.tensors():
-            save_state_dict(attack.tensors(), tmp / "trigger.safetensors")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
-
-
-def load_zoo_model(path: str | Path) -> ZooModel:
+def load_zoo_model(path: str | Path) -> TaskFolder:
     path = Path(path)
-    mf = path / MANIFEST
-    if not mf.exists():
+    if not (path / MANIFEST).exists():
         raise SafeMergeError(f"{path}: not a safemerge model folder (no {MANIFEST})")
-    manifest = json.loads(mf.read_text())
-    heads = heads_from_state(load_state_dict(path / "heads.safetensors"), path / "heads.safetensors")
-    return ZooModel(path, manifest, load_state_dict(path / "model.safetensors"), heads)
+    return load_task_folder(path)
 
 
 def attack_of(manifest: dict, path: Path | None = None) -> Attack | None:
@@ -190,7 +145,7 @@ class Zoo:
         head that fits them (the role CLIP's zero-shot heads play in the papers)."""
         path = self.dir / task / "probe_head.safetensors"
         if path.exists():
-            return heads_from_state(load_state_dict(path), path)[task]
+            return heads_from_state(load_state_dict(path), path, modality=self.backbone.modality)[task]
         data = self.data(task)
         torch.manual_seed(self.seed)
         model = TaskModel(self.backbone.model, nn.Linear(self.backbone.hidden_size, data.num_classes),

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .adamerging import BatchSampler, MergedEncoder, adamerging_lambdas, check_pool, entropy, frozen_heads
 from ..errors import SafeMergeError
-from ..model import InputEncoder
+from ..model import Head, InputEncoder
 from ..perturb import perturbed_inputs, project, word_embedding_name
 
 StateDict = Mapping[str, torch.Tensor]
@@ -80,7 +80,7 @@ def _head_rows(inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Te
     return {k: v[:n] for k, v in inputs.items()}
 
 
-def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Module],
+def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[Head],
                    inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, *,
                    granularity: str = "layer", fixed_lambda: float | None = None, adversarial: bool = False,
                    lambda_adv: float = 0.1, clean_weight: float = 1.0, masks: str = "single",
@@ -114,7 +114,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     if final_mask not in MASK_KINDS:
         raise SafeMergeError(f"{who}: final_mask must be one of {', '.join(MASK_KINDS)}, not '{final_mask}'")
     merged = MergedEncoder(encoder, base, models, encode.modality)
-    heads = frozen_heads(heads)
+    heads = frozen_heads(heads, encode.modality)
     sample = BatchSampler(inputs, encode, batch_size, seed)
     g_mask = torch.Generator().manual_seed(seed + 1)
     shapes = {n: merged.base[n].shape for n in merged.names}
@@ -153,7 +153,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
                     lam.fill_(init)
                 det = _combine(samples, detach=(True, True))
                 params = merged.params(lam, det)
-                loss = sum(entropy(heads[i](merged.features(params, inputs_for(sample(i), params, None))))
+                loss = sum(entropy(merged.logits(heads[i], params, inputs_for(sample(i), params, None)))
                            for i in range(T))
                 lam_grad = torch.autograd.grad(loss, [lam])[0]
             with torch.no_grad():
@@ -177,18 +177,18 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
         for i in range(T):
             x = sample(i)
             if not adversarial:
-                loss_mask = loss_mask + entropy(heads[i](merged.features(p_clean, inputs_for(x, p_clean, None))))
+                loss_mask = loss_mask + entropy(merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None)))
                 continue
             if p_clean is p_adv:  # one forward pass over the clean batch and its perturbed rows
                 both = {k: torch.cat([v, v[:n_adv]]) for k, v in x.items()}
                 rows = torch.zeros(len(both[next(iter(both))]))
                 rows[-n_adv:] = 1.0
                 delta = deltas[i].unsqueeze(0) * rows.view(-1, *([1] * deltas[i].dim()))
-                out = heads[i](merged.features(p_clean, inputs_for(both, p_clean, delta)))
+                out = merged.logits(heads[i], p_clean, inputs_for(both, p_clean, delta))
                 clean, pert = out[:-n_adv], out[-n_adv:]
             else:
-                clean = heads[i](merged.features(p_clean, inputs_for(x, p_clean, None)))
-                pert = heads[i](merged.features(p_adv, inputs_for(_head_rows(x, n_adv), p_adv, deltas[i])))
+                clean = merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None))
+                pert = merged.logits(heads[i], p_adv, inputs_for(_head_rows(x, n_adv), p_adv, deltas[i]))
             loss_mask = loss_mask + clean_weight * entropy(clean) + lambda_adv * entropy(pert)
             loss_adv = loss_adv - F.cross_entropy(pert, clean[:n_adv].argmax(-1).detach())
         update_delta = adversarial and step % perturb_every == 0

@@ -20,7 +20,7 @@ from .concrete import concrete_adamerging, concrete_merge, concrete_task_arithme
 from .datadriven import fisher_merge, regmean
 from ..errors import SafeMergeError
 from .methods import METHODS, merge
-from ..model import InputEncoder
+from ..model import Head, InputEncoder
 
 StateDict = Mapping[str, torch.Tensor]
 Result = tuple[dict[str, torch.Tensor], dict]
@@ -33,7 +33,7 @@ class Pool:
     encoder: nn.Module
     base: StateDict
     models: Sequence[StateDict]
-    heads: Sequence[nn.Module]
+    heads: Sequence[Head]
     test_inputs: Sequence[torch.Tensor | list[str]]
     train_inputs: Sequence[torch.Tensor | list[str]]
     encode: InputEncoder
