@@ -73,8 +73,8 @@ def input_grams(encoder: nn.Module, state: StateDict, x: torch.Tensor | list[str
     def hook(name: str):
         def fn(_mod, args, _out):
             a = args[0].reshape(-1, args[0].shape[-1]).float()
-            if keep[0] is not None:
-                a = a[keep[0]]
+            if keep[0] is not None and a.shape[0] == keep[0].shape[0]:  # per-token inputs: drop padding
+                a = a[keep[0]]  # (a pooler's dense layer sees one row per example: all kept)
             grams[name] = grams.get(name, 0) + a.T @ a
             counts[name] = counts.get(name, 0) + a.shape[0]
         return fn
