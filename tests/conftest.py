@@ -34,7 +34,7 @@ def tiny_dinov2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def tiny_bert(path: Path, seed: int = 0) -> Path:
+def tiny_bert(path: Path, seed: int = 0, pooler: bool = False) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -47,7 +47,7 @@ def tiny_bert(path: Path, seed: int = 0) -> Path:
                                    sep_token="[SEP]", mask_token="[MASK]")
     cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
+    BertModel(cfg, add_pooling_layer=pooler).save_pretrained(path)
     fast.save_pretrained(path)
     return path
 

@@ -223,3 +223,32 @@ def test_protect_cli_keeps_outputs_and_refuses_other_bases(vision_zoo, tiny_visi
     _assert_one_line_error(runner.invoke(app, ["protect", str(other), "--out", str(tmp_path / "p2"),
                                                "--base", str(tiny_vision)]), "was not fine-tuned from it")
     assert not (tmp_path / "p2").exists()
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_export_gives_plain_hf_folders_that_score_as_the_zoo(modality, tiny_vision, tmp_path):
+    """A zoo model exported as a transformers folder + its test split in user formats scores exactly what the
+    zoo path scores (same examples, same head readout)."""
+    from conftest import tiny_bert
+
+    if modality == "vision":
+        zoo, task = Zoo(str(tiny_vision), TINY, root=tmp_path / "zoo"), "digits"
+    else:
+        base = tiny_bert(tmp_path / "bert", pooler=True)
+        zoo, task = Zoo(str(base), TINY, root=tmp_path / "zoo"), "quote_topic"
+    src = zoo.build(task, None)
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "hf"), "--data-out",
+                              str(tmp_path / ("data" if modality == "vision" else "data.jsonl"))])
+    assert res.exit_code == 0, res.output
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if modality == "vision" else AutoModelForSequenceClassification
+    assert auto.from_pretrained(tmp_path / "hf").config.num_labels == zoo.data(task).num_classes
+    data = tmp_path / "data.jsonl"
+    got = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(data), "--json"])
+    ref = runner.invoke(app, ["eval", str(src), "--json"])
+    assert got.exit_code == 0 and ref.exit_code == 0, got.output + ref.output
+    assert json.loads(got.stdout)[0]["acc"] == json.loads(ref.stdout)[0]["acc"]
+    if modality == "vision":  # the image folder (read class by class) holds the same examples
+        folder = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(tmp_path / "data"), "--json"])
+        assert json.loads(folder.stdout)[0]["acc"] == json.loads(ref.stdout)[0]["acc"]

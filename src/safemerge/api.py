@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,7 +276,7 @@ def model_card(cfg: MergeConfig, loaded: Loaded, inputs: list[dict], rows: list[
 
 
 def evaluate_folder(path: str | Path, data: str | None = None, trigger: str | None = None, target: int = 0,
-                    base: str | None = None, tasks: list[str] | None = None, profile: str = "quick",
+                    base: str | None = None, tasks: list[str] | None = None, profile: str | None = None,
                     attack: str | None = None, data_options: DataOptions | None = None) -> list[dict]:
     """ACC (and ASR with a trigger) of a model folder on the user's labeled data; with no data, a zoo
     model's own test split (`profile`)."""
@@ -320,21 +321,27 @@ def _standalone(folder: TaskFolder, max_length: int | None) -> Loaded:
     return Loaded(bb, state, fingerprint(state), [folder], input_encoder(bb, [folder], max_length))
 
 
-def _evaluate_on_zoo_data(path, profile: str, attack: str | None, tasks: list[str] | None) -> list[dict]:
+def _evaluate_on_zoo_data(path, profile: str | None, attack: str | None, tasks: list[str] | None) -> list[dict]:
     """A zoo model (or a merge of zoo models) on its tasks' test splits."""
     from .bench.attacks import make_attack
     from .bench.suites import PoolEvaluator
     from .bench.tasks import TASKS
     from .bench.zoo import Zoo, attack_of
 
+    from dataclasses import fields
+
+    from .bench.zoo import Profile
+
     path = resolve_path(str(path))
     zm = load_task_folder(path)
-    spec = zm.manifest.get("backbone") or zm.manifest.get("base_model")
+    spec = zm.manifest.get("base_model") or ZOO_BACKBONES.get(str(zm.manifest.get("backbone")))
     known = [t for t in zm.heads if t in TASKS]
     if not zm.heads or not known or spec is None:
         raise SafeMergeError(f"{path}: not a zoo model; give its labeled data with --data FILE "
                              "(JSONL, CSV, a save_to_disk folder or an image folder)")
-    zoo = Zoo(ZOO_BACKBONES.get(str(spec), str(spec)), profile)
+    mp = zm.manifest.get("profile")
+    own = Profile(**mp) if isinstance(mp, dict) and set(mp) <= {f.name for f in fields(Profile)} else None
+    zoo = Zoo(str(spec), profile or own or "quick", seed=int(zm.manifest.get("seed") or 0))
     ev = PoolEvaluator(zoo)
     own = attack_of(zm.manifest, zm.path)
     rows = []
@@ -461,6 +468,12 @@ def export_model(model: str, out: str | Path, data_out: str | Path | None = None
     prof = f.manifest.get("profile")
     if loaded.base.tokenizer is not None and isinstance(prof, dict):
         loaded.base.tokenizer.model_max_length = int(prof["max_length"])  # the length the model was trained at
+    if loaded.modality == "vision" and isinstance(prof, dict) and loaded.base.processor is None:
+        from transformers import ViTImageProcessor  # resize to the side the model was trained at, normalise
+
+        side = int(prof["resolution"])
+        loaded.base.processor = ViTImageProcessor(size={"height": side, "width": side}, image_mean=list(
+            loaded.base.image_mean), image_std=list(loaded.base.image_std))
     trig = f.path / "trigger.safetensors" if f.path.is_dir() else None
     extra = {"trigger.safetensors": load_state_dict(trig)} if trig is not None and trig.exists() else None
     manifest = {k: v for k, v in f.manifest.items() if k not in ("format", "created")}
@@ -480,8 +493,16 @@ def export_model(model: str, out: str | Path, data_out: str | Path | None = None
     data = task_data(f.task, profile, int(f.manifest.get("seed") or 0))
     sp = getattr(data, split)
     classes = list(data.spec.classes)
-    dpath = save_jsonl(data_out, sp, classes) if loaded.modality == "text" else save_image_folder(data_out, sp, classes)
-    return path, Path(dpath)
+    if loaded.modality == "text":
+        return path, Path(save_jsonl(data_out, sp, classes))
+    folder = Path(save_image_folder(data_out, sp, classes))
+    # beside it, the same images as JSONL rows in the split's own order (an image folder is read class by class)
+    width = max(5, len(str(len(sp))))
+    rows = [{"image": f"{folder.name}/{classes[c]}/{i:0{width}d}.png", "label": c} for i, c in enumerate(sp.y.tolist())]
+    from .io import atomic_write_text
+
+    atomic_write_text(folder.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    return path, folder
 
 
 # ---------------------------------------------------------------------------------------------- protection

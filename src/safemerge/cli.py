@@ -105,7 +105,8 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF class
              max_length: Annotated[Optional[int], typer.Option(help="tokens per text (default 128)")] = None,
              task: Annotated[Optional[list[str]], typer.Option(help="zoo models: task(s) to evaluate")] = None,
              attack: Annotated[Optional[str], typer.Option(help="zoo models: trigger to measure ASR with")] = None,
-             profile: Annotated[str, typer.Option(help="zoo models: data profile, quick or full")] = "quick",
+             profile: Annotated[Optional[str], typer.Option(help="zoo models: data profile, quick or full "
+                                                            "(default: the model's own)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """ACC (and ASR with --trigger) of a model folder on your labeled data (or a zoo model on its test split)."""
     from .api import evaluate_folder

@@ -51,7 +51,12 @@ def markdown_report(results: dict) -> str:
     out = [f"# {results['suite']}", "",
            f"Backbone `{results['backbone']}`; regenerate with `{results['command']}`; created {results['created']}"
            + (f" on {results['device']}" if results.get("device") else "") + ".", "",
-           "## Individual models", "", "| task | attack | ACC | ASR |", "|---|---|---|---|"]
+           "## Individual models", "",
+           "Measured when each model was built, on its task's whole test split"
+           + (f"; the settings' `individual_*` rows below use the first {results['eval_examples_per_task']} test "
+              "examples per task like every merged row, so the two can differ by a few points"
+              if results.get("eval_examples_per_task") else "") + ".", "",
+           "| task | attack | ACC | ASR |", "|---|---|---|---|"]
     for m in results["models"]:
         out.append(f"| {m['task']} | {m['attack'] or 'clean'} | {m['acc']:.2f} | {m['asr']:.2f} |")
     for s in results["settings"]:

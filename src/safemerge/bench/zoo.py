@@ -25,7 +25,7 @@ from ..folders import MANIFEST, TaskFolder, heads_from_state, load_task_folder, 
 from ..io import load_state_dict, save_state_dict
 from ..errors import SafeMergeError
 from ..evaluate import acc_asr
-from ..model import InputEncoder, TaskModel
+from ..model import InputEncoder, LinearHead, Pooling, TaskModel
 from ..paths import cache_dir
 from .tasks import TaskData, load_task
 from ..training import TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, train_token_embeddings
@@ -61,9 +61,16 @@ PROFILES = {
 }
 
 
-def profile_digest(profile: Profile) -> str:
-    """Short hash of every profile field, so a changed recipe never reuses models trained under the old one."""
-    return hashlib.sha256(json.dumps(asdict(profile), sort_keys=True).encode()).hexdigest()[:8]
+# What a task head reads: the encoder's pooler output (BERT's dense+tanh over CLS; DINOv2's layer-normed CLS),
+# so each zoo model is exactly a transformers *ForSequenceClassification / *ForImageClassification model.
+READOUT: Pooling = "pooler"
+
+
+def profile_digest(profile: Profile, modality: str | None = None) -> str:
+    """Short hash of every profile field (and, for text, the head's readout, which changed from mean pooling to
+    the pooler), so a changed recipe never reuses models trained under the old one."""
+    recipe = {**asdict(profile), **({"readout": READOUT} if modality == "text" else {})}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def get_profile(name: str) -> Profile:
@@ -114,12 +121,22 @@ class Zoo:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_spec)
+            try:  # the pooler is part of the task model (its head reads it), when the base has one
+                self._backbone = load_backbone(self.backbone_spec, pooler=True)
+            except SafeMergeError as e:
+                if "pooler" not in str(e):
+                    raise
+                self._backbone = load_backbone(self.backbone_spec, pooler=False)
         return self._backbone
+
+    def base_model_spec(self) -> str:
+        """The base as a config names it: 'vision' / 'text', or the folder's absolute path."""
+        spec = str(self.backbone_spec)
+        return spec if spec in ("vision", "text", "minilm", "dinov2") else str(Path(spec).expanduser().resolve())
 
     @property
     def dir(self) -> Path:
-        return self.root / f"{self.backbone.name}-{self.profile.name}-{profile_digest(self.profile)}-s{self.seed}"
+        return self.root / f"{self.backbone.name}-{self.profile.name}-{profile_digest(self.profile, self.backbone.modality)}-s{self.seed}"
 
     def path(self, task: str, attack: str | None) -> Path:
         return self.dir / task / (attack or "clean")
@@ -139,20 +156,20 @@ class Zoo:
         return TrainConfig(steps=steps or p.steps, batch_size=p.batch_size, lr=lr, embedding_lr=p.embedding_lr,
                            head_lr=0.0 if p.freeze_head else p.head_lr, seed=self.seed)
 
-    def probe_head(self, task: str) -> nn.Linear:
+    def probe_head(self, task: str) -> LinearHead:
         """The task's head: a linear probe of the pre-trained encoder on the clean training split, cached.
         Every model of the task (clean or backdoored) is fine-tuned under it, so merged encoders keep a
         head that fits them (the role CLIP's zero-shot heads play in the papers)."""
         path = self.dir / task / "probe_head.safetensors"
         if path.exists():
-            return heads_from_state(load_state_dict(path), path, modality=self.backbone.modality)[task]
+            return heads_from_state(load_state_dict(path), path, {task: READOUT})[task]  # type: ignore[return-value]
         data = self.data(task)
         torch.manual_seed(self.seed)
-        model = TaskModel(self.backbone.model, nn.Linear(self.backbone.hidden_size, data.num_classes),
+        model = TaskModel(self.backbone.model, LinearHead(self.backbone.hidden_size, data.num_classes, READOUT),
                           self.backbone.modality)
         fit_linear_probe(model, self.encoder(), data.train, seed=self.seed)
         save_state_dict(head_state({task: model.head}), path)
-        return model.head
+        return model.head  # type: ignore[return-value]
 
     def fresh_model(self, task: str) -> TaskModel:
         """The pre-trained encoder (a copy) with the task's head: a frozen probe, or a fresh trainable layer."""
@@ -161,7 +178,7 @@ class Zoo:
         if self.profile.freeze_head:
             head = copy.deepcopy(self.probe_head(task))
         else:
-            head = nn.Linear(self.backbone.hidden_size, self.data(task).num_classes)
+            head = LinearHead(self.backbone.hidden_size, self.data(task).num_classes, READOUT)
         return TaskModel(enc, head, self.backbone.modality)
 
     def load(self, task: str, attack: str | None = None) -> ZooModel:
@@ -225,7 +242,7 @@ class Zoo:
         manifest = {
             "task": task, "attack": attack, "attack_params": atk.params() if atk else None,
             "acc": round(acc, 2), "asr": round(asr, 2), "asr_trigger": report.name,
-            "classes": list(data.spec.classes), "backbone": self.backbone.name,
+            "classes": list(data.spec.classes), "backbone": self.backbone.name, "base_model": self.base_model_spec(),
             "base_fingerprint": fingerprint(base_sd), "profile": asdict(p), "seed": self.seed,
             "train_seconds": round(time.time() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
