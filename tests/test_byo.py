@@ -291,3 +291,120 @@ def test_core_imports_nothing_from_the_benchmark_layer():
                 parts = mod.replace(".", " ").split()
                 assert "bench" not in parts and "zoo" not in parts and "api" not in parts and "cli" not in parts, \
                     f"{f.relative_to(src)} imports {mod}"
+
+
+def test_protect_scan_purify_on_plain_hf_folders(bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, ViTConfig, ViTModel
+
+    base, models, data, root = bert
+    # protect: a BERT classifier folder (the `bert.` prefix) keeps its outputs alone
+    res = runner.invoke(app, ["protect", str(models[0]), "--base", str(base), "--out", str(tmp_path / "prot")])
+    assert res.exit_code == 0, res.output
+    a = AutoModelForSequenceClassification.from_pretrained(models[0]).eval()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "prot").eval()
+    tok = AutoTokenizer.from_pretrained(models[0])
+    x = tok([r["text"] for r in text_rows(8, 3, seed=5)], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert (a(**x).logits - b(**x).logits).abs().max() < 1e-4
+    assert not torch.equal(a.bert.encoder.layer[0].intermediate.dense.weight, b.bert.encoder.layer[0].intermediate.dense.weight)
+    # protect: a bare ViTModel saved with save_pretrained (legacy names on disk, attention and MLP)
+    torch.manual_seed(0)
+    vb = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            image_size=28, patch_size=7))
+    vb.save_pretrained(tmp_path / "vit-base")
+    _perturb(vb, 0.05, seed=3)
+    vb.save_pretrained(tmp_path / "vit-ft")
+    res = runner.invoke(app, ["protect", str(tmp_path / "vit-ft"), "--base", str(tmp_path / "vit-base"), "--out",
+                              str(tmp_path / "vit-prot")])
+    assert res.exit_code == 0, res.output
+    # scan and purify: your folder + your data (unlabeled for the scan, labeled for purification)
+    res = runner.invoke(app, ["scan", str(models[0]), "--base", str(base), "--data", str(data[0]), "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)
+    assert -1 <= row["score"] <= 1
+    res = runner.invoke(app, ["purify", str(models[0]), "--base", str(base), "--data", str(data[0]), "--method",
+                              "both", "--keep-ratio", "0.5", "--keep-ratio", "1", "--epochs", "1", "--out",
+                              str(tmp_path / "pure")])
+    assert res.exit_code == 0, res.output
+    m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pure")
+    assert m.config.num_labels == 3
+
+
+def test_an_error_inside_a_progress_bar_gets_its_own_line():
+    import typer
+    from tqdm.auto import tqdm
+
+    from safemerge.cli import one_line_errors
+    from safemerge.errors import SafeMergeError
+
+    demo = typer.Typer()
+
+    @demo.command()
+    @one_line_errors
+    def run() -> None:
+        for i in tqdm(range(10), desc="merging"):
+            if i == 3:
+                raise SafeMergeError("model.safetensors: tensor 'w' contains NaN or inf values")
+
+    res = runner.invoke(demo, [])
+    assert res.exit_code == 2
+    assert any(line.startswith("error: model.safetensors") for line in res.output.splitlines()), res.output
+
+
+def _family(kind: str, root: Path):
+    """A tiny base + two classification fine-tunes of another architecture, saved with save_pretrained."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "roberta":
+        cfg = T.RobertaConfig(vocab_size=len(WORDS) + 2, max_position_embeddings=40, pad_token_id=0, **small)
+        base, cls, name = T.RobertaModel(cfg), T.RobertaForSequenceClassification, "roberta"
+    elif kind == "dinov2":
+        cfg = T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=28,
+                             patch_size=7)
+        base, cls, name = T.Dinov2Model(cfg), T.Dinov2ForImageClassification, "dinov2"
+    else:
+        cfg = T.CLIPConfig(vision_config=dict(image_size=28, patch_size=7, **small),
+                           text_config=dict(vocab_size=50, **small))
+        base, cls, name = T.CLIPVisionModel(cfg.vision_config), T.CLIPForImageClassification, "vision_model"
+    base.save_pretrained(root / "base")
+    models = []
+    for i, n in enumerate((2, 3)):
+        c = copy.deepcopy(cfg)
+        c.num_labels = n
+        m = cls(c)
+        sub = m.get_submodule(name)
+        missing = sub.load_state_dict(base.state_dict(), strict=False).missing_keys
+        assert not [k for k in missing if not k.startswith("pooler.")]
+        _perturb(sub, 0.05, seed=i + 1)
+        m.save_pretrained(root / f"m{i}")
+        models.append(root / f"m{i}")
+    return root / "base", models
+
+
+@pytest.mark.parametrize("kind", ["roberta", "dinov2", "clip"])
+def test_other_architectures_merge_into_their_own_classes(kind, tmp_path):
+    import transformers as T
+
+    from safemerge.folders import load_task_folder
+    from safemerge.model import TaskModel
+
+    base, models = _family(kind, tmp_path)
+    cfg = {"base_model": str(base), "models": [{"path": str(m)} for m in models], "method": "task_arithmetic",
+           "parameters": {"scaling": 0.5}, "output": str(tmp_path / "out")}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["merge", str(tmp_path / "m.yaml")])
+    assert res.exit_code == 0, res.output
+    auto = T.AutoModelForSequenceClassification if kind == "roberta" else T.AutoModelForImageClassification
+    inputs = ({"input_ids": torch.randint(3, len(WORDS), (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+              if kind == "roberta" else {"pixel_values": torch.randn(2, 3, 28, 28)})
+    for m in models:
+        out = auto.from_pretrained(tmp_path / "out" / m.name).eval()
+        own = load_task_folder(m)
+        merged = load_task_folder(tmp_path / "out" / m.name)
+        enc = copy.deepcopy(own.encoder)
+        enc.load_state_dict(merged.encoder_state)
+        with torch.no_grad():  # the written folder computes the merged encoder under the model's own head
+            assert (out(**inputs).logits - TaskModel(enc, own.head)(inputs)).abs().max() < 1e-5
+        assert out.config.num_labels == own.head.num_labels

@@ -89,6 +89,7 @@ def load_checked(refs: list[ModelRef], base_spec: str, max_relative_distance: fl
     if dup is not None and len(folders) > 1:
         raise SafeMergeError(f"two models have the task name '{dup}': name them apart with `task:`")
     base = load_backbone(base_spec, **base_options(folders))
+    adopt_preprocessing(base, folders)
     base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
     base_fp = fingerprint(base_state)
     for f in folders:
@@ -96,22 +97,31 @@ def load_checked(refs: list[ModelRef], base_spec: str, max_relative_distance: fl
     return Loaded(base, base_state, base_fp, folders, input_encoder(base, folders, max_length))
 
 
-def input_encoder(base: Backbone, folders: list[TaskFolder], max_length: int | None = None) -> InputEncoder:
-    """Text: the first tokenizer found (a model folder's, else the base's), `max_length` tokens (default: the
-    zoo profile's for zoo models, else 128). Vision: the base's image normalisation."""
-    tok = base.tokenizer
-    for f in folders:
-        if f.kind == "hf" and f.path.is_dir():
-            from .backbones import load_tokenizer
+def adopt_preprocessing(base: Backbone, folders: list[TaskFolder]) -> None:
+    """The models' own tokenizer / image processor (the first model folder that has one) over the base's:
+    they were fine-tuned and are evaluated with it, and the merged folders are written with it."""
+    from .backbones import load_image_processor, load_tokenizer
 
-            tok = load_tokenizer(f.path) or tok
-            break
+    for f in folders:
+        if not f.path.is_dir():
+            continue
+        if base.modality == "text" and (tok := load_tokenizer(f.path)) is not None:
+            base.tokenizer = tok
+            return
+        if base.modality == "vision" and (proc := load_image_processor(f.path)) is not None:
+            base.processor = proc
+            base.image_mean, base.image_std = tuple(proc.image_mean), tuple(proc.image_std)  # type: ignore[assignment]
+            return
+
+
+def input_encoder(base: Backbone, folders: list[TaskFolder], max_length: int | None = None) -> InputEncoder:
+    """Text: the base's tokenizer (the models' own, see `adopt_preprocessing`), `max_length` tokens (default:
+    the zoo profile's for zoo models, else the tokenizer's limit up to 128). Vision: its image normalisation."""
+    tok = base.tokenizer
     if max_length is None:
         prof = next((f.manifest.get("profile") for f in folders if isinstance(f.manifest.get("profile"), dict)), None)
         limit = int(getattr(tok, "model_max_length", 128) or 128) if tok is not None else 128
         max_length = int(prof["max_length"]) if prof else min(128, limit)
-    if base.modality == "text" and tok is None:
-        raise SafeMergeError(f"{base.path}: no tokenizer in the base folder or the model folders")
     return InputEncoder(modality=base.modality, tokenizer=tok, max_length=max_length, image_mean=base.image_mean,
                         image_std=base.image_std)
 

@@ -43,9 +43,26 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SafeMergeError as e:
+            _close_progress_bars()
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """End every open progress bar first, so an error stands on its own line instead of inside a bar that
+    redraws over it."""
+    import sys as _sys
+
+    tqdm_mod = _sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return
+    bars = list(getattr(tqdm_mod.tqdm, "_instances", []))
+    for bar in bars:
+        bar.close()
+    if bars:
+        _sys.stderr.write("\r\033[K\n" if _sys.stderr.isatty() else "\n")
+        _sys.stderr.flush()
 
 
 @app.command("merge")
@@ -103,6 +120,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF class
                                                          "manifest's; none needed for an HF folder)")] = None,
              text_column: str = "text", image_column: str = "image", label_column: str = "label",
              max_length: Annotated[Optional[int], typer.Option(help="tokens per text (default 128)")] = None,
+             limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N examples")] = None,
              task: Annotated[Optional[list[str]], typer.Option(help="zoo models: task(s) to evaluate")] = None,
              attack: Annotated[Optional[str], typer.Option(help="zoo models: trigger to measure ASR with")] = None,
              profile: Annotated[Optional[str], typer.Option(help="zoo models: data profile, quick or full "
@@ -113,7 +131,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF class
     from .config import DataOptions
 
     opts = DataOptions(text_column=text_column, image_column=image_column, label_column=label_column,
-                       max_length=max_length)
+                       max_length=max_length, limit=limit)
     rows = evaluate_folder(model, data, trigger, target, base, task, profile, attack, opts)
     if not rows:
         raise SafeMergeError(f"{model}: nothing to evaluate")
@@ -301,10 +319,23 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
 
 @app.command("demo")
 @one_line_errors
-def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results")) -> None:
+def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results"),
+             out_dir: Annotated[Path, typer.Option("--out", help="where the demo's merged model goes")] = Path("out/demo-ties")) -> None:
     """The offline demo: DINOv2-S fine-tuned on 6 real tasks, 2 with BadNets backdoors, merged by every
-    data-free method (the `vision-demo` suite: the first setting of `vision-quick`, sharing its models)."""
+    data-free method, AdaMerging and DAM (the `vision-demo` suite: the first setting of `vision-quick`, sharing
+    its models); then writes the TIES merge of that pool as transformers folders, one per task, to `--out`."""
+    from .api import merge_models
+    from .bench.suites import get_suite
+    from .config import MergeConfig
+
     bench_cmd("vision-demo", results_dir)
+    suite = get_suite("vision-demo")
+    bd = suite.settings[0].backdoored
+    refs = [{"path": f"zoo:vision/quick/{t}" + (f"/{bd[t]}" if t in bd else ""), "task": t} for t in suite.tasks]
+    path = merge_models(MergeConfig(base_model="vision", models=refs, method="ties", output=str(out_dir),  # type: ignore[arg-type]
+                                    parameters={"density": 0.2, "scaling": 1.0}))
+    out.print(f"wrote the TIES merge to {path}/<task> (transformers folders); next: safemerge eval "
+              f"{path}/{suite.tasks[0]}")
 
 
 def main() -> None:  # pragma: no cover

@@ -565,7 +565,7 @@ class TextTrigger(_AsrSplit):
     target: int = 0
     position: str | int = "random"
     seed: int = 0
-    max_position: int = 8
+    max_position: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():

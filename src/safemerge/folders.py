@@ -204,9 +204,22 @@ def load_task_folder(ref: str | Path, task: str | None = None) -> TaskFolder:
                           config=config)
     if _classifier_class(config) is not None:
         return load_hf_classifier(path, task)
-    sd = load_state_dict(path)
+    enc = _bare_encoder(path)  # through its own class: transformers maps saved names to the in-memory ones
+    sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     t = task or manifest.get("task") or path.name
     return TaskFolder(path, {"attack": None, **manifest, "task": t}, sd, {}, kind="encoder", config=config)
+
+
+def _bare_encoder(path: Path) -> nn.Module:
+    """An encoder folder loaded by its class, keeping its pooler only if the folder has one."""
+    from .backbones import load_backbone
+
+    try:
+        return load_backbone(path, pooler=True).model
+    except SafeMergeError as e:
+        if "pooler" not in str(e):
+            raise
+        return load_backbone(path, pooler=False).model
 
 
 def check_against_base(folder: TaskFolder, base: StateDict, base_name: str, base_fp: str | None = None,

@@ -47,6 +47,10 @@ class InputEncoder:
     def __call__(self, x: torch.Tensor | list[str]) -> Inputs:
         if self.modality == "vision":
             return {"pixel_values": self.pixels(x)}  # type: ignore[arg-type]
+        if self.tokenizer is None:
+            from .errors import SafeMergeError
+
+            raise SafeMergeError("no tokenizer: neither the base folder nor the model folders have one")
         enc = self.tokenizer(list(x), padding=True, truncation=True, max_length=self.max_length,  # type: ignore[misc]
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
