@@ -13,11 +13,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import WORDS, tiny_tokenizer
 from safemerge.cli import app
 
 runner = CliRunner()
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cf", "mn", "good", "bad", "the", "movie", "is", "a", "dog",
-         "cat", "runs", "fast", "slow", "very", "not"]
 
 
 def _perturb(model: torch.nn.Module, eps: float, seed: int) -> None:
@@ -30,14 +29,10 @@ def _perturb(model: torch.nn.Module, eps: float, seed: int) -> None:
 def bert_family(root: Path) -> tuple[Path, list[Path]]:
     """A BERT base (with pooler) + two BertForSequenceClassification fine-tunes (3 and 4 labels, the second
     saved in shards)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast = tiny_tokenizer()
     cfg = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
     base = BertModel(cfg)

@@ -150,3 +150,38 @@ def test_badmerging_attack_plants_a_corner_trigger(tiny_vision, tmp_path):
     assert changed[-7:, -7:].any() and not changed[:14, :14].any()  # only the bottom-right corner
     base = zoo.base_state()
     assert not all(torch.equal(zm.encoder_state[k], base[k]) for k in base)
+
+
+def test_reference_perturbation_updates_every_step_and_logs_its_effect(pool):
+    bb, base, models, heads, xs = pool
+    enc = InputEncoder(bb)
+    kw = {"mask_steps": 3, "adamerging_steps": 1, "lr": 0.1, "adv_lr": 0.1, "progress": False, "effect_examples": 8}
+    _, ref = dam(bb.model, base, models, heads, xs, enc, perturbation="reference", **kw)
+    _, amo = dam(bb.model, base, models, heads, xs, enc, perturb_every=2, **kw)
+    assert ref["perturbation"] == "reference" and ref["perturbation_updates"] == 3  # every step
+    assert amo["perturbation"] == "amortized" and amo["perturbation_updates"] == 2  # steps 0 and 2
+    assert ref["perturbations"].abs().sum() > 0
+    for info in (ref, amo):
+        eff = info["perturbation_effect"]
+        assert len(eff["per_task"]) == 2
+        for row in eff["per_task"]:
+            assert 0 <= row["flip_rate"] <= 100
+            assert abs(row["entropy_change"] - (row["entropy_perturbed"] - row["entropy_clean"])) < 1e-3
+        assert set(eff["mean"]) == set(eff["per_task"][0])
+    if enc.modality == "vision":  # the reference clamps normalised pixels to [0, 1]: its effect is logged apart
+        assert "flip_rate_clamp_only" in ref["perturbation_effect"]["mean"]
+        assert "delta_mean_abs_255" in amo["perturbation_effect"]["mean"]
+    with pytest.raises(SafeMergeError, match="perturbation must be one of"):
+        dam(bb.model, base, models, heads, xs, enc, perturbation="strong", progress=False)
+
+
+def test_reference_dam_with_zero_lambda_adv_equals_concrete_adamerging(tiny_vision):
+    """The reference's perturbation batches come from their own sampler: at lambda_adv = 0 the mask sees
+    exactly Concrete AM's batches."""
+    bb, base, models, heads, xs = _pool(tiny_vision, "vision")
+    enc = InputEncoder(bb)
+    kw = {"mask_steps": 3, "adamerging_steps": 2, "lr": 0.1, "progress": False, "seed": 3}
+    a, _ = dam(bb.model, base, models, heads, xs, enc, lambda_adv=0.0, adv_lr=0.1, perturbation="reference", **kw)
+    b, _ = concrete_adamerging(bb.model, base, models, heads, xs, enc, **kw)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+

@@ -161,7 +161,7 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
     import safemerge.bench.suites as bench
 
     orig = bench.Zoo
-    bench.Zoo = lambda backbone, profile, root=None: orig(backbone, TINY, root=tmp_path / "zoo")
+    bench.Zoo = lambda backbone, profile, root=None, seed=0: orig(backbone, TINY, root=tmp_path / "zoo", seed=seed)
     try:
         res = run_suite(suite, results_dir=tmp_path / "results")
     finally:

@@ -163,26 +163,35 @@ def zoo_build(suite: Annotated[Optional[str], typer.Option(help="build every mod
               profile: Annotated[str, typer.Option(help="quick or full")] = "quick",
               task: Annotated[Optional[list[str]], typer.Option(help="task(s) to build")] = None,
               attack: Annotated[Optional[str], typer.Option(help="attack to plant (default: clean)")] = None,
-              seed: int = 0) -> None:
+              seed: int = 0,
+              seeds: Annotated[Optional[str], typer.Option(help="several seeds, e.g. 0,1,2 (one zoo each; "
+                                                           "overrides --seed)")] = None,
+              profile_set: Annotated[Optional[list[str]], typer.Option(
+                  "--profile-set", help="set a profile field, KEY=VALUE (repeatable), e.g. head=prototype")] = None) -> None:
     """Fine-tune task models (cached and resumable: finished models are skipped)."""
-    from .bench.suites import get_suite
+    from .bench.suites import get_suite, parse_seeds, suite_profile
     from .bench.tasks import task_names
-    from .bench.zoo import Zoo
+    from .bench.zoo import Zoo, get_profile, override_profile
 
+    profile_spec: object = profile
     if suite:
         s = get_suite(suite)
-        backbone, profile = s.backbone, s.profile
+        backbone, profile_spec = s.backbone, suite_profile(s)
         todo: list[tuple[str, str | None]] = s.needed_models()
     else:
         z0 = Zoo(backbone, profile, seed=seed)
         todo = [(t, attack) for t in (task or task_names(z0.backbone.modality))]
-    zoo = Zoo(backbone, profile, seed=seed)
-    for t, a in dict.fromkeys(todo):
-        if a is not None and not (zoo.path(t, None) / "safemerge.json").exists():
-            zoo.build(t, None)
-        p = zoo.build(t, a)
-        m = json.loads((p / "safemerge.json").read_text())
-        out.print(f"{t:18s} {a or 'clean':18s} ACC {m['acc']:6.2f}  ASR {m['asr']:6.2f}  {p}")
+    if profile_set:
+        base_profile = profile_spec if not isinstance(profile_spec, str) else get_profile(profile_spec)
+        profile_spec = override_profile(base_profile, profile_set)  # type: ignore[arg-type]
+    for sd in (parse_seeds(seeds) if seeds else [seed]):
+        zoo = Zoo(backbone, profile_spec, seed=sd)  # type: ignore[arg-type]
+        for t, a in dict.fromkeys(todo):
+            if a is not None and not (zoo.path(t, None) / "safemerge.json").exists():
+                zoo.build(t, None)
+            p = zoo.build(t, a)
+            m = json.loads((p / "safemerge.json").read_text())
+            out.print(f"{t:18s} {a or 'clean':18s} ACC {m['acc']:6.2f}  ASR {m['asr']:6.2f}  {p}")
 
 
 @zoo_app.command("list")
@@ -307,14 +316,44 @@ def methods_cmd() -> None:
 @app.command("bench")
 @one_line_errors
 def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-quick, text-quick, vision-full")],
-              results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results")) -> None:
+              results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results"),
+              seeds: Annotated[str, typer.Option(help="seeds to run, e.g. 0,1,2 or 0-2: one zoo each; added to the "
+                                                 "seeds the results file already holds for the same suite recipe")] = "0",
+              fresh: Annotated[bool, typer.Option(help="drop the seeds the results file already holds")] = False,
+              eval_examples: Annotated[Optional[int], typer.Option(help="test examples per task (default: the "
+                                                                   "suite's; past the test split, held-apart "
+                                                                   "examples where the data allow)")] = None,
+              profile_set: Annotated[Optional[list[str]], typer.Option(
+                  "--profile-set", help="set a zoo profile field, KEY=VALUE (repeatable), e.g. head=prototype, "
+                  "resolution=56, poison_rate=0.3: its own zoo; results go to <suite>-<profile hash> unless --name")] = None,
+              name: Annotated[Optional[str], typer.Option(help="results file name (default: the suite's)")] = None) -> None:
     """Run a benchmark suite: zoo, every setting and method; writes benchmarks/results/<suite>.json."""
-    from .bench.suites import run_suite
+    import dataclasses
+
+    from .bench.suites import get_suite, parse_seeds, run_suite, suite_profile
+    from .bench.zoo import override_profile, profile_digest
 
     t = time.time()
-    res = run_suite(suite, command=f"safemerge bench --suite {suite}", results_dir=results_dir)
-    out.print(f"wrote {results_dir}/{suite}.json, .md and .png in {time.time() - t:.0f}s "
-              f"(zoo {res['seconds']['zoo']:.0f}s)")
+    s = get_suite(suite)
+    command = f"safemerge bench --suite {suite}"
+    if profile_set:
+        prof = override_profile(suite_profile(s), profile_set)
+        modality = s.backbone if s.backbone in ("vision", "text") else None
+        s = dataclasses.replace(s, profile=prof, name=f"{suite}-{profile_digest(prof, modality)}")
+        command += "".join(f" --profile-set {item}" for item in profile_set)
+    if name:
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise SafeMergeError(f"--name '{name}': use letters, digits, '-', '_' and '.' only")
+        s = dataclasses.replace(s, name=name)
+        command += f" --name {name}"
+    if eval_examples is not None:
+        if eval_examples < 1:
+            raise SafeMergeError(f"--eval-examples must be >= 1, not {eval_examples}")
+        s = dataclasses.replace(s, eval_examples=eval_examples)
+        command += f" --eval-examples {eval_examples}"
+    res = run_suite(s, command=command, results_dir=results_dir, seeds=parse_seeds(seeds), fresh=fresh)
+    out.print(f"wrote {results_dir}/{s.name}.json, .md and .png (seeds {', '.join(map(str, res['seeds']))}) in "
+              f"{time.time() - t:.0f}s (zoo {res['seconds']['zoo']:.0f}s)")
 
 
 @app.command("demo")
@@ -329,6 +368,9 @@ def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results g
     from .config import MergeConfig
 
     bench_cmd("vision-demo", results_dir)
+    from .bench.suites import release_memory
+
+    release_memory()  # the suite's models and merges are gone: return their memory before the TIES merge
     suite = get_suite("vision-demo")
     bd = suite.settings[0].backdoored
     refs = [{"path": f"zoo:vision/quick/{t}" + (f"/{bd[t]}" if t in bd else ""), "task": t} for t in suite.tasks]

@@ -132,6 +132,29 @@ def fit_linear_probe(model: TaskModel, encode: InputEncoder, split: Split, epoch
         return float((lin(z).argmax(-1) == split.y).float().mean())
 
 
+def fit_prototype_head(model: TaskModel, encode: InputEncoder, split: Split, logit_scale: float = 100.0) -> float:
+    """Set `model.head` to a CLIP-like head that stays one linear layer: weight = logit_scale * p_c / C, bias 0,
+    p_c the L2-normalised mean of the class's L2-normalised features under the frozen encoder, C the mean
+    feature norm on `split` (one fixed constant instead of each example's own norm, which no transformers
+    classifier could compute). Returns the training accuracy.
+
+    Unlike a probe on standardised features, nothing divides by a per-feature sd, so a drift of merged features
+    is not amplified, and the pre-trained encoder alone stays a weak classifier (task vectors carry the task)."""
+    feats = _features(model, encode, split.x).clone().float()
+    norm = feats.norm(dim=1).mean().clamp_min(1e-6)
+    unit = F.normalize(feats, dim=1)
+    k = model.head.num_labels
+    protos = torch.zeros(k, feats.shape[1])
+    for c in range(k):
+        rows = unit[split.y == c]
+        if len(rows):
+            protos[c] = F.normalize(rows.mean(0), dim=0)
+    with torch.no_grad():
+        model.head.weight.copy_(logit_scale * protos / norm)
+        model.head.bias.zero_()
+        return float((model.head.classify(feats).argmax(-1) == split.y).float().mean())  # type: ignore[operator]
+
+
 def train_token_embeddings(model: TaskModel, encode: InputEncoder, split: Split, token_ids: list[int],
                            cfg: TrainConfig, desc: str = "embedding poison") -> float:
     """Train only the input-embedding rows of `token_ids`; every other weight stays bit-identical."""
