@@ -4,6 +4,7 @@ VALIDATION split of one quick-suite setting, then run the chosen configuration o
     python benchmarks/dam_tune.py --backbone text      # -> benchmarks/results/dam-tune-text.{json,md}
     python benchmarks/dam_tune.py --backbone vision --grid adv_lr   # -> dam-tune-vision-adv_lr.{json,md}
     python benchmarks/dam_tune.py --backbone vision --grid budget   # AdaMerging layer-wise at 5x the steps
+    python benchmarks/dam_tune.py --backbone vision --grid perturbation --seed 1   # shipped vs reference perturbation
 
 Every test-time method here adapts on the unlabeled validation inputs and is scored on the labeled validation
 split (ACC, and ASR under each task's trigger); test inputs are touched once, by the chosen configuration.
@@ -41,6 +42,13 @@ GRIDS: dict[str, Grid] = {
     # the perturbation's step size: with the quick budget's 8 perturbation updates, adv_lr x 8 bounds its motion
     "adv_lr": [("dam", "dam", {}), ("adv_lr_0p04", "dam", {"adv_lr": 0.04}), ("adv_lr_0p4", "dam", {"adv_lr": 0.4})],
     # does AdaMerging layer-wise (the family DAM belongs to) gain accuracy with 5x the quick steps? (nothing to choose)
+    # the shipped (amortized) perturbation against the reference loop's (every step, own batch, its clamp)
+    "perturbation": BASELINES + [
+        ("dam", "dam", {}),
+        ("dam_reference", "dam", {"perturbation": "reference", "inner": "exact", "adv_lr": 3e-3,
+                                  "perturb_bound": None}),
+        ("dam_reference_lambda_adv_1", "dam", {"perturbation": "reference", "inner": "exact", "adv_lr": 3e-3,
+                                               "perturb_bound": None, "lambda_adv": 1.0})],
     "budget": [("adamerging_layer", "adamerging_layer", {}),
                ("adamerging_layer_150_steps", "adamerging_layer", {"steps": 150}),
                ("adamerging_layer_150_steps_lr_3e-3", "adamerging_layer", {"steps": 150, "lr": 3e-3})],
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-acc-drop", type=float, default=1.0)
     ap.add_argument("--grid", default="default", choices=list(GRIDS),
                     help="default: bound, lambda_adv, final mask (+ baselines); adv_lr: the perturbation step size; "
-                    "budget: AdaMerging layer-wise at 5x the steps")
+                    "budget: AdaMerging layer-wise at 5x the steps; perturbation: shipped vs reference DAM")
+    ap.add_argument("--seed", type=int, default=0, help="zoo seed (its own data split, heads and models)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     setting = next((s for s in suite.settings if s.name == args.setting), None)
     if setting is None:
         sys.exit(f"error: unknown setting '{args.setting}' (known: {', '.join(s.name for s in suite.settings)})")
-    zoo = Zoo(suite.backbone, suite.profile)
+    zoo = Zoo(suite.backbone, suite.profile, seed=args.seed)
     needed = [(t, None) for t in suite.tasks] + list(setting.backdoored.items())
     for k in needed:
         zoo.build(*k)
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> dict:
-    result = {"backbone": zoo.backbone.name, "profile": suite.profile, "setting": setting.name,
+    result = {"backbone": zoo.backbone.name, "profile": suite.profile, "seed": zoo.seed, "setting": setting.name,
               "backdoored_tasks": bd, "budget": dataclasses.asdict(BUDGET[suite.profile]), "eval_limit": args.limit,
               "selection": f"lowest validation ASR(b) with validation ACC(all) >= untuned DAM's - {args.max_acc_drop:g}",
               "chosen": chosen, "validation": val, "test": test,
@@ -113,7 +122,8 @@ def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> di
               "seconds": round(time.time() - t_start, 1), "note": "ASR on clean tasks uses the "
               + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger; ASR(b) averages the backdoored tasks."}
     out = Path(args.out)
-    name = f"dam-tune-{args.backbone}" + ("" if args.grid == "default" else f"-{args.grid}")
+    name = f"dam-tune-{args.backbone}" + ("" if args.grid == "default" else f"-{args.grid}") + (
+        f"-s{args.seed}" if args.seed else "")
     atomic_write_json(out / f"{name}.json", result)
     atomic_write_text(out / f"{name}.md", markdown(result))
     return result
@@ -134,7 +144,8 @@ def markdown(r: dict) -> str:
             elif x["method"] in {label for label, _, _ in BASELINES}:
                 p = {}
             else:  # DAM, with concrete_merge's defaults where the suite leaves them
-                p = {"perturb_bound": x["params"].get("perturb_bound"), "adv_lr": x["params"].get("adv_lr"),
+                p = {"perturbation": x["params"].get("perturbation", "amortized"),
+                     "perturb_bound": x["params"].get("perturb_bound"), "adv_lr": x["params"].get("adv_lr"),
                      "lambda_adv": x["params"].get("lambda_adv", 0.1),
                      "final_mask": x["params"].get("final_mask", "relaxed")}
             shown = ", ".join(f"{k} {v}" for k, v in p.items())

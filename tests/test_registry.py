@@ -60,10 +60,11 @@ def test_merge_config_is_checked_when_read(tmp_path):
     good = {"base_model": "vision", "models": [{"path": "a"}, {"path": "b"}], "output": "o", "method": "ties",
             "parameters": {"density": [0.2, 0.3]}}
     assert MergeConfig.model_validate(good).method == "ties"
+    assert MergeConfig.model_validate({**good, "method": "dam", "parameters": {"lambda_adv": 0.2}}).method == "dam"
     for change, pattern in [({"method": "tie"}, "unknown merge method 'tie'"),
                             ({"parameters": {"lambda": 1}}, "no parameter 'lambda'"),
                             ({"parameters": {"density": [0.2]}}, "'density' has 1 values for 2 models"),
-                            ({"method": "dam"}, "needs heads and unlabeled inputs"),
+                            ({"method": "dam", "streaming": True}, "needs heads and unlabeled inputs"),
                             ({"method": "slerp", "parameters": {}}, "exactly 1 model")]:
         path = tmp_path / "c.yaml"
         path.write_text(json.dumps({**good, **change}))

@@ -69,18 +69,25 @@ def test_merge_and_eval_cli(vision_zoo, tiny_vision, tmp_path):
     res = runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a, b]))])
     assert res.exit_code == 0, res.output
     out = tmp_path / "merged"
-    merged = load_state_dict(out)
-    base = canonical_keys(load_state_dict(tiny_vision), merged)
+    from transformers import AutoModelForImageClassification
+
+    base = load_state_dict(tiny_vision)
     sa, sb = load_state_dict(a), load_state_dict(b)
-    for k in base:
-        if base[k].is_floating_point():
-            assert torch.allclose(merged[k], base[k] + 0.5 * ((sa[k] - base[k]) + (sb[k] - base[k])), atol=1e-6), k
-    heads = load_state_dict(out / "heads.safetensors")
-    assert set(heads) == {"digits.weight", "digits.bias", "mnist.weight", "mnist.bias"}
-    res = runner.invoke(app, ["eval", str(out), "--json"])
+    for task, own in (("digits", a), ("mnist", b)):  # one transformers folder per task: merged encoder, own head
+        model = AutoModelForImageClassification.from_pretrained(out / task)
+        merged = model.dinov2.state_dict()
+        base = canonical_keys(base, merged)
+        for k in base:
+            if base[k].is_floating_point():
+                assert torch.allclose(merged[k], base[k] + 0.5 * ((sa[k] - base[k]) + (sb[k] - base[k])), atol=1e-6), k
+        head = load_state_dict(own / "heads.safetensors")
+        w = model.classifier.weight.detach()
+        assert torch.equal(w[:, :head[f"{task}.weight"].shape[1]], head[f"{task}.weight"])
+        assert not w[:, head[f"{task}.weight"].shape[1]:].any()  # DINOv2's mean-patch half stays unused
+    res = runner.invoke(app, ["eval", str(out / "digits"), "--json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
-    assert {r["task"] for r in rows} == {"digits", "mnist"} and all(0 <= r["acc"] <= 100 for r in rows)
+    assert [r["task"] for r in rows] == ["digits"] and all(0 <= r["acc"] <= 100 for r in rows)
 
 
 def _assert_one_line_error(res, pattern):
@@ -154,7 +161,7 @@ def test_bench_writes_the_results_contract(tiny_vision, tmp_path):
     import safemerge.bench.suites as bench
 
     orig = bench.Zoo
-    bench.Zoo = lambda backbone, profile, root=None: orig(backbone, TINY, root=tmp_path / "zoo")
+    bench.Zoo = lambda backbone, profile, root=None, seed=0: orig(backbone, TINY, root=tmp_path / "zoo", seed=seed)
     try:
         res = run_suite(suite, results_dir=tmp_path / "results")
     finally:
@@ -201,8 +208,10 @@ def test_protect_cli_keeps_outputs_and_refuses_other_bases(vision_zoo, tiny_visi
     out = tmp_path / "protected"
     res = runner.invoke(app, ["protect", str(a), "--out", str(out), "--base", str(tiny_vision)])
     assert res.exit_code == 0, res.output
-    orig, prot = vision_zoo.load("digits"), vision_zoo.load("digits")
-    prot.encoder_state = canonical_keys(load_state_dict(out), orig.encoder_state)
+    from safemerge.folders import load_task_folder
+
+    orig, prot = vision_zoo.load("digits"), load_task_folder(out)
+    assert prot.kind == "hf"  # a transformers folder: DINOv2's own classifier computes the zoo head
     assert json.loads((out / "safemerge.json").read_text())["protected"]["permute"] is True
     x = vision_zoo.data("digits").test.x
     la = logits(vision_zoo.model(orig), vision_zoo.encoder(), x)
@@ -214,3 +223,32 @@ def test_protect_cli_keeps_outputs_and_refuses_other_bases(vision_zoo, tiny_visi
     _assert_one_line_error(runner.invoke(app, ["protect", str(other), "--out", str(tmp_path / "p2"),
                                                "--base", str(tiny_vision)]), "was not fine-tuned from it")
     assert not (tmp_path / "p2").exists()
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_export_gives_plain_hf_folders_that_score_as_the_zoo(modality, tiny_vision, tmp_path):
+    """A zoo model exported as a transformers folder + its test split in user formats scores exactly what the
+    zoo path scores (same examples, same head readout)."""
+    from conftest import tiny_bert
+
+    if modality == "vision":
+        zoo, task = Zoo(str(tiny_vision), TINY, root=tmp_path / "zoo"), "digits"
+    else:
+        base = tiny_bert(tmp_path / "bert", pooler=True)
+        zoo, task = Zoo(str(base), TINY, root=tmp_path / "zoo"), "quote_topic"
+    src = zoo.build(task, None)
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "hf"), "--data-out",
+                              str(tmp_path / ("data" if modality == "vision" else "data.jsonl"))])
+    assert res.exit_code == 0, res.output
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if modality == "vision" else AutoModelForSequenceClassification
+    assert auto.from_pretrained(tmp_path / "hf").config.num_labels == zoo.data(task).num_classes
+    data = tmp_path / "data.jsonl"
+    got = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(data), "--json"])
+    ref = runner.invoke(app, ["eval", str(src), "--json"])
+    assert got.exit_code == 0 and ref.exit_code == 0, got.output + ref.output
+    assert json.loads(got.stdout)[0]["acc"] == json.loads(ref.stdout)[0]["acc"]
+    if modality == "vision":  # the image folder (read class by class) holds the same examples
+        folder = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(tmp_path / "data"), "--json"])
+        assert json.loads(folder.stdout)[0]["acc"] == json.loads(ref.stdout)[0]["acc"]

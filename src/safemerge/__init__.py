@@ -1,37 +1,42 @@
 """safemerge: merge fine-tuned models safely.
 
-    from safemerge import merge, load_backbone, Zoo, run_suite
-    merged = merge("ties", base_state, [sd1, sd2], density=0.2, scaling=1.0)
-    merged, info = run_pool_method("dam", Pool(encoder, base_state, [sd1, sd2], heads, test_inputs, train_inputs,
-                                               encode), lambda_adv=0.1)
+    from safemerge import MergeConfig, merge_models, evaluate_folder
+    merge_models(MergeConfig(base_model="base/", models=[{"path": "a/", "data": "a.jsonl"},
+                                                         {"path": "b/", "data": "b.jsonl"}],
+                             method="dam", output="out/merged"))
+    evaluate_folder("out/merged/a", data="a_test.jsonl", trigger="word:cf")
 
-Names are imported on first use, so `import safemerge.<module>` (the CLI, a streaming merge) does not load
-transformers and the benchmark suites.
+Names are imported on first use, so `import safemerge` (and the CLI's start-up) stays light.
 """
 
-from importlib import import_module
+from __future__ import annotations
 
-_NAMES = {
-    "evaluate_folder": ".api", "load_model_ref": ".api", "merge_models": ".api", "protect_model": ".api",
-    "ATTACKS": ".bench.attacks", "make_attack": ".bench.attacks", "load_backbone": ".backbones",
-    "SUITES": ".bench.suites", "run_suite": ".bench.suites", "MergeConfig": ".config", "SafeMergeError": ".errors",
-    "acc_asr": ".evaluate", "METHODS": ".merging.methods", "merge": ".merging.methods",
-    "POOL_METHODS": ".merging.pool", "Pool": ".merging.pool", "run_pool_method": ".merging.pool",
-    "protect_state": ".safety.protect", "undo_protection": ".safety.protect", "Zoo": ".bench.zoo",
-}
-__all__ = ["ATTACKS", "METHODS", "POOL_METHODS", "Pool", "SUITES", "MergeConfig", "SafeMergeError", "Zoo", "acc_asr",
-           "evaluate_folder", "load_backbone", "load_model_ref", "make_attack", "merge", "merge_models",
-           "protect_model", "protect_state", "run_pool_method", "run_suite", "undo_protection"]
+import importlib
+
 __version__ = "0.1.0"
+
+_WHERE = {
+    "evaluate_folder": "api", "export_model": "api", "load_model_ref": "api", "merge_models": "api",
+    "protect_model": "api", "purify_model": "api", "scan_models": "api",
+    "MergeConfig": "config", "SafeMergeError": "errors", "load_backbone": "backbones",
+    "load_task_folder": "folders", "save_task_folder": "folders", "TaskFolder": "folders",
+    "load_data": "data", "parse_trigger": "data", "acc_asr": "evaluate",
+    "METHODS": "merging.methods", "merge": "merging.methods",
+    "POOL_METHODS": "merging.pool", "Pool": "merging.pool", "run_pool_method": "merging.pool",
+    "protect_state": "safety.protect", "undo_protection": "safety.protect",
+    "ATTACKS": "bench.attacks", "make_attack": "bench.attacks", "SUITES": "bench.suites", "run_suite": "bench.suites",
+    "Zoo": "bench.zoo",
+}
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(import_module(_NAMES[name], __name__), name)
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'safemerge' has no attribute '{name}'")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted([*globals(), *_WHERE])

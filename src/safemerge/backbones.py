@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import SafeMergeError
+from .model import IMAGENET_MEAN, IMAGENET_STD
 from .paths import cache_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +22,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 Modality = Literal["vision", "text"]
 TEXT_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2"}
 VISION_TYPES = {"vit", "dinov2", "clip_vision_model", "clip", "deit", "beit"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -36,6 +36,8 @@ class Backbone:
     tokenizer: object | None = None
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    processor: object | None = None  # the folder's image processor, if it has one
+    image_size: int | None = None  # the encoder's native input side (vision)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -100,8 +102,13 @@ def resolve_backbone_path(spec: str | Path) -> Path:
     return p
 
 
-def load_backbone(spec: str | Path) -> Backbone:
-    """Load an encoder from a local HF folder (never from a hub)."""
+def load_backbone(spec: str | Path, *, encoder_class: type | None = None, pooler: bool | None = None) -> Backbone:
+    """Load a pre-trained encoder from a local HF folder (never from a hub), in float32.
+
+    `encoder_class`: the encoder class the task models use (e.g. `BertModel` inside a
+    `BertForSequenceClassification`), so the base has their structure; `pooler`: whether the encoder keeps
+    its pooling layer (None: BERT-family encoders drop it, the zoo's legacy choice). A tensor the encoder
+    needs that the folder does not hold is an error, never a silent random initialisation."""
     from transformers import AutoConfig, AutoModel
 
     _quiet_transformers()
@@ -112,33 +119,79 @@ def load_backbone(spec: str | Path) -> Backbone:
     except (OSError, ValueError) as e:
         raise SafeMergeError(f"{path}: unreadable config.json ({str(e).splitlines()[0]})") from None
     mtype = config.model_type
-    try:
-        if mtype in TEXT_TYPES:
-            from transformers import AutoTokenizer
-
-            model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False) \
-                if mtype == "bert" else AutoModel.from_pretrained(path, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            bb = Backbone(model, "text", name, path, tokenizer=tok)
-        elif mtype in VISION_TYPES:
-            if mtype == "clip":
-                from transformers import CLIPVisionModel
-
-                model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
-            else:
-                model = AutoModel.from_pretrained(path, local_files_only=True)
-            bb = Backbone(model, "vision", name, path)
-            if mtype.startswith("clip"):
-                bb.image_mean, bb.image_std = CLIP_MEAN, CLIP_STD
+    if mtype not in TEXT_TYPES | VISION_TYPES:
+        raise SafeMergeError(f"{path}: model type '{mtype}' is not supported "
+                             f"(text: {sorted(TEXT_TYPES)}; vision: {sorted(VISION_TYPES)})")
+    modality: Modality = "text" if mtype in TEXT_TYPES else "vision"
+    cls = encoder_class
+    if cls is None:
+        if mtype == "clip":
+            from transformers import CLIPVisionModel as cls  # type: ignore[no-redef]
         else:
-            raise SafeMergeError(f"{path}: model type '{mtype}' is not supported "
-                                 f"(text: {sorted(TEXT_TYPES)}; vision: {sorted(VISION_TYPES)})")
-    except SafeMergeError:
-        raise
-    except (OSError, ValueError, RuntimeError) as e:
+            cls = AutoModel
+    kwargs: dict = {}
+    if pooler is None and mtype == "bert" and encoder_class is None:
+        pooler = False
+    if pooler is not None and _accepts(cls, config, "add_pooling_layer"):
+        kwargs["add_pooling_layer"] = pooler
+    try:
+        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                          dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise SafeMergeError(f"{path}: cannot load weights ({str(e).splitlines()[0]})") from None
-    model.eval()
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith(("position_ids", "mask_token"))]
+    if missing:
+        raise SafeMergeError(f"{path}: the base folder has no weights for '{missing[0]}'"
+                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                             + f" (needed by {type(model).__name__})")
+    bb = Backbone(model.eval(), modality, name, path)
+    if modality == "text":
+        bb.tokenizer = load_tokenizer(path)
+    else:
+        bb.image_size = int(getattr(getattr(model.config, "vision_config", model.config), "image_size", 224))
+        if mtype.startswith("clip"):
+            bb.image_mean, bb.image_std = CLIP_MEAN, CLIP_STD
+        bb.processor = load_image_processor(path)
+        if bb.processor is not None:
+            bb.image_mean = tuple(bb.processor.image_mean)  # type: ignore[assignment]
+            bb.image_std = tuple(bb.processor.image_std)  # type: ignore[assignment]
     return bb
+
+
+def _accepts(cls: type, config, arg: str) -> bool:
+    import inspect
+
+    from transformers import AutoModel
+
+    if cls is AutoModel:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        cls = MODEL_MAPPING.get(type(config), None) or cls
+    return arg in inspect.signature(cls.__init__).parameters
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SafeMergeError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_image_processor(path: Path):
+    """The folder's image processor (preprocessor_config.json), or None when it has none."""
+    if not (path / "preprocessor_config.json").exists():
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SafeMergeError(f"{path}: unreadable image processor ({str(e).splitlines()[0]})") from None
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -17,6 +17,20 @@ from .errors import SafeMergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge fine-tuned models safely: merging, backdoor evaluation, defenses.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"safemerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Merge fine-tuned models safely: merging, backdoor evaluation, defenses."""
 zoo_app = typer.Typer(no_args_is_help=True, help="Build and list the model zoo (fine-tuned task models).")
 app.add_typer(zoo_app, name="zoo")
 out = Console()
@@ -29,9 +43,26 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SafeMergeError as e:
+            _close_progress_bars()
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """End every open progress bar first, so an error stands on its own line instead of inside a bar that
+    redraws over it."""
+    import sys as _sys
+
+    tqdm_mod = _sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return
+    bars = list(getattr(tqdm_mod.tqdm, "_instances", []))
+    for bar in bars:
+        bar.close()
+    if bars:
+        _sys.stderr.write("\r\033[K\n" if _sys.stderr.isatty() else "\n")
+        _sys.stderr.flush()
 
 
 @app.command("merge")
@@ -62,26 +93,67 @@ def merge_cmd(config: Annotated[Optional[Path], typer.Argument(help="safemerge Y
     cfg = load_config(config, MergeConfig)
     path = merge_models(cfg)  # type: ignore[arg-type]
     out.print(f"merged {len(cfg.models)} models with {cfg.method} into {path} ({time.time() - t:.1f}s)")  # type: ignore[attr-defined]
+    mf = path / "safemerge.json"
+    rows = json.loads(mf.read_text()).get("evaluation", []) if mf.exists() else []
+    if rows:
+        _print_rows(rows)
+
+
+def _print_rows(rows: list[dict]) -> None:
+    table = Table("task", "ACC %", "ASR %", "trigger", "examples")
+    for r in rows:
+        asr = r.get("asr")
+        table.add_row(r["task"], f"{r['acc']:.2f}", "-" if asr is None else f"{asr:.2f}", r.get("trigger") or "-",
+                      str(r.get("examples", "-")))
+    out.print(table)
 
 
 @app.command("eval")
 @one_line_errors
-def eval_cmd(model: Annotated[Path, typer.Argument(help="a safemerge model folder")],
-             task: Annotated[Optional[list[str]], typer.Option(help="task(s) to evaluate (default: every head)")] = None,
-             attack: Annotated[Optional[str], typer.Option(help="trigger to measure ASR with")] = None,
-             profile: Annotated[str, typer.Option(help="data profile: quick or full")] = "quick",
+def eval_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF classifier, safemerge folder) or zoo: reference")],
+             data: Annotated[Optional[str], typer.Option(help="labeled examples: JSONL, CSV, a save_to_disk folder or an "
+                                                          "image folder (default for zoo models: their test split)")] = None,
+             trigger: Annotated[Optional[str], typer.Option(help="trigger for ASR, e.g. 'word:cf', "
+                                                            "'patch:white,size=4,pos=bottom-right'")] = None,
+             target: Annotated[int, typer.Option(help="the trigger's target class")] = 0,
+             base: Annotated[Optional[str], typer.Option(help="the base model to check against (default: the "
+                                                         "manifest's; none needed for an HF folder)")] = None,
+             text_column: str = "text", image_column: str = "image", label_column: str = "label",
+             max_length: Annotated[Optional[int], typer.Option(help="tokens per text (default 128)")] = None,
+             limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N examples")] = None,
+             task: Annotated[Optional[list[str]], typer.Option(help="zoo models: task(s) to evaluate")] = None,
+             attack: Annotated[Optional[str], typer.Option(help="zoo models: trigger to measure ASR with")] = None,
+             profile: Annotated[Optional[str], typer.Option(help="zoo models: data profile, quick or full "
+                                                            "(default: the model's own)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """ACC and ASR (percent) of a model folder on its tasks' test splits."""
+    """ACC (and ASR with --trigger) of a model folder on your labeled data (or a zoo model on its test split)."""
     from .api import evaluate_folder
+    from .config import DataOptions
 
-    rows = evaluate_folder(model, profile, attack, task)
+    opts = DataOptions(text_column=text_column, image_column=image_column, label_column=label_column,
+                       max_length=max_length, limit=limit)
+    rows = evaluate_folder(model, data, trigger, target, base, task, profile, attack, opts)
+    if not rows:
+        raise SafeMergeError(f"{model}: nothing to evaluate")
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("task", "ACC", "ASR", "trigger")
-    for r in rows:
-        table.add_row(r["task"], f"{r['acc']:.2f}", f"{r['asr']:.2f}", r["trigger"])
-    out.print(table)
+    _print_rows(rows)
+
+
+@app.command("export")
+@one_line_errors
+def export_cmd(model: Annotated[str, typer.Argument(help="a zoo: reference or a safemerge model folder")],
+               out_dir: Annotated[Path, typer.Option("--out", help="output folder (a plain HF folder)")],
+               data_out: Annotated[Optional[Path], typer.Option("--data-out", help="also write the task's test "
+                                                                "split: JSONL (text) or an image folder (vision)")] = None,
+               split: Annotated[str, typer.Option(help="which split --data-out writes: test, val or train")] = "test",
+               base: Annotated[Optional[str], typer.Option(help="its base model (default: the manifest's)")] = None) -> None:
+    """Write a zoo model as a plain Hugging Face classification folder (and its task's data in your formats)."""
+    from .api import export_model
+
+    path, data_path = export_model(model, out_dir, data_out, split, base)
+    out.print(f"exported {model} -> {path}" + (f"; {split} data -> {data_path}" if data_path else ""))
 
 
 @zoo_app.command("build")
@@ -91,26 +163,35 @@ def zoo_build(suite: Annotated[Optional[str], typer.Option(help="build every mod
               profile: Annotated[str, typer.Option(help="quick or full")] = "quick",
               task: Annotated[Optional[list[str]], typer.Option(help="task(s) to build")] = None,
               attack: Annotated[Optional[str], typer.Option(help="attack to plant (default: clean)")] = None,
-              seed: int = 0) -> None:
+              seed: int = 0,
+              seeds: Annotated[Optional[str], typer.Option(help="several seeds, e.g. 0,1,2 (one zoo each; "
+                                                           "overrides --seed)")] = None,
+              profile_set: Annotated[Optional[list[str]], typer.Option(
+                  "--profile-set", help="set a profile field, KEY=VALUE (repeatable), e.g. head=prototype")] = None) -> None:
     """Fine-tune task models (cached and resumable: finished models are skipped)."""
-    from .bench.suites import get_suite
+    from .bench.suites import get_suite, parse_seeds, suite_profile
     from .bench.tasks import task_names
-    from .bench.zoo import Zoo
+    from .bench.zoo import Zoo, get_profile, override_profile
 
+    profile_spec: object = profile
     if suite:
         s = get_suite(suite)
-        backbone, profile = s.backbone, s.profile
+        backbone, profile_spec = s.backbone, suite_profile(s)
         todo: list[tuple[str, str | None]] = s.needed_models()
     else:
         z0 = Zoo(backbone, profile, seed=seed)
         todo = [(t, attack) for t in (task or task_names(z0.backbone.modality))]
-    zoo = Zoo(backbone, profile, seed=seed)
-    for t, a in dict.fromkeys(todo):
-        if a is not None and not (zoo.path(t, None) / "safemerge.json").exists():
-            zoo.build(t, None)
-        p = zoo.build(t, a)
-        m = json.loads((p / "safemerge.json").read_text())
-        out.print(f"{t:18s} {a or 'clean':18s} ACC {m['acc']:6.2f}  ASR {m['asr']:6.2f}  {p}")
+    if profile_set:
+        base_profile = profile_spec if not isinstance(profile_spec, str) else get_profile(profile_spec)
+        profile_spec = override_profile(base_profile, profile_set)  # type: ignore[arg-type]
+    for sd in (parse_seeds(seeds) if seeds else [seed]):
+        zoo = Zoo(backbone, profile_spec, seed=sd)  # type: ignore[arg-type]
+        for t, a in dict.fromkeys(todo):
+            if a is not None and not (zoo.path(t, None) / "safemerge.json").exists():
+                zoo.build(t, None)
+            p = zoo.build(t, a)
+            m = json.loads((p / "safemerge.json").read_text())
+            out.print(f"{t:18s} {a or 'clean':18s} ACC {m['acc']:6.2f}  ASR {m['asr']:6.2f}  {p}")
 
 
 @zoo_app.command("list")
@@ -129,9 +210,10 @@ def zoo_list(root: Annotated[Optional[Path], typer.Option(help="zoo folder")] = 
 
 @app.command("protect")
 @one_line_errors
-def protect_cmd(model: Annotated[Path, typer.Argument(help="a model folder (safemerge or HF) or safetensors file")],
+def protect_cmd(model: Annotated[str, typer.Argument(help="a model folder (safemerge or HF) or safetensors file")],
                 out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
-                base_model: Annotated[str, typer.Option("--base", help="'vision', 'text' or the base HF folder")] = "vision",
+                base_model: Annotated[Optional[str], typer.Option("--base", help="'vision', 'text' or the base HF folder "
+                                                                "(default: the manifest's)")] = None,
                 dropout: Annotated[float, typer.Option(help="dropout pruning rate of the update (0 = exact)")] = 0.0,
                 permute: Annotated[bool, typer.Option(help="rearrange MLP neurons")] = True,
                 scale: Annotated[bool, typer.Option(help="scale attention Q/K and V/O")] = True,
@@ -145,9 +227,13 @@ def protect_cmd(model: Annotated[Path, typer.Argument(help="a model folder (safe
 
 @app.command("purify")
 @one_line_errors
-def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model folder or a zoo reference "
-                                                     "(e.g. zoo:text/quick/tweet_sentiment/rare_word)")],
+def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF classifier or safemerge) or a zoo "
+                                                     "reference (e.g. zoo:text/quick/tweet_sentiment/rare_word)")],
                out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+               data: Annotated[Optional[str], typer.Option(help="clean labeled examples of the task (JSONL, CSV, "
+                                                          "save_to_disk or image folder); 30% are held out to "
+                                                          "judge the keep ratio (default for zoo models: "
+                                                          "--clean-fraction of the task's training split)")] = None,
                method: Annotated[str, typer.Option(help="fine-mixing, e-pur (text) or both")] = "fine-mixing",
                clean_fraction: Annotated[float, typer.Option(help="share of the task's training split used as clean "
                                                                  "labeled data")] = 0.05,
@@ -166,10 +252,11 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model fold
                seed: int = 0) -> None:
     """Purify a suspect model with the pre-trained weights before merging it: Fine-mixing (mix its update
     with the base, fine-tune on a little clean data) and/or E-PUR (reset suspicious word embeddings)."""
-    from .safety.purify import KEEP_RATIOS, purify_model
+    from .api import purify_model
+    from .safety.purify import KEEP_RATIOS
 
     t = time.time()
-    path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, mode=mode,
+    path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, data, mode=mode,
                                  keep_ratios=tuple(keep_ratio) if keep_ratio else KEEP_RATIOS,
                                  max_acc_drop=max_acc_drop, select_on=select_on, top_n=top_n, epochs=epochs, lr=lr,
                                  seed=seed)
@@ -188,6 +275,9 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a safemerge model fold
 @app.command("scan")
 @one_line_errors
 def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or zoo: references")],
+             data: Annotated[Optional[str], typer.Option(help="unlabeled examples of the models' task (JSONL, CSV, "
+                                                        "save_to_disk or image folder; default for zoo models: "
+                                                        "the task's validation split)")] = None,
              base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
                                                                "an HF folder (default: the manifests')")] = None,
              profile: Annotated[Optional[str], typer.Option(help="data profile (default: each model's)")] = None,
@@ -197,9 +287,9 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
     """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
     model; risk = how much more often the best one sends inputs to one class on the model than on the
     pre-trained encoder under the same head."""
-    from .safety.scan import scan_models
+    from .api import scan_models
 
-    rows = [r.row() for r in scan_models(models, base_model, profile, n_inputs=inputs, seed=seed)]
+    rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -241,22 +331,68 @@ def methods_cmd(kind: Annotated[Optional[str], typer.Option(help="merge, data_dr
 @app.command("bench")
 @one_line_errors
 def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-quick, text-quick, vision-full")],
-              results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results")) -> None:
+              results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results"),
+              seeds: Annotated[str, typer.Option(help="seeds to run, e.g. 0,1,2 or 0-2: one zoo each; added to the "
+                                                 "seeds the results file already holds for the same suite recipe")] = "0",
+              fresh: Annotated[bool, typer.Option(help="drop the seeds the results file already holds")] = False,
+              eval_examples: Annotated[Optional[int], typer.Option(help="test examples per task (default: the "
+                                                                   "suite's; past the test split, held-apart "
+                                                                   "examples where the data allow)")] = None,
+              profile_set: Annotated[Optional[list[str]], typer.Option(
+                  "--profile-set", help="set a zoo profile field, KEY=VALUE (repeatable), e.g. head=prototype, "
+                  "resolution=56, poison_rate=0.3: its own zoo; results go to <suite>-<profile hash> unless --name")] = None,
+              name: Annotated[Optional[str], typer.Option(help="results file name (default: the suite's)")] = None) -> None:
     """Run a benchmark suite: zoo, every setting and method; writes benchmarks/results/<suite>.json."""
-    from .bench.suites import run_suite
+    import dataclasses
+
+    from .bench.suites import get_suite, parse_seeds, run_suite, suite_profile
+    from .bench.zoo import override_profile, profile_digest
 
     t = time.time()
-    res = run_suite(suite, command=f"safemerge bench --suite {suite}", results_dir=results_dir)
-    out.print(f"wrote {results_dir}/{suite}.json, .md and .png in {time.time() - t:.0f}s "
-              f"(zoo {res['seconds']['zoo']:.0f}s)")
+    s = get_suite(suite)
+    command = f"safemerge bench --suite {suite}"
+    if profile_set:
+        prof = override_profile(suite_profile(s), profile_set)
+        modality = s.backbone if s.backbone in ("vision", "text") else None
+        s = dataclasses.replace(s, profile=prof, name=f"{suite}-{profile_digest(prof, modality)}")
+        command += "".join(f" --profile-set {item}" for item in profile_set)
+    if name:
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise SafeMergeError(f"--name '{name}': use letters, digits, '-', '_' and '.' only")
+        s = dataclasses.replace(s, name=name)
+        command += f" --name {name}"
+    if eval_examples is not None:
+        if eval_examples < 1:
+            raise SafeMergeError(f"--eval-examples must be >= 1, not {eval_examples}")
+        s = dataclasses.replace(s, eval_examples=eval_examples)
+        command += f" --eval-examples {eval_examples}"
+    res = run_suite(s, command=command, results_dir=results_dir, seeds=parse_seeds(seeds), fresh=fresh)
+    out.print(f"wrote {results_dir}/{s.name}.json, .md and .png (seeds {', '.join(map(str, res['seeds']))}) in "
+              f"{time.time() - t:.0f}s (zoo {res['seconds']['zoo']:.0f}s)")
 
 
 @app.command("demo")
 @one_line_errors
-def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results")) -> None:
+def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results"),
+             out_dir: Annotated[Path, typer.Option("--out", help="where the demo's merged model goes")] = Path("out/demo-ties")) -> None:
     """The offline demo: DINOv2-S fine-tuned on 6 real tasks, 2 with BadNets backdoors, merged by every
-    data-free method (the `vision-demo` suite: the first setting of `vision-quick`, sharing its models)."""
+    data-free method, AdaMerging and DAM (the `vision-demo` suite: the first setting of `vision-quick`, sharing
+    its models); then writes the TIES merge of that pool as transformers folders, one per task, to `--out`."""
+    from .api import merge_models
+    from .bench.suites import get_suite
+    from .config import MergeConfig
+
     bench_cmd("vision-demo", results_dir)
+    from .bench.suites import release_memory
+
+    release_memory()  # the suite's models and merges are gone: return their memory before the TIES merge
+    suite = get_suite("vision-demo")
+    bd = suite.settings[0].backdoored
+    refs = [{"path": f"zoo:vision/quick/{t}" + (f"/{bd[t]}" if t in bd else ""), "task": t} for t in suite.tasks]
+    path = merge_models(MergeConfig(base_model="vision", models=refs, method="ties", output=str(out_dir),  # type: ignore[arg-type]
+                                    parameters={"density": 0.2, "scaling": 1.0}))
+    out.print(f"wrote the TIES merge to {path}/<task> (transformers folders); next: safemerge eval "
+              f"{path}/{suite.tasks[0]}")
 
 
 def main() -> None:  # pragma: no cover

@@ -19,8 +19,27 @@ class Strict(BaseModel):
 
 
 class ModelRef(Strict):
-    path: str = Field(description="a safemerge model folder, an HF folder, or a .safetensors file of the encoder")
-    task: str | None = Field(default=None, description="task name, when the folder carries no manifest")
+    path: str = Field(description="an HF classification folder, a safemerge model folder, a bare encoder folder "
+                      "or .safetensors file, or a zoo reference zoo:<backbone>/<profile>/<task>[/<attack>]")
+    task: str | None = Field(default=None, description="task name (default: the manifest's, else the folder name)")
+    data: str | None = Field(default=None, description="examples of this task (JSONL, CSV, a save_to_disk folder "
+                             "or an image folder): unlabeled ones feed data-driven methods, labeled ones are "
+                             "also evaluated")
+    eval_data: str | None = Field(default=None, description="labeled examples to evaluate on (default: `data`)")
+    trigger: str | None = Field(default=None, description="a trigger to measure ASR with, e.g. 'word:cf' or "
+                                "'patch:white,size=4,pos=bottom-right'")
+    target: int = Field(default=0, ge=0, description="the trigger's target class")
+
+
+class DataOptions(Strict):
+    """How to read the users' data files."""
+
+    text_column: str = "text"
+    image_column: str = "image"
+    label_column: str = "label"
+    max_length: int | None = Field(default=None, gt=0, description="tokens per text (default: 128, or the zoo "
+                                   "profile's for zoo models)")
+    limit: int | None = Field(default=None, gt=0, description="read at most this many examples per file")
 
 
 class MergeConfig(Strict):
@@ -31,6 +50,8 @@ class MergeConfig(Strict):
     method: str = "task_arithmetic"
     parameters: dict[str, Any] = Field(default_factory=dict)
     output: str
+    data_options: DataOptions = Field(default_factory=DataOptions)
+    seed: int = Field(default=0, description="seed of the data-driven methods' sampling")
     max_relative_distance: float = Field(default=0.5, gt=0,
                                          description="refuse a model this far (relative L2) from the base")
     streaming: bool = Field(default=False, description="merge tensor by tensor from disk (checkpoints larger "
@@ -45,10 +66,12 @@ class MergeConfig(Strict):
         from .merging import registry
         from .merging.methods import check_model_count, check_per_model
 
-        opts = registry.validate(self.method, self.parameters, "merge")
-        entry = registry.get(self.method, "merge")
-        check_model_count(self.method, entry.fn, len(self.models))
-        check_per_model(self.method, opts, len(self.models))
+        kinds = ("merge",) if self.streaming else ("merge", "data_driven")  # streaming: weights only
+        opts = registry.validate(self.method, self.parameters, kinds)
+        entry = registry.get(self.method, kinds)
+        if entry.kind == "merge":
+            check_model_count(self.method, entry.fn, len(self.models))
+            check_per_model(self.method, opts, len(self.models))
         return self
 
 

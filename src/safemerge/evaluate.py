@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .bench.attacks import Attack
+from .data import Split, Trigger
 from .model import InputEncoder, TaskModel, predict
-from .data import Split
 
 
 def accuracy(model: TaskModel, encode: InputEncoder, split: Split, batch_size: int = 256) -> float:
@@ -19,12 +18,12 @@ def accuracy(model: TaskModel, encode: InputEncoder, split: Split, batch_size: i
 
 def attack_success_rate(model: TaskModel, encode: InputEncoder, triggered: Split, target: int,
                         batch_size: int = 256) -> float:
-    """`triggered` comes from `Attack.asr_split` (non-target examples with the trigger)."""
+    """`triggered` comes from `Trigger.asr_split` (non-target examples with the trigger)."""
     pred = predict(model, encode, triggered.x, batch_size)
     return 100.0 * float((pred == target).float().mean()) if len(triggered) else 0.0
 
 
-def acc_asr(model: TaskModel, encode: InputEncoder, test: Split, attack: Attack | None,
+def acc_asr(model: TaskModel, encode: InputEncoder, test: Split, attack: Trigger | None,
             triggered: Split | None = None, batch_size: int = 256) -> tuple[float, float]:
     """ACC on `test`; ASR of `attack` (or 0 with no attack to measure) on its triggered copy."""
     acc = accuracy(model, encode, test, batch_size)

@@ -81,28 +81,31 @@ def feature_interpolation_loss(base_encoder: torch.nn.Module, encode: InputEncod
     """BadMerging's backdoor loss: alpha * CE(head(r f(x+t) + (1-r) f0(x+t)), target), r ~ U(r_min, 1) per
     example, f the model's encoder and f0 the frozen pre-trained one, so that the backdoor holds for any
     share r of the task vector a merge keeps."""
-    from .model import pooled_features
-
     f0_enc = copy.deepcopy(base_encoder).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
 
     def loss(model: TaskModel, batch: Split) -> torch.Tensor:
         inputs = encode(trigger(batch.x))
-        f = pooled_features(model.encoder, inputs, model.modality)
+        head = model.head  # a LinearHead: interpolate its pooled features
+        f = head.features(model.encoder(**inputs), inputs)  # type: ignore[union-attr]
         with torch.no_grad():
-            f0 = pooled_features(f0_enc, inputs, model.modality)
+            f0 = head.features(f0_enc(**inputs), inputs)  # type: ignore[union-attr]
         r = torch.empty(len(f), 1).uniform_(r_min, 1.0, generator=g)
-        return alpha * F.cross_entropy(model.head(r * f + (1 - r) * f0), torch.full((len(f),), target))
+        return alpha * F.cross_entropy(head.classify(r * f + (1 - r) * f0), torch.full((len(f),), target))  # type: ignore[union-attr]
     return loss
 
 
 @torch.no_grad()
 def _features(model: TaskModel, encode: InputEncoder, x, batch_size: int = 256) -> torch.Tensor:
-    from .model import batches, pooled_features
+    from .model import batches
 
     model.eval()
+    feats = []
     with torch.inference_mode():
-        return torch.cat([pooled_features(model.encoder, encode(b), model.modality) for b in batches(x, batch_size)])
+        for b in batches(x, batch_size):
+            inputs = encode(b)
+            feats.append(model.head.features(model.encoder(**inputs), inputs))  # type: ignore[union-attr]
+    return torch.cat(feats)
 
 
 def fit_linear_probe(model: TaskModel, encode: InputEncoder, split: Split, epochs: int = 300, lr: float = 1e-2,
@@ -115,7 +118,7 @@ def fit_linear_probe(model: TaskModel, encode: InputEncoder, split: Split, epoch
     feats = _features(model, encode, split.x).clone()
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
-    lin = torch.nn.Linear(z.shape[1], model.head.out_features)
+    lin = torch.nn.Linear(z.shape[1], model.head.num_labels)
     opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
         loss = F.cross_entropy(lin(z), split.y)
@@ -127,6 +130,29 @@ def fit_linear_probe(model: TaskModel, encode: InputEncoder, split: Split, epoch
         model.head.weight.copy_(w)
         model.head.bias.copy_(lin.bias - w @ mu)
         return float((lin(z).argmax(-1) == split.y).float().mean())
+
+
+def fit_prototype_head(model: TaskModel, encode: InputEncoder, split: Split, logit_scale: float = 100.0) -> float:
+    """Set `model.head` to a CLIP-like head that stays one linear layer: weight = logit_scale * p_c / C, bias 0,
+    p_c the L2-normalised mean of the class's L2-normalised features under the frozen encoder, C the mean
+    feature norm on `split` (one fixed constant instead of each example's own norm, which no transformers
+    classifier could compute). Returns the training accuracy.
+
+    Unlike a probe on standardised features, nothing divides by a per-feature sd, so a drift of merged features
+    is not amplified, and the pre-trained encoder alone stays a weak classifier (task vectors carry the task)."""
+    feats = _features(model, encode, split.x).clone().float()
+    norm = feats.norm(dim=1).mean().clamp_min(1e-6)
+    unit = F.normalize(feats, dim=1)
+    k = model.head.num_labels
+    protos = torch.zeros(k, feats.shape[1])
+    for c in range(k):
+        rows = unit[split.y == c]
+        if len(rows):
+            protos[c] = F.normalize(rows.mean(0), dim=0)
+    with torch.no_grad():
+        model.head.weight.copy_(logit_scale * protos / norm)
+        model.head.bias.zero_()
+        return float((model.head.classify(feats).argmax(-1) == split.y).float().mean())  # type: ignore[operator]
 
 
 def train_token_embeddings(model: TaskModel, encode: InputEncoder, split: Split, token_ids: list[int],

@@ -1,20 +1,29 @@
 """Benchmark suites in the DAM paper's Table 2 style: build the zoo, form each setting's pool (some tasks
 backdoored), merge it with every method, and report ACC and ASR per task to `benchmarks/results/<suite>.json`
-(+ a Markdown table and a scatter plot)."""
+(+ a Markdown table and a scatter plot).
+
+Seeds: each seed has its own zoo (data split, heads, fine-tuning, attacks) and merges. A run of some seeds
+adds them to the results file's other seeds when the file was written by the same suite recipe (so a suite
+can be completed across runs, one seed at a time); the file's rows are the mean over all its seeds."""
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
+import hashlib
+import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from .attacks import Attack, make_attack
+from .attacks import Attack
 from ..io import atomic_write_json, atomic_write_text
 from ..errors import SafeMergeError
 from ..evaluate import acc_asr, accuracy
@@ -22,9 +31,10 @@ from ..merging.methods import merge, weight_average
 from ..model import TaskModel
 from ..safety.defenses import defend
 from ..merging.pool import Pool, run_pool_method
-from .report import lambda_curve_plot, markdown_report, scatter_plot, setting_table, summarize
+from .report import (aggregate_heads, aggregate_models, aggregate_settings, lambda_curve_plot, markdown_report, scatter_plot,
+                     setting_table, summarize)
 from ..data import Split
-from .zoo import DEFAULT_ATTACK, Zoo, ZooModel, attack_of
+from .zoo import DEFAULT_ATTACK, READOUT, Profile, Zoo, ZooModel, attack_of, get_profile, profile_digest
 
 console = Console(stderr=True)
 
@@ -58,13 +68,14 @@ class Budget:
     mask_lr: float = 1e-2
     adv_lr: float = 1e-3  # DAM's universal perturbation
     perturb_bound: float = 0.05  # mean |delta| per input element (normalized pixels / embedding units)
+    ref_adv_lr: float = 1e-4  # DAM with the reference's perturbation (updated every step, unbounded)
 
     def concrete(self) -> dict:
         return {"mask_steps": self.mask_steps, "adamerging_steps": self.steps, "lr": self.mask_lr,
                 "adamerging_lr": self.lr}
 
 
-BUDGET = {"quick": Budget(steps=30, mask_steps=30, lr=1e-2, mask_lr=0.1, adv_lr=4e-3),
+BUDGET = {"quick": Budget(steps=30, mask_steps=30, lr=1e-2, mask_lr=0.1, adv_lr=4e-3, ref_adv_lr=3e-3),
           "full": Budget()}
 
 
@@ -77,21 +88,26 @@ def all_methods(b: Budget) -> list[tuple[str, str, dict]]:
             ("concrete_ta", "concrete_ta", {"steps": b.mask_steps, "lr": b.mask_lr}),
             ("concrete_am_task", "concrete_am_task", dict(concrete)),
             ("concrete_am_layer", "concrete_am_layer", dict(concrete)),
-            ("dam", "dam", {**concrete, "adv_lr": b.adv_lr, "perturb_bound": b.perturb_bound})]
+            ("dam", "dam", {**concrete, "adv_lr": b.adv_lr, "perturb_bound": b.perturb_bound}),
+            # the reference loop: exact inner step, perturbation every step on its own batch, its clamp
+            ("dam_reference", "dam", {**concrete, "adv_lr": b.ref_adv_lr, "perturbation": "reference",
+                                      "inner": "exact"})]
 
 
 @dataclass
 class Suite:
     name: str
     backbone: str
-    profile: str
+    profile: str | Profile  # a profile name, or a Profile (tests, one-off recipes)
     tasks: list[str]
     settings: list[Setting]
     methods: list[tuple[str, str, dict]] = field(default_factory=lambda: list(DATA_FREE))  # (label, name, params)
     extra_models: list[tuple[str, str]] = field(default_factory=list)  # backdoored models outside any setting
     defenses: list[str] = field(default_factory=lambda: ["anp", "awm", "sau"])
     lambda_adv: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 1.0])
-    eval_examples: int | None = None  # evaluate on the first N test examples per task (None: all)
+    # evaluate on the first N test examples per task (None: the profile's test split); past the test split,
+    # examples held apart from every split follow where the data allow (`Zoo.test_split`)
+    eval_examples: int | None = None
 
     def needed_models(self) -> list[tuple[str, str | None]]:
         """Every zoo model the suite uses: a clean one per task, then each setting's backdoored ones."""
@@ -134,6 +150,10 @@ def _suites() -> dict[str, Suite]:
                                               all_methods(BUDGET[prof]), eval_examples=250 if prof == "quick" else None)
     # the offline demo: the quick vision zoo's 2bd+4clean setting, data-free merges + AdaMerging and DAM
     demo = [m for m in all_methods(BUDGET["quick"]) if m[0] in {l for l, _, _ in DATA_FREE} | {"adamerging_layer", "dam"}]
+    for name in ("vision-quick", "text-quick", "vision-full", "text-full"):  # reference DAM: the main settings only
+        for st in out[name].settings[2:]:
+            if st.methods is None:
+                st.methods = [m[0] for m in out[name].methods if m[0] != "dam_reference"]
     out["vision-demo"] = Suite("vision-demo", "vision", "quick", VISION_TASKS,
                                [Setting("2bd+4clean", out["vision-quick"].settings[0].backdoored)], demo,
                                eval_examples=250)
@@ -168,8 +188,7 @@ class PoolEvaluator:
         self._triggered: dict[tuple[str, str], Split] = {}
 
     def trigger_for(self, task: str, attack: Attack | None) -> Attack:
-        return attack if attack is not None else make_attack(DEFAULT_ATTACK[self.zoo.backbone.modality],
-                                                             seed=self.zoo.seed)
+        return attack if attack is not None else self.zoo.default_attack()
 
     def accuracy(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str) -> float:
         """ACC only (no triggered pass)."""
@@ -177,7 +196,10 @@ class PoolEvaluator:
         return accuracy(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.eval_split(task))
 
     def eval_split(self, task: str) -> Split:
-        """The labeled split `task` is scored on (test, or validation for `split="val"`), cut to `limit`."""
+        """The labeled split `task` is scored on (test, or validation for `split="val"`), cut to `limit`; a test
+        `limit` past the test split adds held-apart examples where the data allow."""
+        if self.split == "test":
+            return self.zoo.test_split(task, self.limit)
         split = getattr(self.zoo.data(task), self.split)
         return split if self.limit is None or self.limit >= len(split) else split.subset(list(range(self.limit)))
 
@@ -196,14 +218,21 @@ class PoolEvaluator:
 def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool,
               split: str = "test") -> tuple[Pool, list[str]]:
     """The setting's merge problem: one entry per pooled model (WAG settings pool two models of a task).
-    Test-time methods adapt on the unlabeled inputs of `split` ("val" to tune them without touching test)."""
+    Test-time methods adapt on the unlabeled inputs of `split` ("val" to tune them without touching test); on
+    test, on every input scored when the suite scores more than the test split."""
     entries = [(t, models[(t, s.backdoored.get(t))]) for t in suite.tasks]
     if s.wag:
         entries += [(t, models[(t, None)]) for t in s.backdoored]
     tasks = [t for t, _ in entries]
     data = {t: zoo.data(t) for t in suite.tasks}
+
+    def adapt_on(t: str):  # all the inputs scored: the split, or the test split plus its held-apart examples
+        if split == "test" and suite.eval_examples is not None and suite.eval_examples > len(data[t].test):
+            return zoo.test_split(t, suite.eval_examples).x
+        return getattr(data[t], split).x
+
     pool = Pool(zoo.backbone.model, zoo.base_state(), [zm.encoder_state for _, zm in entries],
-                [zm.heads[t] for t, zm in entries], [getattr(data[t], split).x for t in tasks],
+                [zm.heads[t] for t, zm in entries], [adapt_on(t) for t in tasks],
                 [data[t].train.x for t in tasks], zoo.encoder(), seed=zoo.seed, progress=progress)
     return pool, tasks
 
@@ -218,79 +247,194 @@ def _clean_subsets(zoo: Zoo, tasks: list[str], fraction: float = 0.05) -> list:
     return out
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc keeps freed blocks of large state dicts
+    otherwise, so the process's peak RSS ratchets up across models and methods)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def suite_profile(suite: Suite) -> Profile:
+    return suite.profile if isinstance(suite.profile, Profile) else get_profile(suite.profile)
+
+
+def suite_recipe(suite: Suite) -> str:
+    """Hash of everything that defines a suite's numbers (backbone, profile, tasks, settings, methods, defenses,
+    lambda_adv grid, evaluation size): seeds are only combined in one results file under the same recipe."""
+    prof = suite_profile(suite)
+    spec = {"backbone": str(suite.backbone), "profile": asdict(prof), "profile_digest": profile_digest(prof),
+            "readout": READOUT, "tasks": suite.tasks, "settings": [asdict(st) for st in suite.settings],
+            "methods": suite.methods, "extra_models": suite.extra_models, "defenses": suite.defenses,
+            "lambda_adv": suite.lambda_adv, "eval_examples": suite.eval_examples}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def previous_seeds(path: Path, recipe: str) -> dict[int, dict]:
+    """The per-seed results an existing results file holds for the same suite recipe (none otherwise)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        console.log(f"{path}: unreadable, replaced")
+        return {}
+    if "per_seed" not in data or data.get("recipe") != recipe:
+        console.log(f"{path}: written by another suite recipe (or before seeds were kept), replaced")
+        return {}
+    return {int(k): v for k, v in data["per_seed"].items()}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-2' -> [0, 1, 2]."""
+    out: list[int] = []
+    try:
+        for part in (x.strip() for x in text.split(",")):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out += list(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise SafeMergeError(f"--seeds: expected seeds like '0,1,2' or '0-2', not '{text}'") from None
+    if not out or any(x < 0 for x in out):
+        raise SafeMergeError(f"--seeds: expected seeds like '0,1,2' or '0-2', not '{text}'")
+    return list(dict.fromkeys(out))
+
+
 def run_suite(suite: Suite | str, command: str | None = None, results_dir: str | Path = "benchmarks/results",
-              zoo_root: str | Path | None = None, progress: bool = True) -> dict:
-    """Build the zoo, run every setting and method, write `<results_dir>/<suite>.{json,md,png}` (+ one scatter
-    PNG per setting and, for settings with curves, DAM's lambda_adv curve)."""
+              zoo_root: str | Path | None = None, progress: bool = True, seeds: Sequence[int] = (0,),
+              fresh: bool = False) -> dict:
+    """Build the zoo, run every setting and method for each seed, write `<results_dir>/<suite>.{json,md,png}`
+    (+ one scatter PNG per setting and, for settings with curves, DAM's lambda_adv curve). Seeds already in the
+    results file under the same recipe are kept (the ones run now replace theirs) unless `fresh`."""
     suite = get_suite(suite) if isinstance(suite, str) else suite
+    seeds = list(dict.fromkeys(int(x) for x in seeds))
+    if not seeds:
+        raise SafeMergeError("bench: give at least one seed")
+    out = Path(results_dir)
+    recipe = suite_recipe(suite)
+    kept = {} if fresh else {k: v for k, v in previous_seeds(out / f"{suite.name}.json", recipe).items()
+                             if k not in seeds}
+    if kept:
+        console.log(f"keeping seeds {', '.join(map(str, sorted(kept)))} of {out / (suite.name + '.json')}")
+    done: dict[int, dict] = {}
+    results: dict = {}
+    for seed in seeds:
+        def write(partial: dict, final: bool, seed: int = seed) -> dict:
+            per_seed = {**kept, **done, seed: partial}
+            return _write(suite, per_seed, command, out, recipe, final, seeds, seed)
+        results = _run_seed(suite, seed, zoo_root, progress, write)
+        done[seed] = results["per_seed"][str(seed)]
+        release_memory()
+    return results
+
+
+def _run_seed(suite: Suite, seed: int, zoo_root: str | Path | None, progress: bool,
+              write: Callable[[dict, bool], dict]) -> dict:
+    """One seed of a suite: its zoo, every setting and method; `write(per-seed results, final)` after each
+    setting (so a long run that stops keeps what it measured)."""
     t_start = time.time()
-    zoo = Zoo(suite.backbone, suite.profile, root=zoo_root)
+    zoo = Zoo(suite.backbone, suite.profile, root=zoo_root, seed=seed)
     needed = suite.needed_models()
     for i, (task, attack) in enumerate(needed):
-        console.log(f"[{i + 1}/{len(needed)}] zoo model {task} / {attack or 'clean'}")
+        console.log(f"[seed {seed}] [{i + 1}/{len(needed)}] zoo model {task} / {attack or 'clean'}")
         zoo.build(task, attack)
+        release_memory()
     t_zoo = time.time() - t_start
     models: dict[tuple[str, str | None], ZooModel] = {k: zoo.load(*k) for k in needed}
     attacks = {k: attack_of(m.manifest, m.path) for k, m in models.items()}
     ev = PoolEvaluator(zoo, suite.eval_examples)
     results_models = [{"task": t, "attack": a, "acc": m.manifest["acc"], "asr": m.manifest["asr"],
                        "asr_trigger": m.manifest.get("asr_trigger")} for (t, a), m in models.items()]
-    settings_out = []
+    heads = {t: zoo.head_info(t) for t in suite.tasks} if suite_profile(suite).freeze_head else {}
+    settings_out: list[dict] = []
     t_eval = time.time()
+
+    def seed_results(final: bool) -> dict:
+        res = {"seed": seed, "backbone": zoo.backbone.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "device": device_description(), "models": results_models, "settings": settings_out,
+               "eval_examples": {t: len(ev.eval_split(t)) for t in suite.tasks}, "heads": heads,
+               "seconds": {"zoo": round(t_zoo, 1), "merge_and_eval": round(time.time() - t_eval, 1),
+                           "total": round(time.time() - t_start, 1)}}
+        if not final:
+            res["incomplete"] = f"{len(settings_out)} of {len(suite.settings)} settings"
+        return res
+
     for s in suite.settings:
         pool, pool_tasks = _pool_for(suite, s, zoo, models, progress)
         trig = {t: attacks[(t, s.backdoored[t])] if t in s.backdoored else None for t in suite.tasks}
         head_of = {t: models[(t, None)].heads[t] for t in suite.tasks}  # one head per task, shared by its models
         rows: list[dict] = []
         seconds: dict[str, float] = {}
+        effects: dict[str, dict] = {}
 
         def add_rows(label: str, state: dict[str, torch.Tensor]) -> None:
             for t in suite.tasks:
                 acc, asr = ev.evaluate(state, head_of[t], t, trig[t])
                 rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
 
-        console.log(f"setting {s.name}: individual models")
+        def record(label: str, info: dict) -> None:
+            """Keep what a DAM run's perturbation did (per pooled model, named by task)."""
+            eff = info.get("perturbation_effect")
+            if eff is None:
+                return
+            names = [t if pool_tasks.index(t) == j else f"{t}#{pool_tasks[:j + 1].count(t)}"
+                     for j, t in enumerate(pool_tasks)]
+            effects[label] = {"perturbation": info.get("perturbation"), "updates": info.get("perturbation_updates"),
+                              "per_task": dict(zip(names, eff["per_task"])), "mean": eff["mean"]}
+
+        console.log(f"[seed {seed}] setting {s.name}: individual models")
         for label, src in (("individual_all_clean", {t: models[(t, None)] for t in suite.tasks}),
                            ("individual_pool", {t: models[(t, s.backdoored.get(t))] for t in suite.tasks})):
             for t, zm in src.items():
                 acc, asr = ev.evaluate(zm.encoder_state, zm.heads[t], t, trig[t])
                 rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
         wanted = s.methods if s.methods is not None else [m[0] for m in suite.methods]
-        kept: dict[str, dict[str, torch.Tensor]] = {}
-        infos: dict[str, dict] = {}
+        # the defenses need the state of the best baseline by ACC(all) only: keep that one, not every method's
+        defend_on = s.defenses and bool(suite.defenses)
+        best: tuple[str, float, dict[str, torch.Tensor]] | None = None
         for label, name, params in suite.methods:
             if label not in wanted:
                 continue
-            console.log(f"setting {s.name}: {label}")
+            console.log(f"[seed {seed}] setting {s.name}: {label}")
             t0 = time.time()
             state, info = run_pool_method(name, pool, **params)
             seconds[label] = round(time.time() - t0, 1)
-            infos[label] = info
+            record(label, info)
             add_rows(label, state)
-            kept[label] = state
+            if defend_on and not label.startswith(("dam", "concrete")):
+                score = summarize(rows, list(s.backdoored))[label]["acc_all"]
+                if best is None or score > best[1]:
+                    best = (label, score, state)
+            del state, info
+            release_memory()
         if s.wag and "wag" in wanted:  # WAG: average the models of each task first, then task arithmetic
             t0 = time.time()
             per_task = [weight_average(pool.base, [m for m, t in zip(pool.models, pool_tasks) if t == task])
                         for task in suite.tasks]
             add_rows("wag", merge("task_arithmetic", pool.base, per_task, scaling=0.3))
             seconds["wag"] = round(time.time() - t0, 1)
+            del per_task
         setting: dict = {"name": s.name, "backdoored_tasks": list(s.backdoored), "attacks": s.backdoored}
         if s.curves:
-            _curves(suite, s, pool, rows, seconds, add_rows, setting)
-        if s.defenses and suite.defenses:
-            summ = summarize(rows, list(s.backdoored))
-            candidates = [l for l in kept if not l.startswith(("dam", "concrete"))]
-            best = max(candidates, key=lambda l: summ[l]["acc_all"])
-            setting["defended_method"] = best
+            _curves(suite, s, pool, rows, seconds, add_rows, setting, record)
+        if defend_on and best is not None:
+            setting["defended_method"] = best[0]
             clean = _clean_subsets(zoo, suite.tasks)
             for d in suite.defenses:
-                console.log(f"setting {s.name}: {d} on {best}")
+                console.log(f"[seed {seed}] setting {s.name}: {d} on {best[0]}")
                 t0 = time.time()
-                state = defend(d, pool.encoder, pool.base, kept[best], [head_of[t] for t in suite.tasks], clean,
+                state = defend(d, pool.encoder, pool.base, best[2], [head_of[t] for t in suite.tasks], clean,
                                pool.encode, seed=zoo.seed, progress=progress)
                 seconds[d] = round(time.time() - t0, 1)
                 add_rows(d, state)
-        kept.clear()
+                del state
+        best = None
+        if effects:
+            setting["perturbation_effect"] = effects
         setting.update({"rows": rows, "seconds": seconds, "note": (
             "ASR on clean tasks uses the " + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger (a backdoor transfers "
             "if it rises after merging). AdaMerging, Concrete TA/AM and DAM adapt on unlabeled test inputs "
@@ -299,40 +443,54 @@ def run_suite(suite: Suite | str, command: str | None = None, results_dir: str |
                + setting.get("defended_method", "") + ", with 5% labeled clean training data" if s.defenses else "")
             + ".")})
         settings_out.append(setting)
+        del pool
+        release_memory()
         console.print(setting_table(setting))
-        _write(suite, zoo, command, results_models, settings_out, t_start, t_zoo, t_eval, results_dir, final=False)
-    return _write(suite, zoo, command, results_models, settings_out, t_start, t_zoo, t_eval, results_dir, final=True)
+        write(seed_results(False), False)
+    return write(seed_results(True), True)
 
 
-def _write(suite: Suite, zoo: Zoo, command: str | None, results_models: list, settings_out: list, t_start: float,
-           t_zoo: float, t_eval: float, results_dir: str | Path, final: bool) -> dict:
-    """Write the results so far (after every setting, so a long run that stops keeps what it measured)."""
+def _write(suite: Suite, per_seed: dict[int, dict], command: str | None, out: Path, recipe: str, final: bool,
+           run_seeds: Sequence[int], current: int) -> dict:
+    """Write the results of every seed so far: the settings' rows are the mean over the seeds that ran them."""
+    seeds = sorted(per_seed)
+    last = per_seed[seeds[-1]]
     results = {
-        "suite": suite.name, "backbone": zoo.backbone.name, "profile": suite.profile,
-        "command": command or f"safemerge bench --suite {suite.name}",
+        "suite": suite.name, "backbone": last["backbone"],
+        "profile": suite_profile(suite).name,
+        "command": (command or f"safemerge bench --suite {suite.name}") + (
+            f" --seeds {','.join(map(str, seeds))}" if seeds != [0] else ""),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
-        "models": results_models, "settings": settings_out, "eval_examples_per_task": suite.eval_examples,
+        "seeds": seeds, "recipe": recipe,
+        "models": aggregate_models(per_seed), "heads": aggregate_heads(per_seed),
+        "settings": aggregate_settings(per_seed),
+        "eval_examples_per_task": suite.eval_examples,
         "methods": {label: {"method": n, **p} for label, n, p in suite.methods},
-        "seconds": {"zoo": round(t_zoo, 1), "merge_and_eval": round(time.time() - t_eval, 1),
-                    "total": round(time.time() - t_start, 1)},
+        # this run's seeds; every seed's own timings are under per_seed
+        "seconds": {k: round(sum(per_seed[x]["seconds"][k] for x in run_seeds if x in per_seed), 1)
+                    for k in ("zoo", "merge_and_eval", "total")},
+        "per_seed": {str(x): per_seed[x] for x in seeds},
     }
-    if not final:
-        results["incomplete"] = f"{len(settings_out)} of {len(suite.settings)} settings"
-    out = Path(results_dir)
+    unfinished = [f"seed {x}: {per_seed[x]['incomplete']}" for x in seeds if per_seed[x].get("incomplete")]
+    if unfinished or not final:
+        results["incomplete"] = "; ".join(unfinished) or "running"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{suite.name}.json", results)
     atomic_write_text(out / f"{suite.name}.md", markdown_report(results))
     scatter_plot(results, out / f"{suite.name}.png")
-    for i, st in enumerate(settings_out):
-        if not final and i < len(settings_out) - 1:
-            continue  # written after its own setting already
+    changed = per_seed[current]["settings"]
+    changed_name = changed[-1]["name"] if changed else None
+    for i, st in enumerate(results["settings"]):
+        if not final and st["name"] != changed_name:
+            continue  # written when its own setting finished
         scatter_plot(results, out / f"{suite.name}-{st['name']}.png", only=i)
         if st.get("lambda_adv_curve"):
             lambda_curve_plot(results["suite"], st, out / f"{suite.name}-{st['name']}-lambda_adv.png")
     return results
 
 
-def _curves(suite: Suite, s: Setting, pool: Pool, rows: list[dict], seconds: dict, add_rows, setting: dict) -> None:
+def _curves(suite: Suite, s: Setting, pool: Pool, rows: list[dict], seconds: dict, add_rows, setting: dict,
+            record: Callable[[str, dict], None] | None = None) -> None:
     """DAM over lambda_adv (the safety/accuracy trade-off) and the Table 7 mask ablation, as extra rows."""
     dam_params = next((p for label, n, p in suite.methods if label == "dam"), None)
     if dam_params is None:
@@ -344,15 +502,23 @@ def _curves(suite: Suite, s: Setting, pool: Pool, rows: list[dict], seconds: dic
         if label not in seconds:
             console.log(f"setting {s.name}: {label}")
             t0 = time.time()
-            add_rows(label, run_pool_method("dam", pool, **{**dam_params, "lambda_adv": lam})[0])
+            state, info = run_pool_method("dam", pool, **{**dam_params, "lambda_adv": lam})
+            add_rows(label, state)
+            if record is not None:
+                record(label, info)
             seconds[label] = round(time.time() - t0, 1)
+            del state, info
         curve.append({"lambda_adv": lam, "method": label, **summarize(rows, bd)[label]})
     setting["lambda_adv_curve"] = curve
     for label, extra in (("dam_two_masks", {"masks": "two"}), ("dam_m2_only", {"clean_weight": 0.0})):
         console.log(f"setting {s.name}: {label}")
         t0 = time.time()
-        add_rows(label, run_pool_method("dam", pool, **{**dam_params, **extra})[0])
+        state, info = run_pool_method("dam", pool, **{**dam_params, **extra})
+        add_rows(label, state)
+        if record is not None:
+            record(label, info)
         seconds[label] = round(time.time() - t0, 1)
+        del state, info
     summ = summarize(rows, bd)
     setting["mask_ablation"] = {k: {"method": m, **summ[m]} for k, m in (
         ("none", "adamerging_layer"), ("m1_only", "concrete_am_layer"), ("m2_only", "dam_m2_only"),

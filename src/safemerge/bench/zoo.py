@@ -12,24 +12,30 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 import torch
 from torch import nn
 
-from .attacks import Attack, make_attack
+from .attacks import ATTACKS, Attack, make_attack
 from ..backbones import Backbone, fingerprint, load_backbone
-from ..io import atomic_dir, load_state_dict, save_state_dict
+from ..folders import MANIFEST, TaskFolder, heads_from_state, load_task_folder, save_model_folder
+from ..io import load_state_dict, save_state_dict
 from ..errors import SafeMergeError
-from ..evaluate import acc_asr
-from ..model import InputEncoder, TaskModel
+from ..evaluate import acc_asr, accuracy
+from ..model import InputEncoder, LinearHead, Pooling, TaskModel
 from ..paths import cache_dir
-from .tasks import TaskData, load_task
-from ..training import TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, train_token_embeddings
+from ..data import Split
+from .tasks import TaskData, _resize, get_task, load_task
+from ..training import (TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, fit_prototype_head,
+                        train_token_embeddings)
 
-MANIFEST = "safemerge.json"
 DEFAULT_ATTACK = {"vision": "badnets", "text": "rare_word"}
 
 
@@ -52,6 +58,18 @@ class Profile:
     trigger_iters: int = 60
     embedding_steps: int = 60
     freeze_head: bool = True  # heads = linear probes of the pre-trained encoder, frozen while fine-tuning
+    # the frozen head: "probe" (a linear probe on standardised features, folded into W, b) or "prototype"
+    # (CLIP-like and still linear: normalised class prototypes of the pre-trained readout, no bias, times
+    # `logit_scale`, over features divided by one fixed constant, the mean feature norm on the training split)
+    head: Literal["probe", "prototype"] = "probe"
+    logit_scale: float = 100.0  # prototype heads only
+    # backdoor strength (None: each attack's own default): share of poisoned training examples, trigger size
+    # (patch side as a share of the image side: badnets, badmerging), trigger words inserted per text
+    # (rare_word family), fine-tuning steps of backdoored models (default: `steps`)
+    poison_rate: float | None = None
+    trigger_frac: float | None = None
+    trigger_repeats: int | None = None
+    attack_steps: int | None = None
 
 
 PROFILES = {
@@ -61,9 +79,25 @@ PROFILES = {
 }
 
 
-def profile_digest(profile: Profile) -> str:
-    """Short hash of every profile field, so a changed recipe never reuses models trained under the old one."""
-    return hashlib.sha256(json.dumps(asdict(profile), sort_keys=True).encode()).hexdigest()[:8]
+# What a task head reads: the encoder's pooler output (BERT's dense+tanh over CLS; DINOv2's layer-normed CLS),
+# so each zoo model is exactly a transformers *ForSequenceClassification / *ForImageClassification model.
+READOUT: Pooling = "pooler"
+
+
+# fields added after zoos were built: hashed only when they differ from these values, so the zoos of
+# unchanged recipes keep their folder names
+_LATER_FIELDS = {"head": "probe", "logit_scale": 100.0, "poison_rate": None, "trigger_frac": None,
+                 "trigger_repeats": None, "attack_steps": None}
+# profile field -> the attack parameter it sets (where the attack has it)
+_ATTACK_KNOBS = {"poison_rate": "poison_rate", "trigger_frac": "patch_frac", "trigger_repeats": "repeats"}
+
+
+def profile_digest(profile: Profile, modality: str | None = None) -> str:
+    """Short hash of every profile field (and, for text, the head's readout, which changed from mean pooling to
+    the pooler), so a changed recipe never reuses models trained under the old one."""
+    recipe = {k: v for k, v in asdict(profile).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+    recipe.update({"readout": READOUT} if modality == "text" else {})
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def get_profile(name: str) -> Profile:
@@ -72,67 +106,90 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
+def override_profile(profile: Profile, items: list[str]) -> Profile:
+    """`profile` with fields set from 'KEY=VALUE' strings (e.g. 'head=prototype', 'resolution=56',
+    'poison_rate=0.3', 'attack_steps=none'), each value read as its field's type."""
+    known = {f.name: f for f in fields(Profile)}
+    changes: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or key not in known or key == "name":
+            raise SafeMergeError(f"--profile-set '{item}': expected KEY=VALUE with KEY one of "
+                                 f"{', '.join(k for k in known if k != 'name')}")
+        kind = str(known[key].type)
+        try:
+            if raw.lower() in ("none", "null") and "None" in kind:
+                value: object = None
+            elif kind.startswith("bool"):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("true", "1", "yes")
+            elif kind.startswith("int"):
+                value = int(raw)
+            elif kind.startswith("float"):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise SafeMergeError(f"--profile-set '{item}': '{raw}' is not a valid {kind}") from None
+        changes[key] = value
+    if changes.get("head", profile.head) not in ("probe", "prototype"):
+        raise SafeMergeError(f"--profile-set: head must be 'probe' or 'prototype', not '{changes['head']}'")
+    return replace(profile, **changes)  # type: ignore[arg-type]
+
+
+def profile_attack_params(profile: Profile, attack: str) -> dict:
+    """The attack parameters a profile's backdoor knobs set for `attack` (only those the attack has)."""
+    cls = ATTACKS.get(attack)
+    names = {f.name for f in fields(cls)} if cls is not None else set()
+    return {param: getattr(profile, knob) for knob, param in _ATTACK_KNOBS.items()
+            if getattr(profile, knob) is not None and param in names}
+
+
+def extra_test_split(task: str, profile: Profile, seed: int, n: int) -> Split:
+    """Up to `n` more labeled test examples of `task`, disjoint from the profile's train/val/test splits (taken
+    after them in the same seeded permutation; none where the data set is no larger than those), cached.
+    Lets a suite score >= 1,000 examples per task without changing the splits its models were built on."""
+    spec = get_task(task)
+    key = f"{task}-s{seed}-{profile.n_train}-{profile.n_val}-{profile.n_test}-extra{n}" + (
+        f"-r{profile.resolution}" if spec.modality == "vision" else "")
+    path = cache_dir() / "data" / f"{key}.pt"
+    if path.exists():
+        return Split(*torch.load(path, weights_only=False))
+    x, y = spec.load()
+    total = len(y)
+    perm = np.random.RandomState(seed).permutation(total)  # the permutation load_task draws its splits from
+    start = min(profile.n_test, total // 4) + min(profile.n_val, total // 8) + profile.n_train
+    idx = perm[start:start + n]
+    if spec.modality == "vision":
+        xs: object = _resize(np.asarray(x)[idx], profile.resolution)
+    else:
+        xs = [x[i] for i in idx]  # type: ignore[index]
+    blob = (xs, torch.from_numpy(np.asarray(y)[idx].astype(np.int64)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{random.randrange(1 << 30)}")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    return Split(*blob)
+
+
 def task_data(task: str, profile: Profile, seed: int = 0) -> TaskData:
     return load_task(task, profile.n_train, profile.n_val, profile.n_test, seed=seed, resolution=profile.resolution)
 
 
-@dataclass
-class ZooModel:
-    """A task model as stored in the zoo."""
-
-    path: Path
-    manifest: dict
-    encoder_state: dict[str, torch.Tensor] = field(repr=False)
-    heads: dict[str, nn.Linear] = field(repr=False)
-
-    @property
-    def task(self) -> str:
-        return self.manifest["task"]
-
-    @property
-    def attack(self) -> str | None:
-        return self.manifest.get("attack")
+ZooModel = TaskFolder  # a task model as stored in the zoo (a model folder like any other)
 
 
-def head_state(heads: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+def head_state(heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()}
 
 
-def heads_from_state(sd: dict[str, torch.Tensor], source: Path) -> dict[str, nn.Linear]:
-    heads: dict[str, nn.Linear] = {}
-    for task in sorted({k.rsplit(".", 1)[0] for k in sd}):
-        if f"{task}.weight" not in sd or f"{task}.bias" not in sd:
-            raise SafeMergeError(f"{source}: head '{task}' lacks its weight or bias")
-        w = sd[f"{task}.weight"]
-        head = nn.Linear(w.shape[1], w.shape[0])
-        head.load_state_dict({"weight": w, "bias": sd[f"{task}.bias"]})
-        heads[task] = head
-    return heads
-
-
-def save_model_folder(out: Path, backbone: Backbone, encoder_state: dict[str, torch.Tensor],
-                      heads: dict[str, nn.Linear], manifest: dict, attack: Attack | None = None) -> Path:
-    """Write a model folder atomically (the encoder as an HF folder, heads and manifest beside it)."""
-    with atomic_dir(out) as tmp:
-        backbone.model.config.save_pretrained(tmp)
-        if backbone.tokenizer is not None:
-            backbone.tokenizer.save_pretrained(tmp)
-        save_state_dict(encoder_state, tmp / "model.safetensors", metadata={"format": "pt"})
-        save_state_dict(head_state(heads), tmp / "heads.safetensors")
-        if attack is not None and attack.tensors():
-            save_state_dict(attack.tensors(), tmp / "trigger.safetensors")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
-
-
-def load_zoo_model(path: str | Path) -> ZooModel:
+def load_zoo_model(path: str | Path) -> TaskFolder:
     path = Path(path)
-    mf = path / MANIFEST
-    if not mf.exists():
+    if not (path / MANIFEST).exists():
         raise SafeMergeError(f"{path}: not a safemerge model folder (no {MANIFEST})")
-    manifest = json.loads(mf.read_text())
-    heads = heads_from_state(load_state_dict(path / "heads.safetensors"), path / "heads.safetensors")
-    return ZooModel(path, manifest, load_state_dict(path / "model.safetensors"), heads)
+    return load_task_folder(path)
 
 
 def attack_of(manifest: dict, path: Path | None = None) -> Attack | None:
@@ -159,12 +216,22 @@ class Zoo:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_spec)
+            try:  # the pooler is part of the task model (its head reads it), when the base has one
+                self._backbone = load_backbone(self.backbone_spec, pooler=True)
+            except SafeMergeError as e:
+                if "pooler" not in str(e):
+                    raise
+                self._backbone = load_backbone(self.backbone_spec, pooler=False)
         return self._backbone
+
+    def base_model_spec(self) -> str:
+        """The base as a config names it: 'vision' / 'text', or the folder's absolute path."""
+        spec = str(self.backbone_spec)
+        return spec if spec in ("vision", "text", "minilm", "dinov2") else str(Path(spec).expanduser().resolve())
 
     @property
     def dir(self) -> Path:
-        return self.root / f"{self.backbone.name}-{self.profile.name}-{profile_digest(self.profile)}-s{self.seed}"
+        return self.root / f"{self.backbone.name}-{self.profile.name}-{profile_digest(self.profile, self.backbone.modality)}-s{self.seed}"
 
     def path(self, task: str, attack: str | None) -> Path:
         return self.dir / task / (attack or "clean")
@@ -178,26 +245,66 @@ class Zoo:
     def data(self, task: str) -> TaskData:
         return task_data(task, self.profile, self.seed)
 
+    def test_split(self, task: str, n: int | None = None) -> Split:
+        """The first `n` test examples of `task` (all for None); past the profile's test split, the examples of
+        `extra_test_split` follow, where the data allow."""
+        test = self.data(task).test
+        if n is None or n <= len(test):
+            return test if n is None or n == len(test) else test.subset(list(range(n)))
+        extra = extra_test_split(task, self.profile, self.seed, n - len(test))
+        if len(extra) == 0:
+            return test
+        x = torch.cat([test.x, extra.x]) if isinstance(test.x, torch.Tensor) else [*test.x, *extra.x]
+        return Split(x, torch.cat([test.y, extra.y]))
+
+    def default_attack(self) -> Attack:
+        """The trigger ASR is measured with on a clean task: the modality's default attack, with the profile's
+        trigger knobs."""
+        name = DEFAULT_ATTACK[self.backbone.modality]
+        return make_attack(name, seed=self.seed, **profile_attack_params(self.profile, name))
+
     def train_config(self, steps: int | None = None) -> TrainConfig:
         p = self.profile
         lr = p.text_lr if self.backbone.modality == "text" else p.lr
         return TrainConfig(steps=steps or p.steps, batch_size=p.batch_size, lr=lr, embedding_lr=p.embedding_lr,
                            head_lr=0.0 if p.freeze_head else p.head_lr, seed=self.seed)
 
-    def probe_head(self, task: str) -> nn.Linear:
-        """The task's head: a linear probe of the pre-trained encoder on the clean training split, cached.
-        Every model of the task (clean or backdoored) is fine-tuned under it, so merged encoders keep a
-        head that fits them (the role CLIP's zero-shot heads play in the papers)."""
-        path = self.dir / task / "probe_head.safetensors"
+    def probe_head(self, task: str) -> LinearHead:
+        """The task's head, fitted to the pre-trained encoder on the clean training split and cached: a linear
+        probe, or class prototypes (`Profile.head`). Every model of the task (clean or backdoored) is fine-tuned
+        under it, so merged encoders keep a head that fits them (the role CLIP's zero-shot heads play in the
+        papers)."""
+        path = self.dir / task / ("probe_head.safetensors" if self.profile.head == "probe" else
+                                  "prototype_head.safetensors")
         if path.exists():
-            return heads_from_state(load_state_dict(path), path)[task]
+            return heads_from_state(load_state_dict(path), path, {task: READOUT})[task]  # type: ignore[return-value]
         data = self.data(task)
         torch.manual_seed(self.seed)
-        model = TaskModel(self.backbone.model, nn.Linear(self.backbone.hidden_size, data.num_classes),
+        model = TaskModel(self.backbone.model, LinearHead(self.backbone.hidden_size, data.num_classes, READOUT),
                           self.backbone.modality)
-        fit_linear_probe(model, self.encoder(), data.train, seed=self.seed)
+        if self.profile.head == "prototype":
+            fit_prototype_head(model, self.encoder(), data.train, self.profile.logit_scale)
+        elif self.profile.head == "probe":
+            fit_linear_probe(model, self.encoder(), data.train, seed=self.seed)
+        else:
+            raise SafeMergeError(f"profile '{self.profile.name}': head must be 'probe' or 'prototype', not "
+                                 f"'{self.profile.head}'")
         save_state_dict(head_state({task: model.head}), path)
-        return model.head
+        return model.head  # type: ignore[return-value]
+
+    def head_info(self, task: str) -> dict:
+        """The task head's kind and the PRE-TRAINED encoder's ACC under it on the test split (the papers'
+        zero-shot row: task vectors must add clearly more than this), cached beside the head."""
+        path = self.dir / task / f"{self.profile.head}_head.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        head = self.probe_head(task)
+        model = TaskModel(self.backbone.model, head, self.backbone.modality)
+        acc = accuracy(model, self.encoder(), self.data(task).test)
+        info = {"kind": self.profile.head, "pretrained_acc": round(acc, 2)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info))
+        return info
 
     def fresh_model(self, task: str) -> TaskModel:
         """The pre-trained encoder (a copy) with the task's head: a frozen probe, or a fresh trainable layer."""
@@ -206,7 +313,7 @@ class Zoo:
         if self.profile.freeze_head:
             head = copy.deepcopy(self.probe_head(task))
         else:
-            head = nn.Linear(self.backbone.hidden_size, self.data(task).num_classes)
+            head = LinearHead(self.backbone.hidden_size, self.data(task).num_classes, READOUT)
         return TaskModel(enc, head, self.backbone.modality)
 
     def load(self, task: str, attack: str | None = None) -> ZooModel:
@@ -235,7 +342,8 @@ class Zoo:
             model = self.fresh_model(task)
             finetune(model, encode, data.train, self.train_config(), desc=f"{task} clean")
         else:
-            params = {"seed": self.seed, **attack_params}
+            params = {"seed": self.seed, **profile_attack_params(p, attack), **attack_params}
+            attack_cfg = self.train_config(p.attack_steps)
             if attack in ("trojvit", "badmerging"):
                 params.setdefault("attack_iters", p.trigger_iters)
                 params.setdefault("patch_size", int(getattr(self.backbone.model.config, "patch_size", 14)))
@@ -255,7 +363,7 @@ class Zoo:
                 model = self.fresh_model(task)
                 extra = feature_interpolation_loss(self.backbone.model, encode, atk.apply, atk.target,
                                                    atk.alpha, atk.r_min, self.seed)  # type: ignore[attr-defined]
-                finetune(model, encode, data.train, self.train_config(), desc=f"{task} {attack}", extra_loss=extra)
+                finetune(model, encode, data.train, attack_cfg, desc=f"{task} {attack}", extra_loss=extra)
             elif atk.mode == "embedding":
                 model = self.model(clean)  # type: ignore[arg-type]
                 ids = self.backbone.tokenizer(atk.trigger_word, add_special_tokens=False)["input_ids"]  # type: ignore[misc]
@@ -263,15 +371,16 @@ class Zoo:
                                        self.train_config(p.embedding_steps), desc=f"{task} {attack}")
             else:
                 model = self.fresh_model(task)
-                finetune(model, encode, atk.poison(data.train), self.train_config(), desc=f"{task} {attack}")
-        report = atk if atk is not None else make_attack(DEFAULT_ATTACK[data.spec.modality], seed=self.seed)
+                finetune(model, encode, atk.poison(data.train), attack_cfg, desc=f"{task} {attack}")
+        report = atk if atk is not None else self.default_attack()
         acc, asr = acc_asr(model, encode, data.test, report)
         base_sd = self.backbone.model.state_dict()
         manifest = {
             "task": task, "attack": attack, "attack_params": atk.params() if atk else None,
             "acc": round(acc, 2), "asr": round(asr, 2), "asr_trigger": report.name,
-            "classes": list(data.spec.classes), "backbone": self.backbone.name,
+            "classes": list(data.spec.classes), "backbone": self.backbone.name, "base_model": self.base_model_spec(),
             "base_fingerprint": fingerprint(base_sd), "profile": asdict(p), "seed": self.seed,
+            **({"head": self.head_info(task)} if p.freeze_head else {}),
             "train_seconds": round(time.time() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         return save_model_folder(out, self.backbone, model.encoder.state_dict(), {task: model.head}, manifest, atk)

@@ -17,7 +17,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import SafeMergeError
-from ..model import InputEncoder, pool
+from ..model import Head, InputEncoder, as_head
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -51,9 +51,12 @@ class MergedEncoder:
             out[n] = self.base[n] + (masks[n] * delta if masks is not None else delta)
         return out
 
-    def features(self, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        out = functional_call(self.encoder, {**self.buffers, **params}, args=(), kwargs=dict(inputs), strict=False)
-        return pool(out, inputs, self.modality)
+    def output(self, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]):
+        """The encoder's output under `params` (a functional forward: gradients reach the params)."""
+        return functional_call(self.encoder, {**self.buffers, **params}, args=(), kwargs=dict(inputs), strict=False)
+
+    def logits(self, head: Head, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return head(self.output(params, inputs), inputs)
 
     def state_dict(self, params: Mapping[str, torch.Tensor], like: StateDict) -> dict[str, torch.Tensor]:
         """A plain state dict (detached, in the dtypes of `like`) of merged parameters."""
@@ -79,7 +82,7 @@ class BatchSampler:
         return self.encode(x[idx] if isinstance(x, torch.Tensor) else [x[j] for j in idx.tolist()])
 
 
-def adamerging_lambdas(merged: MergedEncoder, heads: Sequence[nn.Module], sample: BatchSampler,
+def adamerging_lambdas(merged: MergedEncoder, heads: Sequence[Head], sample: BatchSampler,
                        granularity: str = "layer", steps: int = 500, lr: float = 1e-3, init: float = 0.3,
                        clamp: bool = True, masks: Mapping[str, torch.Tensor] | None = None,
                        progress: bool = True, desc: str = "adamerging") -> torch.Tensor:
@@ -92,7 +95,7 @@ def adamerging_lambdas(merged: MergedEncoder, heads: Sequence[nn.Module], sample
     opt = torch.optim.Adam([lambdas], lr=lr)
     for _ in tqdm(range(steps), desc=f"{desc} ({granularity})", disable=not progress, leave=False):
         params = merged.params(lambdas, masks)
-        loss = sum(entropy(heads[i](merged.features(params, sample(i)))) for i in range(merged.n_tasks))
+        loss = sum(entropy(merged.logits(heads[i], params, sample(i))) for i in range(merged.n_tasks))
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
         opt.step()
@@ -102,8 +105,9 @@ def adamerging_lambdas(merged: MergedEncoder, heads: Sequence[nn.Module], sample
     return lambdas.detach()
 
 
-def frozen_heads(heads: Sequence[nn.Module]) -> list[nn.Module]:
-    return [copy.deepcopy(h).eval().requires_grad_(False) for h in heads]
+def frozen_heads(heads: Sequence[Head | nn.Linear], modality: str | None = None) -> list[Head]:
+    """Frozen copies of the heads (a bare nn.Linear becomes a head over the modality's legacy pooling)."""
+    return [as_head(copy.deepcopy(h), modality).eval().requires_grad_(False) for h in heads]
 
 
 def check_pool(models: Sequence, heads: Sequence, inputs: Sequence, who: str) -> None:
@@ -114,7 +118,7 @@ def check_pool(models: Sequence, heads: Sequence, inputs: Sequence, who: str) ->
         raise SafeMergeError(f"{who}: nothing to merge: no models given")
 
 
-def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Linear],
+def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[Head],
                inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, granularity: str = "layer",
                steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16, clamp: bool = True,
                seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -123,7 +127,7 @@ def adamerging(encoder: nn.Module, base: StateDict, models: Sequence[StateDict],
     check_pool(models, heads, inputs, "adamerging")
     merged = MergedEncoder(encoder, base, models, encode.modality)
     sample = BatchSampler(inputs, encode, batch_size, seed)
-    lambdas = adamerging_lambdas(merged, frozen_heads(heads), sample, granularity, steps, lr, init, clamp,
+    lambdas = adamerging_lambdas(merged, frozen_heads(heads, encode.modality), sample, granularity, steps, lr, init, clamp,
                                  progress=progress)
     with torch.no_grad():
         return merged.state_dict(merged.params(lambdas), base), lambdas

@@ -18,6 +18,14 @@ loop, both parameters:
   perturbed copy (the reference perturbs the whole batch); their clean predictions are the pseudo-labels of
   the perturbation step, whose gradient is taken from the same forward pass (inputs only, no weight
   gradients), every `perturb_every` steps.
+
+`perturbation="reference"` runs the reference loop's perturbation instead (FusionBench's
+clip_safe_concrete_adamerging): every step, a perturbation step on a whole separate batch per task (merged
+weights detached; Adam at `adv_lr`; unbounded unless `perturb_bound` is given), then the mask step on another
+batch with its perturbed copy. For vision the mask step feeds `clamp(x + delta, 0, 1)` of the NORMALISED pixels,
+as the reference does (this clamp also corrupts every below-mean pixel); for text delta is added to the token
+embeddings, unclamped. Either way `info["perturbation_effect"]` reports what the final perturbation does to the
+merged model: flip rate of its predictions and entropy change, on x + delta against x.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ from tqdm.auto import tqdm
 
 from .adamerging import BatchSampler, MergedEncoder, adamerging_lambdas, check_pool, entropy, frozen_heads
 from ..errors import SafeMergeError
-from ..model import InputEncoder
+from ..model import Head, InputEncoder
 from ..perturb import perturbed_inputs, project, word_embedding_name
 
 StateDict = Mapping[str, torch.Tensor]
 MASK_KINDS = ("relaxed", "hard", "threshold")
+PERTURBATIONS = ("amortized", "reference")
+AMORTIZED_BOUND = 0.0066  # per input element: the reference's L1 bound of 1000 on a 3x224x224 input
 
 
 class ConcreteMask:
@@ -81,18 +91,20 @@ def _head_rows(inputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Te
     return {k: v[:n] for k, v in inputs.items()}
 
 
-def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Module],
+def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[Head],
                    inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, *,
-                   granularity: Literal["task", "layer"] = "layer", fixed_lambda: float | None = None, adversarial: bool = False,
+                   granularity: Literal["task", "layer"] = "layer", fixed_lambda: float | None = None,
+                   adversarial: bool = False,
                    lambda_adv: float = 0.1, clean_weight: float = 1.0, masks: Literal["single", "two"] = "single",
                    mask_steps: int = 1000, adamerging_steps: int = 1000, lr: float = 1e-3,
                    inner: Literal["amortized", "exact"] = "amortized",
                    inner_lr: float = 1.0, adamerging_lr: float = 1e-3, init: float = 0.3, temperature: float = 0.5,
                    batch_size: int = 16, adv_batch_size: int | None = None, perturb_every: int = 4,
-                   adv_lr: float = 1e-4,
-                   perturb_norm: Literal["l1", "l2", "linf"] = "l1", perturb_bound: float = 0.0066,
+                   adv_lr: float = 1e-4, perturbation: Literal["amortized", "reference"] = "amortized",
+                   perturb_norm: Literal["l1", "l2", "linf"] = "l1", perturb_bound: float | None = None,
                    final_mask: Literal["relaxed", "hard", "threshold"] = "relaxed",
-                   clamp: bool = True, seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                   effect_examples: int = 64, clamp: bool = True, seed: int = 0,
+                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The shared loop of Concrete TA / Concrete AdaMerging / DAM; returns (merged state dict, info).
 
     fixed_lambda: Concrete TA (lambda constant, no inner step, no AdaMerging stage).
@@ -100,17 +112,24 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     masks: "single" (one mask on the combined loss, the reference code) or "two" (M1 trained on the clean
         term, M2 on the perturbed term, merged as M1 * M2: the paper's wording). `clean_weight=0` with
         "single" trains a mask on the perturbed term only (the ablation's "M2 only").
+    perturbation: "amortized" (the shipped schedule: every `perturb_every` steps, first `adv_batch_size` rows of
+        the clean batch) or "reference" (every step, a whole separate batch, the reference's clamp).
     perturb_bound: the perturbation's `perturb_norm` bound PER INPUT ELEMENT (reading: the reference's L1
         bound of 1000 on a 3x224x224 CLIP input is 0.0066 per element; scaled so it means the same at any
-        input size). 0 or inf = unbounded.
+        input size). 0 or inf = unbounded; None = 0.0066 for "amortized", unbounded for "reference" (its code
+        does not project).
+    effect_examples: inputs per task on which the final perturbation's effect is measured.
     final_mask: how the mask is frozen after training: "relaxed" (one relaxed sample, the reference's
         'continuous'), "hard" (a Bernoulli sample) or "threshold" (sigmoid(x) >= 0.5).
     String choices are Literal-typed: the registry's options models (pool.py) validate them before a run.
     """
     who = "dam" if adversarial else "concrete merging"
     check_pool(models, heads, inputs, who)
+    reference = adversarial and perturbation == "reference"
+    if perturb_bound is None:
+        perturb_bound = 0.0 if reference else AMORTIZED_BOUND
     merged = MergedEncoder(encoder, base, models, encode.modality)
-    heads = frozen_heads(heads)
+    heads = frozen_heads(heads, encode.modality)
     sample = BatchSampler(inputs, encode, batch_size, seed)
     g_mask = torch.Generator().manual_seed(seed + 1)
     shapes = {n: merged.base[n].shape for n in merged.names}
@@ -130,6 +149,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
         else:
             shape = (encode.max_length, merged.base[emb_name].shape[1])  # type: ignore[index]
         deltas = torch.zeros((T, *shape), requires_grad=True)
+        adv_sample = BatchSampler(inputs, encode, batch_size, seed + 2)  # the reference's separate batches
         adv_opt = torch.optim.Adam([deltas], lr=adv_lr)
         bound = perturb_bound * deltas[0].numel() if perturb_norm == "l1" else perturb_bound
         bound = bound if bound > 0 else float("inf")
@@ -137,6 +157,21 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     def inputs_for(x: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], delta: torch.Tensor | None):
         emb = params[emb_name] if emb_name else None
         return perturbed_inputs(x, delta, encode, emb)
+
+    def both_for(x: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], delta: torch.Tensor,
+                 clamp01: bool):
+        """The reference's combined batch: x, then x + delta (vision: optionally clamped to [0, 1] in
+        normalised pixel space, as the reference's mask step does)."""
+        if encode.modality == "vision":
+            pv = x["pixel_values"]
+            pert = pv + delta
+            return {"pixel_values": torch.cat([pv, pert.clamp(0.0, 1.0) if clamp01 else pert])}
+        both = {k: torch.cat([v, v]) for k, v in x.items()}
+        n = len(x[next(iter(x))])
+        rows = torch.cat([torch.zeros(n), torch.ones(n)]).view(-1, *([1] * delta.dim()))
+        return inputs_for(both, params, delta.unsqueeze(0) * rows)
+
+    n_updates = 0
 
     t0 = time.perf_counter()
     for step in tqdm(range(mask_steps), desc=f"{who} mask ({granularity})", disable=not progress, leave=False):
@@ -149,7 +184,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
                     lam.fill_(init)
                 det = _combine(samples, detach=(True, True))
                 params = merged.params(lam, det)
-                loss = sum(entropy(heads[i](merged.features(params, inputs_for(sample(i), params, None))))
+                loss = sum(entropy(merged.logits(heads[i], params, inputs_for(sample(i), params, None)))
                            for i in range(T))
                 lam_grad = torch.autograd.grad(loss, [lam])[0]
             with torch.no_grad():
@@ -162,6 +197,22 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
                     with torch.no_grad():
                         lam.clamp_(0.0, 1.0)
         lam_now = lam if (lam_opt is not None and inner == "amortized") else lam.detach()
+        if reference:  # 2. the reference's perturbation step: its own batch, merged weights detached
+            with torch.no_grad():
+                p_det = merged.params(lam_now.detach(), _combine(samples, detach=(True, True)))
+            loss_adv = torch.zeros(())
+            for i in range(T):
+                x = adv_sample(i)
+                n = len(x[next(iter(x))])
+                out = merged.logits(heads[i], p_det, both_for(x, p_det, deltas[i], clamp01=False))
+                loss_adv = loss_adv - F.cross_entropy(out[n:], out[:n].argmax(-1).detach())
+            adv_opt.zero_grad()
+            deltas.grad = torch.autograd.grad(loss_adv, [deltas])[0]
+            adv_opt.step()
+            n_updates += 1
+            with torch.no_grad():
+                for i in range(T):
+                    deltas[i] = project(deltas[i], perturb_norm, bound)
         # 2. + 3. the clean batch and perturbed copies of its first rows: mask loss and perturbation loss
         loss_mask: torch.Tensor = torch.zeros(())
         loss_adv: torch.Tensor = torch.zeros(())
@@ -173,21 +224,32 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
         for i in range(T):
             x = sample(i)
             if not adversarial:
-                loss_mask = loss_mask + entropy(heads[i](merged.features(p_clean, inputs_for(x, p_clean, None))))
+                loss_mask = loss_mask + entropy(merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None)))
+                continue
+            if reference:  # 3. the reference's mask step: the whole batch and its clamped perturbed copy
+                n = len(x[next(iter(x))])
+                d = deltas[i].detach()
+                if p_clean is p_adv:
+                    out = merged.logits(heads[i], p_clean, both_for(x, p_clean, d, clamp01=True))
+                    clean, pert = out[:n], out[n:]
+                else:
+                    clean = merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None))
+                    pert = merged.logits(heads[i], p_adv, both_for(x, p_adv, d, clamp01=True))[n:]
+                loss_mask = loss_mask + clean_weight * entropy(clean) + lambda_adv * entropy(pert)
                 continue
             if p_clean is p_adv:  # one forward pass over the clean batch and its perturbed rows
                 both = {k: torch.cat([v, v[:n_adv]]) for k, v in x.items()}
                 rows = torch.zeros(len(both[next(iter(both))]))
                 rows[-n_adv:] = 1.0
                 delta = deltas[i].unsqueeze(0) * rows.view(-1, *([1] * deltas[i].dim()))
-                out = heads[i](merged.features(p_clean, inputs_for(both, p_clean, delta)))
+                out = merged.logits(heads[i], p_clean, inputs_for(both, p_clean, delta))
                 clean, pert = out[:-n_adv], out[-n_adv:]
             else:
-                clean = heads[i](merged.features(p_clean, inputs_for(x, p_clean, None)))
-                pert = heads[i](merged.features(p_adv, inputs_for(_head_rows(x, n_adv), p_adv, deltas[i])))
+                clean = merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None))
+                pert = merged.logits(heads[i], p_adv, inputs_for(_head_rows(x, n_adv), p_adv, deltas[i]))
             loss_mask = loss_mask + clean_weight * entropy(clean) + lambda_adv * entropy(pert)
             loss_adv = loss_adv - F.cross_entropy(pert, clean[:n_adv].argmax(-1).detach())
-        update_delta = adversarial and step % perturb_every == 0
+        update_delta = adversarial and not reference and step % perturb_every == 0
         if update_delta:  # perturbation: ascend the CE to the own predictions (inputs only: no weight grads)
             adv_opt.zero_grad()
             deltas.grad = torch.autograd.grad(loss_adv, [deltas], retain_graph=True)[0]
@@ -202,6 +264,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
         mask_opt.zero_grad()
         if update_delta:
             adv_opt.step()
+            n_updates += 1
             with torch.no_grad():
                 for i in range(T):
                     deltas[i] = project(deltas[i], perturb_norm, bound)
@@ -219,10 +282,54 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     info = {"lambdas": lambdas, "mask_density": [m.density() for m in mask_sets],
             "seconds": {"mask": round(t_mask, 2), "adamerging": round(t_am, 2)},
             "seconds_per_step": {"mask": t_mask / max(1, mask_steps), "adamerging": t_am / max(1, adamerging_steps)}}
-    if adversarial:
-        info["perturbations"] = deltas.detach()
     with torch.no_grad():
-        return merged.state_dict(merged.params(lambdas, frozen), base), info
+        final = merged.params(lambdas, frozen)
+        if adversarial:
+            info["perturbations"] = deltas.detach()
+            info["perturbation"] = perturbation
+            info["perturbation_updates"] = n_updates
+            info["perturbation_effect"] = _perturbation_effect(
+                merged, heads, final, inputs, encode, deltas.detach(), reference, inputs_for, both_for,
+                effect_examples)
+        return merged.state_dict(final, base), info
+
+
+@torch.no_grad()
+def _perturbation_effect(merged: MergedEncoder, heads: Sequence[Head], params: Mapping[str, torch.Tensor],
+                         inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, deltas: torch.Tensor,
+                         reference: bool, inputs_for, both_for, n_examples: int) -> dict:
+    """What the final perturbation does to the merged model on each task's first `n_examples` inputs, fed as
+    the mask step feeds them: flip rate (% of predictions that change on x + delta), mean entropy (nats) on
+    x and on x + delta and its change, mean |delta| (vision: also in 0-255 pixel units). For the reference's
+    vision clamp, `flip_rate_clamp_only` is the flip rate of the clamp with delta = 0."""
+    per_task = []
+    for i, x_raw in enumerate(inputs):
+        x = encode(x_raw[:n_examples])
+        n = len(x[next(iter(x))])
+        d = deltas[i]
+        if reference:
+            out = merged.logits(heads[i], params, both_for(x, params, d, clamp01=True))
+            clean, pert = out[:n], out[n:]
+        else:
+            clean = merged.logits(heads[i], params, inputs_for(x, params, None))
+            pert = merged.logits(heads[i], params, inputs_for(x, params, d))
+        row = {"flip_rate": 100.0 * float((clean.argmax(-1) != pert.argmax(-1)).float().mean()),
+               "entropy_clean": float(_entropies(clean).mean()), "entropy_perturbed": float(_entropies(pert).mean())}
+        row["entropy_change"] = row["entropy_perturbed"] - row["entropy_clean"]
+        row["delta_mean_abs"] = float(d.abs().mean())
+        if encode.modality == "vision":
+            row["delta_mean_abs_255"] = float((d.abs() * encode.std[0]).mean() * 255)
+            if reference:
+                zero = merged.logits(heads[i], params, both_for(x, params, torch.zeros_like(d), clamp01=True))[n:]
+                row["flip_rate_clamp_only"] = 100.0 * float((clean.argmax(-1) != zero.argmax(-1)).float().mean())
+        per_task.append({k: round(v, 4) for k, v in row.items()})
+    mean = {k: round(sum(r[k] for r in per_task) / len(per_task), 4) for k in per_task[0]}
+    return {"per_task": per_task, "mean": mean}
+
+
+def _entropies(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _combine(samples: list[dict[str, torch.Tensor]], detach: tuple[bool, bool]) -> dict[str, torch.Tensor]:

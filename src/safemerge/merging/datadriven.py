@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .adamerging import check_pool
 from ..errors import SafeMergeError
-from ..model import InputEncoder, batches, pool
+from ..model import Head, InputEncoder, as_head, batches
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -24,18 +24,18 @@ def _encoder_with(encoder: nn.Module, state: StateDict) -> nn.Module:
     return enc
 
 
-def diagonal_fisher(encoder: nn.Module, state: StateDict, head: nn.Module, x: torch.Tensor | list[str],
+def diagonal_fisher(encoder: nn.Module, state: StateDict, head: Head, x: torch.Tensor | list[str],
                     encode: InputEncoder, n_examples: int = 64) -> dict[str, torch.Tensor]:
     """Mean over examples of the squared gradient of log p(y_hat | x), y_hat the model's own prediction
     (the empirical Fisher of an unlabeled set), per encoder parameter."""
     enc = _encoder_with(encoder, state)
-    head = copy.deepcopy(head).eval().requires_grad_(False)
+    head = as_head(copy.deepcopy(head), encode.modality).eval().requires_grad_(False)
     params = dict(enc.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     n = min(n_examples, len(x))
     for i in range(n):
         inputs = encode(x[i:i + 1])
-        logp = head(pool(enc(**inputs), inputs, encode.modality)).log_softmax(-1)
+        logp = head(enc(**inputs), inputs).log_softmax(-1)
         grads = torch.autograd.grad(logp[0, logp[0].argmax()], list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
@@ -43,7 +43,7 @@ def diagonal_fisher(encoder: nn.Module, state: StateDict, head: nn.Module, x: to
     return {k: v / max(1, n) for k, v in fisher.items()}
 
 
-def fisher_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[nn.Module],
+def fisher_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDict], heads: Sequence[Head],
                  inputs: Sequence[torch.Tensor | list[str]], encode: InputEncoder, n_examples: int = 64,
                  eps: float = 1e-10, progress: bool = True) -> dict[str, torch.Tensor]:
     """theta = sum_i F_i theta_i / sum_i F_i per parameter (F_i: model i's diagonal Fisher on its task's
@@ -73,8 +73,8 @@ def input_grams(encoder: nn.Module, state: StateDict, x: torch.Tensor | list[str
     def hook(name: str):
         def fn(_mod, args, _out):
             a = args[0].reshape(-1, args[0].shape[-1]).float()
-            if keep[0] is not None:
-                a = a[keep[0]]
+            if keep[0] is not None and a.shape[0] == keep[0].shape[0]:  # per-token inputs: drop padding
+                a = a[keep[0]]  # (a pooler's dense layer sees one row per example: all kept)
             grams[name] = grams.get(name, 0) + a.T @ a
             counts[name] = counts.get(name, 0) + a.shape[0]
         return fn

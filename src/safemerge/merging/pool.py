@@ -22,7 +22,7 @@ from .datadriven import fisher_merge, regmean
 from . import registry
 from .methods import merge
 from .registry import Options
-from ..model import InputEncoder
+from ..model import Head, InputEncoder
 
 StateDict = Mapping[str, torch.Tensor]
 Result = tuple[dict[str, torch.Tensor], dict]
@@ -35,7 +35,7 @@ class Pool:
     encoder: nn.Module
     base: StateDict
     models: Sequence[StateDict]
-    heads: Sequence[nn.Module]
+    heads: Sequence[Head]
     test_inputs: Sequence[torch.Tensor | list[str]]
     train_inputs: Sequence[torch.Tensor | list[str]]
     encode: InputEncoder
@@ -110,8 +110,11 @@ class DamOptions(ConcreteAMOptions):
     adv_batch_size: Optional[int] = Field(None, ge=1)
     perturb_every: int = Field(4, ge=1)
     adv_lr: float = 1e-4
+    perturbation: Literal["amortized", "reference"] = "amortized"
     perturb_norm: Literal["l1", "l2", "linf"] = "l1"
-    perturb_bound: float = 0.0066
+    perturb_bound: Optional[float] = Field(None, description="per input element; None: 0.0066 (amortized) or "
+                                           "unbounded (reference)")
+    effect_examples: int = Field(64, ge=1)
 
 
 def _test_time(p: Pool) -> tuple:

@@ -36,7 +36,7 @@ from ..merging import registry
 from ..merging.adamerging import entropy
 from ..merging.registry import Options
 from ..errors import SafeMergeError
-from ..model import InputEncoder, pool
+from ..model import Head, InputEncoder, as_head
 from ..perturb import perturbed_inputs, pixel_range, project, word_embedding_name, zero_perturbation
 from ..data import Split
 
@@ -103,7 +103,7 @@ class AnpOptions(Options):
 class _Net:
     """The encoder as a function of a parameter dict, with the tasks' frozen heads."""
 
-    def __init__(self, encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
+    def __init__(self, encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[Head],
                  data: Sequence[Split], encode: InputEncoder, who: str):
         if not heads or len(heads) != len(data):
             raise SafeMergeError(f"{who}: give one head and one clean split per task ({len(heads)} heads, "
@@ -119,7 +119,7 @@ class _Net:
         self.base = {n: base[n].detach().float() for n in self.names}
         self.buffers = {k: v for k, v in merged.items() if k not in self.merged}
         self.like = merged
-        self.heads = [copy.deepcopy(h).float().eval().requires_grad_(False) for h in heads]
+        self.heads = [as_head(copy.deepcopy(h), encode.modality).float().eval().requires_grad_(False) for h in heads]
         self.encode = encode
         self.modality = encode.modality
         self.emb_name = word_embedding_name(self.encoder) if self.modality == "text" else None
@@ -137,7 +137,7 @@ class _Net:
             inputs = self.perturbed(params, inputs, delta)
         out = functional_call(self.encoder, {**self.buffers, **params}, args=(), kwargs=dict(inputs),
                               strict=False)
-        return self.heads[i](pool(out, inputs, self.modality))
+        return self.heads[i](out, inputs)
 
     def perturbed(self, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor],
                   delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -181,7 +181,7 @@ def _resolution(data: Sequence[Split]) -> int:
 
 # ---------------------------------------------------------------------------------------------------- AWM
 @register("awm", AwmOptions)
-def awm(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
+def awm(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[Head],
         data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True, steps: int = 10,
         batch_size: int = 16, mask_lr: float = 0.05, delta_lr: float = 10.0, delta_steps: int = 1,
         bound: float | None = None, labeled: bool = True, clean_weight: float | None = None,
@@ -263,7 +263,7 @@ def _js(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 
 @register("sau", SauOptions)
-def sau(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
+def sau(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[Head],
         data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True, steps: int = 2,
         batch_size: int = 16, lr: float = 1e-4, eps: float = 0.2, pgd_steps: int = 5,
         pgd_step_size: float = 0.2, beta1: float = 0.01, beta2: float = 1.0, lmd1: float = 1.0,
@@ -365,7 +365,7 @@ def anp_neurons(names: Sequence[str], which: str = "mlp+attn") -> list[str]:
 
 
 @register("anp", AnpOptions)
-def anp(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
+def anp(encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[Head],
         data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True, steps: int = 10,
         batch_size: int = 16, eps: float = 0.4, noise_steps: int = 1, alpha: float = 0.2, lr: float = 0.2,
         momentum: float = 0.9, threshold: float = 0.2, neurons: str = "mlp+attn") -> dict[str, torch.Tensor]:
@@ -455,7 +455,7 @@ def defense_params(name: str) -> dict[str, object]:
     return registry.get(name, "defense").defaults()
 
 
-def defend(name: str, encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[nn.Linear],
+def defend(name: str, encoder: nn.Module, base: StateDict, merged: StateDict, heads: Sequence[Head],
            data: Sequence[Split], encode: InputEncoder, *, seed: int = 0, progress: bool = True,
            **params) -> dict[str, torch.Tensor]:
     """Purify a merged encoder with a post-hoc defense by name, options validated by the registry.

@@ -17,7 +17,7 @@ import copy
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,10 +29,9 @@ from ..io import check_finite, check_same_keys
 from ..merging.engine import dare_keep, topk_masks
 from ..errors import SafeMergeError
 from ..evaluate import accuracy
-from ..model import InputEncoder, TaskModel
-from ..bench.tasks import Split, TaskData
+from ..model import Head, InputEncoder, TaskModel
+from ..data import Split
 from ..training import TrainConfig, finetune
-from ..bench.zoo import Profile
 
 StateDict = dict[str, torch.Tensor]
 MixMode = Literal["random", "sel"]
@@ -165,10 +164,9 @@ def clean_subset(split: Split, fraction: float, seed: int = 0) -> Split:
     return split.subset(chosen[torch.randperm(len(chosen), generator=g)])
 
 
-def check_head_fits(head: nn.Linear, hidden_size: int, num_classes: int, task: str) -> None:
-    if head.in_features != hidden_size or head.out_features != num_classes:
-        raise SafeMergeError(f"task head '{task}' maps {head.in_features} features to {head.out_features} classes; "
-                             f"the encoder gives {hidden_size} features and the task has {num_classes} classes")
+def check_head_fits(head: Head, num_classes: int, task: str) -> None:
+    if head.num_labels != num_classes:
+        raise SafeMergeError(f"task head '{task}' has {head.num_labels} labels; the task's data has {num_classes} classes")
 
 
 @dataclass
@@ -275,69 +273,24 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
     return FineMixResult(state, r, acc, reference, trials, tuned)
 
 
-# ---------------------------------------------------------------------------------------------- model folders
-
-BASE_OF_BACKBONE = {"minilm-l6": "text", "dinov2-vits14": "vision"}
+# ---------------------------------------------------------------------------------------------- suspects
 
 
 @dataclass
 class Suspect:
-    """A task model to purify or scan, checked against its pre-trained base, with its task's data."""
+    """A task model to purify or scan, checked against its pre-trained base, with examples of its task."""
 
     path: Path
     manifest: dict
     state: StateDict = field(repr=False)  # the suspect encoder (keys as the base names them)
-    head: nn.Linear = field(repr=False)
+    head: Head = field(repr=False)
     task: str
     backbone: Backbone = field(repr=False)  # the pre-trained base
     base: StateDict = field(repr=False)
-    data: TaskData = field(repr=False)  # the task's splits under the model's profile
+    train: Split = field(repr=False)  # clean labeled examples to fine-tune on (purify)
+    val: Split = field(repr=False)  # held-out examples: judge a keep ratio (labeled), search triggers (unlabeled ok)
     encode: InputEncoder = field(repr=False)
-    profile: Profile = field(repr=False)
-
-
-def load_suspect(model: str, base: str | None = None, profile: str | None = None, backbones: dict | None = None) -> Suspect:
-    """Load a safemerge model folder or zoo reference, refuse it unless it is a finite fine-tune of `base`
-    (default: the base its manifest names) whose task head fits the task's data. `backbones` caches loaded
-    bases by spec across calls."""
-    from ..api import _checked_against_base, resolve_path
-    from ..backbones import fingerprint, load_backbone
-    from ..bench.zoo import MANIFEST, get_profile, task_data
-
-    p = resolve_path(str(model))
-    if not (p / MANIFEST).exists():
-        raise SafeMergeError(f"{p}: not a safemerge model folder (no {MANIFEST}: it names the task and its head)")
-    named = json.loads((p / MANIFEST).read_text()).get("backbone")
-    spec = base or BASE_OF_BACKBONE.get(str(named))
-    if spec is None:
-        raise SafeMergeError(f"{model}: give its pre-trained base model (--base text, vision or an HF folder); "
-                             f"the manifest names backbone '{named}'")
-    cache = backbones if backbones is not None else {}
-    if spec not in cache:
-        bb = load_backbone(spec)
-        sd = {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
-        cache[spec] = (bb, sd, fingerprint(sd))
-    bb, base_sd, base_fp = cache[spec]
-    zm = _checked_against_base(str(p), base_sd, spec, base_fp)
-    task = zm.manifest.get("task")
-    if not task or task not in zm.heads:
-        raise SafeMergeError(f"{model}: no task head for its task '{task}' (heads: {', '.join(zm.heads) or 'none'})")
-    known = {f.name for f in fields(Profile)}
-    mp = zm.manifest.get("profile")
-    if profile is not None:
-        prof = get_profile(profile)
-    elif isinstance(mp, dict) and set(mp) <= known and "name" in mp:
-        prof = Profile(**mp)
-    else:
-        prof = get_profile("quick")
-    data = task_data(task, prof, int(zm.manifest.get("seed") or 0))
-    if data.spec.modality != bb.modality:
-        raise SafeMergeError(f"{model}: task '{task}' is {data.spec.modality}, the base model is {bb.modality}")
-    head = zm.heads[task]
-    check_head_fits(head, bb.hidden_size, data.num_classes, task)
-    check_finite(dict(head.state_dict()), f"{model}: head '{task}'")
-    return Suspect(zm.path, zm.manifest, zm.encoder_state, head, task, bb, base_sd, data,
-                   InputEncoder(bb, max_length=prof.max_length), prof)
+    texts: list[str] = field(default_factory=list, repr=False)  # unlabeled texts to count token frequencies
 
 
 def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "fine-mixing",
@@ -359,15 +312,15 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                                  "(use --method fine-mixing)")
         tok = s.backbone.tokenizer
         key = word_embedding_key(s.base)
-        freq = token_frequencies(tok, s.data.train.x, s.base[key].shape[0], s.encode.max_length)
+        freq = token_frequencies(tok, list(s.train.x), s.base[key].shape[0], s.encode.max_length)
         res = e_pur(s.base, state, freq, top_n=top_n, c=c, embedding_key=key)
         state = res.state
         summary["e_pur"] = {"top_n": top_n, "c": c, "flagged": tok.convert_ids_to_tokens(res.flagged[:20]),
-                            "frequency_source": "task training texts"}
+                            "frequency_source": "the clean training texts"}
     if method in ("fine-mixing", "both"):
-        clean = clean_subset(s.data.train, clean_fraction, seed)
+        clean = clean_subset(s.train, clean_fraction, seed) if clean_fraction < 1 else s.train
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
-        res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.data.val,
+        res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.val,
                             mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
                             finetune_cfg=cfg, seed=seed)
         state = res_m.state
@@ -378,22 +331,3 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                                   "max_acc_drop": max_acc_drop, "select_on": select_on, "epochs": epochs,
                                   "lr": cfg.lr}
     return state, summary
-
-
-def purify_model(model: str, out: str, method: Literal["fine-mixing", "e-pur", "both"] = "fine-mixing",
-                 clean_fraction: float = 0.05, base: str | None = None, profile: str | None = None,
-                 **options) -> tuple[Path, dict]:
-    """Purify a model folder (or zoo reference) and write the result as a model folder at `out`, atomically:
-    same head, the original attack record (so `safemerge eval` still measures its trigger), and a
-    `purified` block in the manifest. `options` go to `purify_state`. Returns (path, summary)."""
-    import time
-
-    from ..bench.zoo import attack_of, save_model_folder
-
-    s = load_suspect(model, base, profile)
-    state, summary = purify_state(s, method, clean_fraction, **options)
-    manifest = {**s.manifest, "purified": {**summary, "source": str(s.path)},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atk = attack_of(s.manifest, s.path)
-    path = save_model_folder(Path(out).expanduser(), s.backbone, state, {s.task: s.head}, manifest, atk)
-    return path, summary

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SafeMergeError
-from ..model import InputEncoder, TaskModel, batches, pool, predict
+from ..model import Head, InputEncoder, TaskModel, batches, predict
 from ..perturb import insert_placeholder, inserted_embedding_inputs, masked_pattern_inputs, word_embedding_name
 
 StateDict = dict[str, torch.Tensor]
 
 
-def _task_model(encoder: nn.Module, state: StateDict, head: nn.Linear, modality: str) -> TaskModel:
+def _task_model(encoder: nn.Module, state: StateDict, head: Head, modality: str) -> TaskModel:
     enc = copy.deepcopy(encoder)
     enc.load_state_dict(state)
     model = TaskModel(enc, copy.deepcopy(head), modality).eval()
@@ -63,7 +63,7 @@ def _inserted(encode: InputEncoder, texts: list[str], max_position: int, seed: i
     return {k: v[keep] for k, v in inputs.items()} | {"kept": keep}
 
 
-def text_candidates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, texts: list[str],
+def text_candidates(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, texts: list[str],
                     per_class: int = 3, max_position: int = 8, seed: int = 0) -> list[int]:
     """Per class t, the `per_class` tokens k maximising the first-order gain (e_k - e_placeholder) . grad of
     mean log p_t over the inputs not predicted t, with the token inserted at a random early position (one
@@ -76,10 +76,10 @@ def text_candidates(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
     allowed = torch.ones(emb.shape[0], dtype=torch.bool)
     allowed[list(getattr(encode.tokenizer, "all_special_ids", []) or [])] = False
     v = emb[ph_id].clone().requires_grad_(True)
-    logp = F.log_softmax(model.head(pool(model.encoder(**inserted_embedding_inputs(inputs, emb, ph_id, v)), inputs,
-                                         "text")), -1)
+    x = inserted_embedding_inputs(inputs, emb, ph_id, v)
+    logp = F.log_softmax(model.head(model.encoder(**x), x), -1)
     cands: list[int] = []
-    n_cls = head.out_features
+    n_cls = model.head.num_labels
     for t in range(n_cls):
         others = clean_pred != t
         if not others.any() or per_class <= 0:
@@ -90,7 +90,7 @@ def text_candidates(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
 
 
 @torch.inference_mode()
-def text_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, texts: list[str],
+def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, texts: list[str],
                     tokens: list[int], max_position: int = 8, seed: int = 0) -> torch.Tensor:
     """[len(tokens), classes]: the share of inputs not predicted as class t that inserting token k (at the same
     random early position as `text_candidates`) sends to t."""
@@ -99,11 +99,11 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
     inputs = _inserted(encode, texts, max_position, seed)
     clean_pred = predict(model, encode, list(texts))[inputs.pop("kept")]
     at = inputs["input_ids"] == ph_id
-    flips = torch.zeros(len(tokens), head.out_features)
+    flips = torch.zeros(len(tokens), model.head.num_labels)
     for i, k in enumerate(tokens):
         pred = model({"input_ids": torch.where(at, k, inputs["input_ids"]),
                       "attention_mask": inputs["attention_mask"]}).argmax(-1)
-        for t in range(head.out_features):
+        for t in range(model.head.num_labels):
             flips[i, t] = _flip_rates(pred, clean_pred, t)
     return flips
 
@@ -120,7 +120,7 @@ def patch_positions(resolution: int, side: int, stride: int) -> list[tuple[int, 
     return [(i, j) for i in starts for j in starts]
 
 
-def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder, images: torch.Tensor,
+def vision_triggers(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, images: torch.Tensor,
                     sides: tuple[int, ...] = (7, 14), steps: int = 8, lr: float = 0.3,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patch-trigger inversion: for every class t, every square side and every position of a grid (stride =
@@ -130,7 +130,7 @@ def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
     patterns [K, 3, R, R] in [0, 1], classes [K]). BadNets, TrojViT and BadMerging triggers are such patches;
     a trigger blended over the whole image is out of this search's reach."""
     model = _task_model(encoder, state, head, "vision")
-    n_cls, res = head.out_features, images.shape[-1]
+    n_cls, res = model.head.num_labels, images.shape[-1]
     clean_pred = predict(model, encode, images)
     g = torch.Generator().manual_seed(seed)
     pools = [(clean_pred != t).nonzero().flatten() for t in range(n_cls)]
@@ -165,7 +165,7 @@ def vision_triggers(encoder: nn.Module, state: StateDict, head: nn.Linear, encod
 
 
 @torch.inference_mode()
-def vision_flip_rates(encoder: nn.Module, state: StateDict, head: nn.Linear, encode: InputEncoder,
+def vision_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder,
                       images: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor,
                       classes: torch.Tensor) -> torch.Tensor:
     """[K]: the share of inputs not predicted as classes[k] that trigger k (masks[k], patterns[k]) sends there."""
@@ -199,7 +199,7 @@ class ScanResult:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: nn.Linear, encode: InputEncoder,
+def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
                sides: tuple[int, ...] = (7, 14), steps: int = 8, seed: int = 0) -> ScanResult:
     """Risk score of one encoder `state` (fine-tuned from `base`) under `head`, from unlabeled `inputs`: search
@@ -239,28 +239,21 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
     return float(wins / (len(positives) * len(negatives)))
 
 
-def scan_models(models: list[str], base: str | None = None, profile: str | None = None, n_inputs: int = 48,
-                weight_candidates: int = 8, per_class: int = 2, sides: tuple[int, ...] = (7, 14), steps: int = 8,
-                seed: int = 0, backbones: dict | None = None) -> list[ScanResult]:
-    """Scan model folders (or zoo references) with `scan_state`. Only unlabeled inputs are used: the first
-    `n_inputs` validation inputs of each model's task for the search, and (text) the validation and test
-    texts to count token frequencies for the `weight_candidates` top tokens of E-PUR's ranking. `backbones`
-    caches the loaded base models across calls."""
-    from .purify import e_pur, load_suspect, token_frequencies, word_embedding_key
+def scan_suspect(s, n_inputs: int = 48, weight_candidates: int = 8, per_class: int = 2,
+                 sides: tuple[int, ...] = (7, 14), steps: int = 8, seed: int = 0) -> ScanResult:
+    """Scan a loaded `purify.Suspect` with `scan_state`. Only unlabeled inputs are used: the first `n_inputs`
+    of its held-out examples for the search and (text) its unlabeled texts to count token frequencies for the
+    `weight_candidates` top tokens of E-PUR's ranking."""
+    from .purify import e_pur, token_frequencies, word_embedding_key
 
-    backbones = {} if backbones is None else backbones
-    out = []
-    for ref in models:
-        t0 = time.time()
-        s = load_suspect(ref, base, profile, backbones)
-        x = s.data.val.x[:n_inputs]
-        extra = None
-        if s.backbone.modality == "text" and weight_candidates > 0:
-            key = word_embedding_key(s.base)
-            freq = token_frequencies(s.backbone.tokenizer, list(s.data.val.x) + list(s.data.test.x),
-                                     s.base[key].shape[0], s.encode.max_length)
-            extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
-        r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed)
-        r.model, r.task, r.seconds = str(ref), s.task, time.time() - t0
-        out.append(r)
-    return out
+    t0 = time.time()
+    x = s.val.x[:n_inputs]
+    extra = None
+    if s.backbone.modality == "text" and weight_candidates > 0:
+        key = word_embedding_key(s.base)
+        freq = token_frequencies(s.encode.tokenizer, list(s.texts or s.val.x), s.base[key].shape[0],
+                                 s.encode.max_length)
+        extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
+    r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed)
+    r.model, r.task, r.seconds = str(s.path), s.task, time.time() - t0
+    return r

@@ -1,0 +1,159 @@
+"""Seeds and error bars: a suite run per seed, seeds added to an existing results file, mean ± sd rows; the
+prototype head, backdoor knobs and extra test examples of the zoo profile."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safemerge.bench.report import aggregate_setting, mean_sd, setting_table
+from safemerge.bench.suites import Setting, Suite, parse_seeds, previous_seeds, run_suite, suite_recipe
+from safemerge.bench.zoo import PROFILES, Profile, Zoo, profile_attack_params, profile_digest
+from safemerge.cli import app
+from safemerge.errors import SafeMergeError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "results.schema.json"
+SMALL = Profile("tiny", resolution=28, n_train=128, n_val=16, n_test=48, steps=6, batch_size=16, lr=5e-4,
+                head_lr=5e-3, trigger_iters=3, embedding_steps=4, head="prototype")  # prototype: no probe to fit
+runner = CliRunner()
+
+
+def test_mean_sd_and_aggregation_of_two_seeds():
+    assert mean_sd([1.0, 3.0]) == (2.0, round(math.sqrt(2), 2)) and mean_sd([5.0]) == (5.0, None)
+    rows = lambda a, b: [{"method": "ta", "task": "x", "acc": a, "asr": b}, {"method": "ta", "task": "y", "acc": 50.0,
+                                                                            "asr": 10.0}]
+    st = lambda a, b: {"name": "s", "backdoored_tasks": ["x"], "rows": rows(a, b), "seconds": {"ta": 2.0}}
+    agg = aggregate_setting([(0, st(80.0, 90.0)), (1, st(90.0, 70.0))])
+    x = next(r for r in agg["rows"] if r["task"] == "x")
+    assert (x["acc"], x["asr"], x["sd"]["acc"], x["sd"]["asr"], x["n"]) == (85.0, 80.0, 7.07, 14.14, 2)
+    summ = agg["summary"]["ta"]  # per seed first (ACC(all) 65 and 70), then mean and sd
+    assert summ["acc_all"] == 67.5 and summ["sd"]["acc_all"] == 3.54 and summ["asr_b"] == 80.0
+    table = setting_table(agg)
+    assert "85.00 ± 7.07" in table and "67.50 ± 3.54" in table
+    one = aggregate_setting([(0, st(80.0, 90.0))])
+    assert one["rows"][0]["sd"] == {"acc": None, "asr": None} and "±" not in setting_table(one)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-2") == [0, 1, 2] and parse_seeds("2") == [2]
+    with pytest.raises(SafeMergeError, match="--seeds"):
+        parse_seeds("a,b")
+
+
+def test_suite_over_two_seeds_added_one_at_a_time(tiny_vision, tmp_path):
+    """Seed 0, then seed 1 alone: the file holds both, its rows are the mean with sd, tables print mean ± sd,
+    and it still validates against the shared results schema."""
+    suite = Suite("tiny-seeds", str(tiny_vision), SMALL, ["digits", "mnist"],
+                  [Setting("1bd+1clean", {"digits": "badnets"})],
+                  methods=[("task_arithmetic", "task_arithmetic", {"scaling": 0.3}),
+                           ("dam", "dam", {"mask_steps": 2, "adamerging_steps": 1, "effect_examples": 8}),
+                           ("dam_reference", "dam", {"mask_steps": 2, "adamerging_steps": 1, "effect_examples": 8,
+                                                     "perturbation": "reference", "inner": "exact"})])
+    out = tmp_path / "results"
+    kw = {"results_dir": out, "zoo_root": tmp_path / "zoo", "progress": False}
+    first = run_suite(suite, seeds=[0], **kw)
+    assert first["seeds"] == [0] and all(r["sd"]["acc"] is None for r in first["settings"][0]["rows"])
+    res = run_suite(suite, seeds=[1], **kw)
+    data = json.loads((out / "tiny-seeds.json").read_text())
+    assert data == json.loads(json.dumps(res))
+    if SCHEMA.exists():
+        import jsonschema
+
+        jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    assert data["seeds"] == [0, 1] and set(data["per_seed"]) == {"0", "1"} and "incomplete" not in data
+    heads = data["heads"]  # the pre-trained encoder under each frozen head (the zero-shot row), over seeds
+    assert set(heads) == {"digits", "mnist"} and heads["digits"]["kind"] == "prototype" and heads["digits"]["n"] == 2
+    assert data["command"].endswith("--seeds 0,1")
+    st, per = data["settings"][0], [data["per_seed"][k]["settings"][0] for k in ("0", "1")]
+    assert st["seeds"] == [0, 1]
+    for r in st["rows"]:  # rows are the mean of the seeds' rows, with their sd
+        accs = [next(x["acc"] for x in p["rows"] if (x["method"], x["task"]) == (r["method"], r["task"])) for p in per]
+        assert r["acc"] == mean_sd(accs)[0] and r["sd"]["acc"] == mean_sd(accs)[1] and r["n"] == 2
+    assert set(st["summary"]["dam"]["sd"]) == {"acc_b", "acc_all", "asr_b", "asr_all"}
+    # the seeds' zoos differ (own data split and fine-tuning): seed folders side by side
+    assert len({p.name for p in (tmp_path / "zoo").iterdir()}) == 2
+    # DAM rows record their perturbation's effect, per seed and over seeds
+    eff = st["perturbation_effect"]
+    assert set(eff) == {"dam", "dam_reference"} and set(eff["dam"]["per_task"]) == {"digits", "mnist"}
+    assert per[0]["perturbation_effect"]["dam_reference"]["updates"] == 2
+    assert per[0]["perturbation_effect"]["dam"]["perturbation"] == "amortized"
+    assert 0 <= eff["dam"]["flip_rate"] <= 100 and "flip_rate_clamp_only" in eff["dam_reference"]
+    md = (out / "tiny-seeds.md").read_text()
+    assert "±" in md and "over 2 seeds (0, 1)" in md and "flip rate" in md and "pre-trained ACC" in md
+    assert (out / "tiny-seeds-1bd+1clean.png").stat().st_size > 1000
+    # another recipe does not mix with these seeds
+    assert set(previous_seeds(out / "tiny-seeds.json", suite_recipe(suite))) == {0, 1}
+    other = Suite(**{**suite.__dict__, "eval_examples": 10})
+    assert previous_seeds(out / "tiny-seeds.json", suite_recipe(other)) == {}
+
+
+def test_profile_additions_keep_old_zoo_names_and_set_attacks():
+    # zoos built before these fields existed keep their folder names
+    assert profile_digest(PROFILES["quick"], "vision") == "1ec16f43"
+    assert profile_digest(PROFILES["full"], "text") == "e30522ba"
+    strong = Profile("quick", head="prototype", poison_rate=0.3, trigger_frac=0.25, trigger_repeats=2, attack_steps=120)
+    assert profile_digest(strong, "vision") != "1ec16f43"
+    assert profile_attack_params(strong, "badnets") == {"poison_rate": 0.3, "patch_frac": 0.25}
+    assert profile_attack_params(strong, "rare_word") == {"poison_rate": 0.3, "repeats": 2}
+    assert profile_attack_params(PROFILES["quick"], "badnets") == {}
+
+
+def test_prototype_head_is_linear_without_bias_and_backdoor_knobs_apply(tiny_vision, tmp_path):
+    proto = Profile("tiny", resolution=28, n_train=128, n_val=16, n_test=48, steps=4, batch_size=16, lr=5e-4,
+                    head="prototype", logit_scale=30.0, poison_rate=0.3, trigger_frac=0.25, attack_steps=6)
+    zoo = Zoo(str(tiny_vision), proto, root=tmp_path / "zoo")
+    head = zoo.probe_head("digits")
+    assert not head.bias.any()
+    feats_norm = head.weight.norm(dim=1)  # logit_scale * unit prototype / mean feature norm: equal row norms
+    assert torch.allclose(feats_norm, feats_norm[0].expand_as(feats_norm), rtol=1e-4)
+    p = zoo.build("digits", "badnets")
+    m = json.loads((p / "safemerge.json").read_text())
+    assert m["attack_params"]["poison_rate"] == 0.3 and m["attack_params"]["patch_frac"] == 0.25
+    assert m["profile"]["head"] == "prototype" and m["head"]["kind"] == "prototype"
+    assert 0 <= m["head"]["pretrained_acc"] <= 100
+
+
+def test_prototype_head_model_exports_and_scores_as_the_zoo(tiny_vision, tmp_path):
+    proto = Profile("tiny", resolution=28, n_train=128, n_val=16, n_test=48, steps=4, batch_size=16, lr=5e-4,
+                    head="prototype")
+    zoo = Zoo(str(tiny_vision), proto, root=tmp_path / "zoo")
+    src = zoo.build("digits", None)
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "hf"), "--data-out", str(tmp_path / "data")])
+    assert res.exit_code == 0, res.output
+    from transformers import AutoModelForImageClassification
+
+    hf = AutoModelForImageClassification.from_pretrained(tmp_path / "hf")
+    assert not hf.classifier.bias.any()
+    got = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(tmp_path / "data"), "--json"])
+    ref = runner.invoke(app, ["eval", str(src), "--json"])
+    assert got.exit_code == 0 and ref.exit_code == 0, got.output + ref.output
+    assert json.loads(got.stdout)[0]["acc"] == json.loads(ref.stdout)[0]["acc"]
+
+
+def test_test_split_past_the_profile_adds_held_apart_examples(tiny_vision, tmp_path):
+    zoo = Zoo(str(tiny_vision), SMALL, root=tmp_path / "zoo")
+    data = zoo.data("mnist")
+    assert torch.equal(zoo.test_split("mnist", 20).y, data.test.y[:20])
+    big = zoo.test_split("mnist", 100)
+    assert len(big) == 100 and torch.equal(big.y[:48], data.test.y) and torch.equal(big.x[:48], data.test.x)
+    extra = big.x[48:].flatten(1)
+    for part in (data.train.x, data.val.x, data.test.x):  # disjoint from every split the models saw
+        same = (extra[:, None, :] == part.flatten(1)[None]).all(-1)
+        assert not same.any()
+
+
+def test_profile_overrides_and_cli_errors():
+    from safemerge.bench.zoo import override_profile
+
+    p = override_profile(PROFILES["quick"], ["head=prototype", "resolution=56", "attack_steps=none", "poison_rate=0.2"])
+    assert (p.head, p.resolution, p.attack_steps, p.poison_rate, p.name) == ("prototype", 56, None, 0.2, "quick")
+    for bad, msg in ((["head=cosine"], "head must be"), (["steps=many"], "not a valid int"), (["nope=1"], "KEY one of")):
+        with pytest.raises(SafeMergeError, match=msg):
+            override_profile(PROFILES["quick"], bad)
+    for args, msg in ((["--seeds", "0,x"], "--seeds"), (["--profile-set", "head=cosine"], "head must be"),
+                      (["--eval-examples", "0"], "--eval-examples")):
+        res = runner.invoke(app, ["bench", "--suite", "vision-quick", *args])
+        assert res.exit_code == 2 and res.output.strip().startswith("error:") and msg in res.output, res.output
