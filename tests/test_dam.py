@@ -172,8 +172,9 @@ def test_reference_perturbation_updates_every_step_and_logs_its_effect(pool):
     if enc.modality == "vision":  # the reference clamps normalised pixels to [0, 1]: its effect is logged apart
         assert "flip_rate_clamp_only" in ref["perturbation_effect"]["mean"]
         assert "delta_mean_abs_255" in amo["perturbation_effect"]["mean"]
-    with pytest.raises(SafeMergeError, match="perturbation must be one of"):
-        dam(bb.model, base, models, heads, xs, enc, perturbation="strong", progress=False)
+    pool_ = Pool(bb.model, base, models, heads, xs, xs, enc, progress=False)
+    with pytest.raises(SafeMergeError, match="dam': parameter 'perturbation'"):  # the registry refuses it
+        run_pool_method("dam", pool_, perturbation="strong")
 
 
 def test_reference_dam_with_zero_lambda_adv_equals_concrete_adamerging(tiny_vision):
