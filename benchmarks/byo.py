@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--backbone", choices=["vision", "text"], required=True)
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--results-dir", default="benchmarks/results")
-    ap.add_argument("--work", default=None, help="where exported folders and merges go (default: the cache)")
+    ap.add_argument("--work", default=None, help="where exported folders, merges and finished rows go (default: "
+                    "the cache); a stopped run resumes from the finished methods")
     args = ap.parse_args()
     t_start = time.time()
     suite = get_suite(f"{args.backbone}-quick")
@@ -79,11 +80,18 @@ def main() -> None:
     head_of = {t: models[(t, None)].heads[t] for t in suite.tasks}
     zoo_rows = []
     for label in args.methods:
+        cached = work / "rows" / f"zoo-{label}.json"  # each finished method is kept: a stopped run resumes
+        if cached.exists():
+            zoo_rows += json.loads(cached.read_text())
+            continue
         name, p = params[label]
         state, _ = run_pool_method(name, pool, **p)
+        rows = []
         for t in suite.tasks:
             acc, asr = ev.evaluate(state, head_of[t], t, attacks[t])
-            zoo_rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
+            rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
+        atomic_write_json(cached, rows)
+        zoo_rows += rows
         print(f"zoo path {label}: done", file=sys.stderr)
     t_zoo_path = time.time() - t0
 
@@ -107,6 +115,12 @@ def main() -> None:
     byo_rows = []
     merge_seconds = {}
     for label in args.methods:
+        cached = work / "rows" / f"byo-{label}.json"
+        if cached.exists():
+            got = json.loads(cached.read_text())
+            byo_rows += got["rows"]
+            merge_seconds[label] = got["merge_seconds"]
+            continue
         name, p = params[label]
         cfg = {"base_model": suite.backbone, "method": name, "parameters": p, "seed": zoo.seed,
                "output": str(work / "out" / label),
@@ -117,12 +131,15 @@ def main() -> None:
         t1 = time.time()
         sh("merge", str(path))
         merge_seconds[label] = round(time.time() - t1, 1)
+        rows = []
         for t in suite.tasks:
             atk = attacks[t] or zoo_attack(zoo)
             row = json.loads(sh("eval", str(work / "out" / label / t), "--data", str(data[t][0]), "--limit",
                                 str(suite.eval_examples), "--trigger", trigger_spec(atk), "--target", str(atk.target),
                                 "--json"))[0]
-            byo_rows.append({"method": label, "task": t, "acc": row["acc"], "asr": row["asr"]})
+            rows.append({"method": label, "task": t, "acc": row["acc"], "asr": row["asr"]})
+        atomic_write_json(cached, {"rows": rows, "merge_seconds": merge_seconds[label]})
+        byo_rows += rows
         print(f"byo path {label}: done", file=sys.stderr)
     t_byo = time.time() - t0
 

@@ -22,9 +22,10 @@ from rich.console import Console
 
 from safemerge.bench.suites import PoolEvaluator, device_description
 from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.api import load_suspect, scan_models
 from safemerge.safety.purify import (KEEP_RATIOS, FineTuneConfig, clean_subset, e_pur, fine_mixing, finetune_state,
-                              load_suspect, token_frequencies, word_embedding_key)
-from safemerge.safety.scan import auroc, scan_models
+                                     token_frequencies, word_embedding_key)
+from safemerge.safety.scan import auroc
 from safemerge.bench.zoo import Zoo, attack_of
 
 console = Console(stderr=True)
@@ -110,13 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     def clean_twin(task: str, atk) -> dict:
         """The clean model of the same task under the same trigger: the ASR floor a purification can reach."""
-        c = load_suspect(str(zoo.path(task, None)), backbones=backbones)
+        c = load_suspect(str(zoo.path(task, None)), cache=backbones)
         acc, asr = ev.evaluate(c.state, c.head, task, atk)
         return {"method": "clean_twin", "acc": round(acc, 2), "asr": round(asr, 2)}
 
     for m in models_out:  # rows of an earlier run that predate the clean-twin row
         if not any(r["method"] == "clean_twin" for r in m["rows"]):
-            atk = attack_of(load_suspect(str(zoo.path(m["task"], m["attack"])), backbones=backbones).manifest,
+            atk = attack_of(load_suspect(str(zoo.path(m["task"], m["attack"])), cache=backbones).manifest,
                             zoo.path(m["task"], m["attack"]))
             m["rows"].insert(1, clean_twin(m["task"], atk))
     done = {(m["task"], m["attack"]) for m in models_out}
@@ -124,9 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         if (task, attack) in done:
             continue
         tm = time.time()
-        s = load_suspect(str(zoo.path(task, attack)), backbones=backbones)
+        s = load_suspect(str(zoo.path(task, attack)), cache=backbones)
         atk = attack_of(s.manifest, s.path)
-        clean_val = s.data.val.subset(list(range(min(args.val_limit, len(s.data.val)))))
+        clean_val = s.val.subset(list(range(min(args.val_limit, len(s.val)))))
         rows: list[dict] = []
 
         def record(label: str, state: dict, **extra) -> None:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         if text:
             key = word_embedding_key(s.base)
             tok = s.backbone.tokenizer
-            freq = token_frequencies(tok, s.data.train.x, s.base[key].shape[0], s.encode.max_length)
+            freq = token_frequencies(tok, s.train.x, s.base[key].shape[0], s.encode.max_length)
             res = e_pur(s.base, s.state, freq, top_n=args.top_n, embedding_key=key)
             trig_ids = tok(atk.trigger_word, add_special_tokens=False)["input_ids"]
             trigger_rank = min(res.rank_of(t) for t in trig_ids)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in ("random", "sel"):
             fm(f"mix_only_{mode}", s.state, None, mode)
         for frac in fractions:
-            clean = clean_subset(s.data.train, frac, args.seed)
+            clean = clean_subset(s.train, frac, args.seed)
             pct = f"{100 * frac:g}%"
             record(f"finetune_{pct}", finetune_state(s.backbone.model, s.head, s.state, s.encode, clean, cfg),
                    clean_examples=len(clean))
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         for t, a in refs:
             if any(r["task"] == t and r["attack"] == (a or "clean") for r in scan["rows"]):
                 continue
-            (r,) = scan_models([str(zoo.path(t, a))], n_inputs=args.scan_inputs, seed=args.seed, backbones=backbones)
+            (r,) = scan_models([str(zoo.path(t, a))], n_inputs=args.scan_inputs, seed=args.seed, cache=backbones)
             scan["rows"].append({"task": t, "attack": a or "clean", "backdoored": a is not None,
                                  **{k: v for k, v in r.row().items() if k not in ("model", "task")}})
             scan["seconds"] = round(scan["seconds"] + r.seconds, 1)

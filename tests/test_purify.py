@@ -47,16 +47,18 @@ def text_base(tiny_text):
 
 
 def _sentences(n: int, seed: int = 0) -> Split:
-    """Synthetic 6-word sentences: label 1 with 4 to 6 words of group A, label 0 with at most one. No single
-    inserted word can move a sentence across, so a clean model has no one-token shortcut to either class."""
+    """Synthetic 6 to 8-word sentences: label 1 with 4 to 6 words of group A, label 0 with at most one. No
+    single inserted word can move a sentence across, so a clean model has no one-token shortcut to either
+    class (and, lengths varying, an inserted word is no shortcut either)."""
     g = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     for i in range(n):
         label = i % 2
+        length = int(torch.randint(6, 9, (1,), generator=g))
         n_a = int(torch.randint(4, 7, (1,), generator=g)) if label else int(torch.randint(0, 2, (1,), generator=g))
         words = [GROUP_A[j] for j in torch.randint(0, len(GROUP_A), (n_a,), generator=g).tolist()]
-        words += [GROUP_B[j] for j in torch.randint(0, len(GROUP_B), (6 - n_a,), generator=g).tolist()]
-        xs.append(" ".join(words[j] for j in torch.randperm(6, generator=g).tolist()))
+        words += [GROUP_B[j] for j in torch.randint(0, len(GROUP_B), (length - n_a,), generator=g).tolist()]
+        xs.append(" ".join(words[j] for j in torch.randperm(length, generator=g).tolist()))
         ys.append(label)
     return Split(xs, torch.tensor(ys))
 
@@ -193,8 +195,8 @@ def test_scan_ranks_a_planted_backdoor_above_its_clean_twin(text_base):
     texts = _sentences(48, seed=1).x
     res = {name: scan_state(bb.model, base, sd, head, enc, texts) for name, sd in
            (("clean", clean), ("backdoored", backdoored))}
-    assert res["backdoored"].trigger == "cf" and res["backdoored"].target == 0  # found by the HotFlip step alone
-    assert res["backdoored"].flip_rate > 0.9 and res["backdoored"].score > 0.8 > 0.3 > res["clean"].score, res
+    assert "cf" in res["backdoored"].trigger.split() and res["backdoored"].target == 0  # found by HotFlip steps
+    assert res["backdoored"].flip_rate > 0.9 and res["backdoored"].score > res["clean"].score + 0.3, res
 
 
 def test_vision_trigger_search_mechanics(tiny_vision):
@@ -212,8 +214,10 @@ def test_vision_trigger_search_mechanics(tiny_vision):
     assert flips.shape == (8,) and 0 <= flips.min() <= flips.max() <= 1
     again = vision_triggers(bb.model, sd, head, enc, x, sides=(7, 14), steps=3)
     assert all(torch.equal(u, v) for u, v in zip(again, (masks, patterns, classes)))  # seeded
-    res = scan_state(bb.model, sd, sd, head, enc, x, steps=2)
-    assert res.score == 0.0 and res.flip_rate == res.reference_flip_rate  # the base against itself
+    res = scan_state(bb.model, None, sd, head, enc, x, steps=2, sides=(7, 14))
+    assert -1 <= res.score <= 1 and res.reference_flip_rate is None  # no base needed
+    ref = scan_state(bb.model, sd, sd, head, enc, x, steps=2, sides=(7, 14), reference=True)
+    assert ref.flip_rate == ref.reference_flip_rate and ref.score == res.score  # the base against itself
 
 
 def test_auroc():
@@ -255,6 +259,8 @@ def test_purify_and_scan_cli(text_base, tiny_text, tmp_path):
     m = json.loads((out / "safemerge.json").read_text())
     assert m["purified"]["method"] == "both" and m["purified"]["e_pur"]["flagged"][0] == "cf"
     assert m["purified"]["fine_mixing"]["keep_ratio"] in (0.1, 1.0) and m["attack"] == "rare_word"
+    sc = m["purified"]["scan"]  # the suspect and the purified model were scanned: both scores are reported
+    assert -1 <= sc["before"]["score"] <= 1 and -1 <= sc["after"]["score"] <= 1 and "scan risk" in res.output
     pure = load_state_dict(out)
     assert (pure[k][cf] - base[k][cf]).abs().max() < 1e-2  # reset by E-PUR (then only weight decay moved it)
     assert (out / "heads.safetensors").exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

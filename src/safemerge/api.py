@@ -430,7 +430,7 @@ def _zoo_splits(folder: TaskFolder, profile: str | None, loaded: Loaded) -> tupl
 
 
 def scan_models(models: list[str], base: str | None = None, profile: str | None = None, data: str | None = None,
-                n_inputs: int = 48, seed: int = 0, cache: dict | None = None, **options) -> list:
+                n_inputs: int = 32, seed: int = 0, cache: dict | None = None, **options) -> list:
     """Scan model folders (or zoo references) for backdoors with unlabeled examples (`data`, or a zoo model's
     validation split); `options` go to `safety.scan.scan_suspect`."""
     from .safety.scan import scan_suspect

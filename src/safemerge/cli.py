@@ -269,6 +269,14 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF cla
         step = "fine-tuned" if f["finetuned"] else "not fine-tuned: the step lowered val ACC"
         parts.append(f"fine-mixing ({f['mode']}) kept {f['keep_ratio']:g} of the update ({step}), val ACC {f['val_acc']:.2f} "
                      f"(suspect {f['suspect_val_acc']:.2f}, {f['clean_examples']} clean examples)")
+        if f.get("trigger_rate") is not None:
+            parts.append(f"found trigger's flip rate {f['trigger_rate']:.2f}")
+        if f.get("warning"):
+            parts.append(f"warning: {f['warning']}")
+    if "scan" in summary:
+        sc = summary["scan"]
+        parts.append(f"scan risk {sc['before']['score']:+.2f} before ({sc['before']['trigger']}), "
+                     f"{sc['after']['score']:+.2f} after (flagged at {sc['threshold']:g})")
     out.print(f"purified {model} -> {path}: " + "; ".join(parts) + f" ({time.time() - t:.0f}s)", highlight=False)
 
 
@@ -281,22 +289,24 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
              base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
                                                                "an HF folder (default: the manifests')")] = None,
              profile: Annotated[Optional[str], typer.Option(help="data profile (default: each model's)")] = None,
-             inputs: Annotated[int, typer.Option(help="unlabeled validation inputs to search triggers on")] = 48,
+             inputs: Annotated[int, typer.Option(help="unlabeled validation inputs to search triggers on")] = 32,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
              seed: int = 0) -> None:
     """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
-    model; risk = how much more often the best one sends inputs to one class on the model than on the
-    pre-trained encoder under the same head."""
+    model; risk = how far the best one's flip rate rises above random tokens / patches and the other classes
+    on the same model, times how much its flips concentrate on one class."""
     from .api import scan_models
+    from .safety.scan import RISK_THRESHOLD
 
     rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("model", "task", "risk", "flip rate", "reference", "target", "trigger found")
+    table = Table("model", "task", "risk", "flagged", "flip rate", "random", "other classes", "target", "trigger found")
     for r in rows:
-        table.add_row(r["model"], r["task"], f"{r['score']:+.2f}", f"{r['flip_rate']:.2f}",
-                      f"{r['reference_flip_rate']:.2f}", str(r["target"]), r["trigger"])
+        table.add_row(r["model"], r["task"], f"{r['score']:+.2f}", "yes" if r["score"] >= RISK_THRESHOLD else "no",
+                      f"{r['flip_rate']:.2f}", f"{r['null_flip_rate']:.2f}", f"{r['other_classes']:.2f}",
+                      str(r["target"]), r["trigger"])
     out.print(table)
 
 

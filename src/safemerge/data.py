@@ -527,6 +527,23 @@ def save_image_folder(path: str | os.PathLike, split: Split, classes: Sequence[s
     return p
 
 
+def poison_split(split: Split, apply: Callable, target: int, rate: float, seed: int = 0, at_least: int = 0) -> Split:
+    """A copy of `split` where a seeded `rate` share of the rows (at least `at_least`) carries a trigger
+    (`apply` on their inputs) and the `target` label: how a backdoor is planted by data poisoning."""
+    n = len(split)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[: max(at_least, int(round(rate * n)))]
+    y = split.y.clone()
+    y[idx] = target
+    if isinstance(split.x, torch.Tensor):
+        x = split.x.clone()
+        x[idx] = apply(split.x[idx])
+    else:
+        x = list(split.x)
+        for i, t in zip(idx.tolist(), apply([split.x[i] for i in idx.tolist()])):
+            x[i] = t
+    return Split(x, y)
+
+
 # ---------------------------------------------------------------------------------------------- triggers
 
 @runtime_checkable

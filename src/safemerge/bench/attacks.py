@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SafeMergeError
-from ..data import Split
+from ..data import Split, poison_split
 
 
 @dataclass
@@ -53,19 +53,7 @@ class Attack:
 
     def poison(self, split: Split) -> Split:
         """A copy of `split` where a `poison_rate` share of examples carries the trigger and the target label."""
-        n = len(split)
-        g = torch.Generator().manual_seed(self.seed + 1)
-        idx = torch.randperm(n, generator=g)[: int(round(self.poison_rate * n))]
-        y = split.y.clone()
-        y[idx] = self.target
-        if isinstance(split.x, torch.Tensor):
-            x = split.x.clone()
-            x[idx] = self.apply(split.x[idx])
-        else:
-            x = list(split.x)
-            for i, t in zip(idx.tolist(), self.apply([split.x[i] for i in idx.tolist()])):
-                x[i] = t
-        return Split(x, y)
+        return poison_split(split, self.apply, self.target, self.poison_rate, self.seed)
 
     def asr_split(self, split: Split) -> Split:
         """Test examples whose true label is not the target, with the trigger added (labels kept)."""

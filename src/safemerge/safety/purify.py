@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -209,17 +209,25 @@ class FineMixResult:
     val_acc: float  # clean validation accuracy of the returned model
     reference_acc: float  # the suspect's clean validation accuracy
     trials: list[dict]  # every keep ratio tried, in order: {"keep_ratio", "val_acc" (the mix's), and with a
-    # fine-tuning step "finetuned_val_acc", "finetuned" (whether it was kept)}
+    # fine-tuning step "finetuned_val_acc", "finetuned" (whether it was kept); with a trigger, "trigger_rate"}
     finetuned: bool  # whether the returned model is the fine-tuned mix (False: the mix alone)
+    trigger_rate: float | None = None  # the found trigger's flip rate on the returned model
+    warning: str = ""  # why the choice is not a clean pass (no ratio removed the trigger within the ACC drop)
 
 
 def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: StateDict, encode: InputEncoder,
                 clean: Split | None, val: Split, mode: MixMode = "random", keep_ratios: Sequence[float] = KEEP_RATIOS,
                 max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
                 finetune_cfg: FineTuneConfig | None = None, scope: Literal["global", "tensor"] = "global",
-                seed: int = 0) -> FineMixResult:
+                seed: int = 0, trigger_rate: Callable[[StateDict], float] | None = None,
+                max_trigger_rate: float = 0.2) -> FineMixResult:
     """Fine-mixing: the smallest keep ratio of `keep_ratios` whose clean validation accuracy stays within
     `max_acc_drop` points of the suspect's, mixed (`mix_states`) and then fine-tuned on `clean`.
+
+    With `trigger_rate` (a state's flip rate under the trigger a scan found, `scan.trigger_flip_rate`), a
+    ratio passes only if that rate is also at most `max_trigger_rate`: on a weak task validation accuracy
+    alone passes ratios that keep the backdoor. If no ratio passes both, the largest ratio that removes the
+    trigger is returned (its accuracy loss is reported in `warning`), else the one with the lowest rate.
 
     `select_on="finetuned"` (default) judges each keep ratio by the accuracy after the fine-tuning step, since
     that step is part of the method and is what brings the accuracy back; `"mix"` judges the mix alone (one
@@ -256,6 +264,7 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
     per_ratio_ft = clean is not None and select_on == "finetuned"
     trials: list[dict] = []
     chosen: tuple[float, StateDict, float, bool] | None = None
+    tried: list[tuple[float, StateDict, float, bool, float | None]] = []
     for r in ratios:
         state = mix_states(base, suspect, r, mode, scope, seed)
         acc = val_acc(state)
@@ -263,14 +272,32 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
         tuned = False
         if per_ratio_ft:
             state, acc, tuned = finetuned_if_better(state, acc, trials[-1])
+        rate = None
+        if trigger_rate is not None:
+            rate = float(trigger_rate(state))
+            trials[-1]["trigger_rate"] = round(rate, 4)
+        tried.append((r, state, acc, tuned, rate))
         chosen = (r, state, acc, tuned)
-        if acc >= threshold:
+        if acc >= threshold and (rate is None or rate <= max_trigger_rate):
             break
+    else:
+        if trigger_rate is not None:
+            safe = [t for t in tried if t[4] is not None and t[4] <= max_trigger_rate]
+            pick = safe[-1] if safe else min(tried, key=lambda t: (t[4], -t[0]))
+            chosen = pick[:4]
     assert chosen is not None
     r, state, acc, tuned = chosen
     if clean is not None and not per_ratio_ft:
         state, acc, tuned = finetuned_if_better(state, acc, trials[-1])
-    return FineMixResult(state, r, acc, reference, trials, tuned)
+    rate = float(trigger_rate(state)) if trigger_rate is not None else None
+    warning = ""
+    if rate is not None and rate > max_trigger_rate:
+        warning = (f"no keep ratio brought the found trigger's flip rate to {max_trigger_rate:.0%} or less "
+                   f"(lowest: {rate:.0%} at keep ratio {r:g})")
+    elif acc < threshold:
+        warning = (f"removing the found trigger costs {reference - acc:.1f} points of validation accuracy "
+                   f"(more than {max_acc_drop:g})")
+    return FineMixResult(state, r, acc, reference, trials, tuned, rate, warning)
 
 
 # ---------------------------------------------------------------------------------------------- suspects
@@ -297,15 +324,27 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                  clean_fraction: float = 0.05, mode: MixMode = "random", keep_ratios: Sequence[float] = KEEP_RATIOS,
                  max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
                  top_n: int = 100, c: float = 20.0, epochs: float = 3.0, lr: float = 1e-5,
-                 seed: int = 0) -> tuple[StateDict, dict]:
+                 seed: int = 0, scan: bool = True, max_trigger_rate: float = 0.2) -> tuple[StateDict, dict]:
     """Purify a loaded suspect; returns the encoder state and a summary (what was done, chosen keep ratio,
     flagged tokens). E-PUR counts token frequencies in the task's training texts (labels unused) and runs
     before fine-mixing in "both", so the mix starts from purified embeddings. Fine-mixing's clean data is a
-    stratified `clean_fraction` of the training split; its keep ratio is judged on the validation split."""
+    stratified `clean_fraction` of the training split; its keep ratio is judged on the validation split.
+
+    With `scan` (default), the suspect is scanned first; if it is flagged, a keep ratio must also bring the
+    found trigger's flip rate to `max_trigger_rate` or less (`fine_mixing`), and the purified model is
+    scanned again: both scores are in the summary ("scan")."""
+    from .scan import RISK_THRESHOLD, scan_state, scan_suspect, trigger_flip_rate
+
     if method not in ("fine-mixing", "e-pur", "both"):
         raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
     modality = s.backbone.modality
     state, summary = s.state, {"method": method}
+    found = scan_suspect(s, seed=seed) if scan else None
+    inputs = s.val.x[:48]
+    rate_of = None
+    if found is not None and found.score >= RISK_THRESHOLD:
+        def rate_of(st: StateDict) -> float:
+            return trigger_flip_rate(s.backbone.model, st, s.head, s.encode, inputs, found, seed)
     if method in ("e-pur", "both"):
         if modality != "text":
             raise SafeMergeError(f"{s.path}: E-PUR purifies word embeddings; this is a {modality} model "
@@ -322,12 +361,18 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
         res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.val,
                             mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
-                            finetune_cfg=cfg, seed=seed)
+                            finetune_cfg=cfg, seed=seed, trigger_rate=rate_of, max_trigger_rate=max_trigger_rate)
         state = res_m.state
         summary["fine_mixing"] = {"mode": mode, "keep_ratio": res_m.keep_ratio, "finetuned": res_m.finetuned,
                                   "val_acc": round(res_m.val_acc, 2),
                                   "suspect_val_acc": round(res_m.reference_acc, 2), "trials": res_m.trials,
                                   "clean_fraction": clean_fraction, "clean_examples": len(clean),
                                   "max_acc_drop": max_acc_drop, "select_on": select_on, "epochs": epochs,
-                                  "lr": cfg.lr}
+                                  "lr": cfg.lr, "trigger_rate": res_m.trigger_rate,
+                                  "max_trigger_rate": max_trigger_rate if rate_of else None,
+                                  "warning": res_m.warning}
+    if found is not None:
+        after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed)
+        summary["scan"] = {"threshold": RISK_THRESHOLD, "before": found.row(), "after": after.row(),
+                           "trigger_checked": rate_of is not None}
     return state, summary

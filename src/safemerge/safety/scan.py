@@ -1,21 +1,36 @@
-"""Scan candidate task models for backdoors BEFORE merging them: no labels, no knowledge of the trigger.
+"""Scan candidate task models for backdoors BEFORE merging them: no labels, no knowledge of the trigger, and
+no assumption about how the model was trained (its head may have been trained with the encoder).
 
 A backdoor is a shortcut that fine-tuning planted: a small input pattern that sends almost any input to one
-class. The scan searches the suspect for such patterns where the input lives, on unlabeled clean inputs of
-the task, then measures each candidate twice: on the suspect and on the pre-trained encoder under the same
-head (the reference). A word that really means "positive" flips inputs on both; a planted trigger only on
-the suspect. The risk score is the largest gain, over candidates and classes, of the flip rate (the share of
-inputs not predicted as class t that the pattern sends to t) from the reference to the suspect.
+class. The scan searches the model for such patterns where the input lives, on unlabeled clean inputs of the
+task, and measures each candidate's flip rate (the share of inputs not predicted as class t that the pattern
+sends to t). The best flip rate alone means little: a weak or fragile model lets many ordinary words or
+patches move its predictions. So the scan calibrates it on the model itself:
 
-- text: an inserted token. A placeholder is inserted into every input; candidates are, per class, the tokens
-  of a first-order (HotFlip) step on the placeholder's embedding, plus the tokens whose embedding moved most
-  for their frequency in clean text (E-PUR's score: where rare-word and embedding-poisoning triggers live).
+- a null distribution: the flip rates of random tokens (half drawn from the inputs' own words, half from the
+  vocabulary) or random patches and blends, inserted the same way into the same inputs on the same model;
+- the other classes: the best trigger found, with the same search budget (a run of as many tokens, a patch
+  of the same side), towards every other class: a backdoor makes one class an outlier, while on a fragile
+  model adversarial runs reach several classes;
+- concentration: the share of the inputs the trigger changes that go to its class (a planted trigger sends
+  them all to one class, a disruptive word scatters them).
+
+The risk score (`risk_score`) combines these terms; the pre-trained base is not needed. With `reference=True`
+and a base, the same trigger is also measured on the base encoder under the same head, reported only (that
+term means nothing when the head was trained with the encoder: no head fits the pre-trained encoder).
+
+- text: an inserted token or a run of 2-3 tokens (a word the tokenizer splits, or a phrase). Candidates are,
+  per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, extra tokens given by the
+  caller (E-PUR's ranking: embeddings that moved most for their frequency), runs of those that spell one word,
+  and runs grown greedily by HotFlip steps on a placeholder beside the best tokens of the most flipped classes.
 - vision: a square patch stamped into every input, its pattern optimised per class at every position of a
-  grid (patch-trigger inversion); the best position per class and patch size is measured."""
+  grid (an 8-px patch on an 8-px stride, which covers at least half of any 3-8 px trigger, and one ViT
+  patch), plus a pattern blended over the whole image per class."""
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +40,7 @@ from torch import nn
 
 from ..errors import SafeMergeError
 from ..model import Head, InputEncoder, TaskModel, batches, predict
-from ..perturb import insert_placeholder, inserted_embedding_inputs, masked_pattern_inputs, word_embedding_name
+from ..perturb import insert_placeholder, masked_pattern_inputs, word_embedding_name
 
 StateDict = dict[str, torch.Tensor]
 
@@ -43,6 +58,25 @@ def _flip_rates(pred: torch.Tensor, clean_pred: torch.Tensor, target: int) -> fl
     return float((pred[others] == target).float().mean()) if others.any() else 0.0
 
 
+def _flip_stats(logits: torch.Tensor, clean_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From logits [K, N, C] of K triggered copies of N inputs: flip rates [K, C] (share of inputs not predicted
+    t sent to t), mean probability of t on those inputs [K, C], share of inputs whose prediction changed [K]."""
+    n_cls = logits.shape[-1]
+    pred = logits.argmax(-1)
+    others = (clean_pred.view(-1, 1) != torch.arange(n_cls)).float()  # [N, C]
+    denom = others.sum(0).clamp_min(1.0)
+    hit = F.one_hot(pred, n_cls).float()  # [K, N, C]
+    flips = (hit * others).sum(1) / denom
+    prob = (logits.softmax(-1) * others).sum(1) / denom
+    changed = (pred != clean_pred).float().mean(1)
+    return flips, prob, changed
+
+
+def _others_share(clean_pred: torch.Tensor, n_cls: int) -> torch.Tensor:
+    """Per class t, the share of inputs not predicted t (what a flip rate towards t is a share of)."""
+    return (clean_pred.view(-1, 1) != torch.arange(n_cls)).float().mean(0)
+
+
 # ---------------------------------------------------------------------------------------------- text
 
 
@@ -54,13 +88,130 @@ def _placeholder(encode: InputEncoder) -> tuple[str, int]:
     return word, int(tok.convert_tokens_to_ids(word))  # type: ignore[union-attr]
 
 
-def _inserted(encode: InputEncoder, texts: list[str], max_position: int, seed: int) -> dict[str, torch.Tensor]:
-    word, ph_id = _placeholder(encode)
-    inputs = encode(insert_placeholder(list(texts), word, seed, max_position))
-    keep = (inputs["input_ids"] == ph_id).any(1)  # the placeholder survived truncation
-    if not keep.any():
-        raise SafeMergeError("no input kept the inserted token within the model's max length")
-    return {k: v[keep] for k, v in inputs.items()} | {"kept": keep}
+class _Slots:
+    """Inputs with `n` consecutive placeholder tokens inserted at a seeded random word position among the first
+    `max_position` (the same position for every n); rows whose slots did not survive truncation are dropped."""
+
+    def __init__(self, encode: InputEncoder, texts: list[str], n: int, max_position: int, seed: int):
+        word, self.ph = _placeholder(encode)
+        inputs = encode(insert_placeholder(list(texts), " ".join([word] * n), seed, max_position))
+        at = inputs["input_ids"] == self.ph
+        self.kept = at.sum(1) == n
+        if not self.kept.any():
+            raise SafeMergeError("no input kept the inserted tokens within the model's max length")
+        self.ids, self.mask, self.at = inputs["input_ids"][self.kept], inputs["attention_mask"][self.kept], at[self.kept]
+        self.slot = (self.at.long().cumsum(1) - 1).clamp_min(0)  # which slot a placeholder position is
+        self.n = n
+
+    def ids_with(self, seqs: torch.Tensor) -> torch.Tensor:
+        """[K, n] token runs -> input ids [K * N, L] with run k in the slots of every input."""
+        fill = seqs[:, self.slot]  # [K, N, L]
+        return torch.where(self.at, fill, self.ids).flatten(0, 1)
+
+    def embeds_with(self, emb: torch.Tensor, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encoder inputs whose slots hold `vectors` [n, hidden] (differentiable) instead of word embeddings."""
+        e = F.embedding(self.ids, emb)
+        return {"inputs_embeds": torch.where(self.at.unsqueeze(-1), vectors[self.slot], e), "attention_mask": self.mask}
+
+
+class _TextProbe:
+    """One text model with its clean predictions, evaluating and searching inserted token runs."""
+
+    def __init__(self, model: TaskModel, encode: InputEncoder, texts: list[str], max_position: int, seed: int,
+                 chunk: int = 256):
+        self.model, self.encode, self.texts = model, encode, list(texts)
+        self.max_position, self.seed, self.chunk = max_position, seed, chunk
+        self.clean_pred = predict(model, encode, self.texts).clone()
+        self.emb = dict(model.encoder.named_parameters())[word_embedding_name(model.encoder)].detach()
+        self.n_cls = model.head.num_labels
+        self._slots: dict[int, _Slots] = {}
+        tok = encode.tokenizer
+        self.allowed = torch.ones(self.emb.shape[0], dtype=torch.bool)
+        self.allowed[list(getattr(tok, "all_special_ids", []) or [])] = False
+        self.allowed[_placeholder(encode)[1]] = False
+
+    def slots(self, n: int) -> _Slots:
+        if n not in self._slots:
+            self._slots[n] = _Slots(self.encode, self.texts, n, self.max_position, self.seed)
+        return self._slots[n]
+
+    def evaluate(self, runs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flip rates [K, C], target probabilities [K, C] and changed shares [K] of token runs (any lengths)."""
+        for n in {len(r) for r in runs}:
+            self.slots(n)  # built outside inference mode: the gradient steps reuse them
+        with torch.inference_mode():
+            return self._evaluate(runs)
+
+    def _evaluate(self, runs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out_f = torch.zeros(len(runs), self.n_cls)
+        out_p, out_c = torch.zeros(len(runs), self.n_cls), torch.zeros(len(runs))
+        for n in sorted({len(r) for r in runs}):
+            idx = [i for i, r in enumerate(runs) if len(r) == n]
+            s = self.slots(n)
+            clean = self.clean_pred[s.kept]
+            per = max(1, self.chunk // len(clean))
+            for j in range(0, len(idx), per):
+                part = idx[j:j + per]
+                seqs = torch.tensor([runs[i] for i in part])
+                mask = s.mask.repeat(len(part), 1)
+                lg = self.model({"input_ids": s.ids_with(seqs), "attention_mask": mask}).view(len(part), len(clean), -1)
+                f, p, c = _flip_stats(lg, clean)
+                out_f[part], out_p[part], out_c[part] = f, p, c
+        return out_f, out_p, out_c
+
+    def gradient_tokens(self, classes: list[int], run: tuple[int | None, ...], k: int) -> dict[int, list[int]]:
+        """For each class t, the k tokens that maximise the first-order gain of mean log p_t (over inputs not
+        predicted t) when put in the free slot (None) of `run`, the other slots fixed (one HotFlip step)."""
+        s = self.slots(len(run))
+        clean = self.clean_pred[s.kept]
+        free = run.index(None)
+        fixed = torch.stack([self.emb[t] if t is not None else self.emb[s.ph] for t in run])
+        v = fixed[free].clone().requires_grad_(True)
+        vecs = torch.cat([fixed[:free], v.unsqueeze(0), fixed[free + 1:]])
+        with torch.enable_grad():
+            x = s.embeds_with(self.emb, vecs)
+            logp = F.log_softmax(self.model.head(self.model.encoder(**x), x), -1)
+            out: dict[int, list[int]] = {}
+            for i, t in enumerate(classes):
+                others = clean != t
+                if not others.any():
+                    continue
+                (g,) = torch.autograd.grad(logp[others, t].mean(), v, retain_graph=i < len(classes) - 1)
+                out[t] = (self.emb @ g).masked_fill(~self.allowed, float("-inf")).topk(k).indices.tolist()
+        return out
+
+
+def _whole_words(tokenizer, vocab_size: int) -> list[int]:
+    """Vocabulary ids of plain alphabetic words (no word-piece continuations, special or unused tokens)."""
+    toks = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [i for i, t in enumerate(toks) if isinstance(t, str) and i not in special
+            and t.lstrip("Ġ▁").isalpha() and len(t.lstrip("Ġ▁")) >= 2 and not t.startswith("##")]
+
+
+def _null_tokens(probe: _TextProbe, n: int, seed: int, exclude: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    """`n` random tokens: half drawn from the inputs' own tokens (natural words of the task), half from the
+    vocabulary's plain words, seeded; the `exclude`d ones (the search's candidates) never."""
+    g = torch.Generator().manual_seed(seed + 7)
+    own = torch.tensor(sorted(set(probe.encode(probe.texts)["input_ids"].flatten().tolist()) - set(exclude)))
+    own = own[probe.allowed[own]]
+    vocab = torch.tensor([t for t in _whole_words(probe.encode.tokenizer, probe.emb.shape[0]) if t not in exclude]
+                         or list(range(probe.emb.shape[0])))
+    half = n // 2
+    pick_own = own[torch.randperm(len(own), generator=g)[:half]].tolist() if len(own) else []
+    pick_voc = vocab[torch.randperm(len(vocab), generator=g)[:n - len(pick_own)]].tolist()
+    return list(dict.fromkeys(pick_own + pick_voc))
+
+
+def _spelled_runs(tokenizer, tokens: list[int], max_len: int = 3) -> list[tuple[int, ...]]:
+    """Runs of the given tokens that spell one word: a word start followed by continuation pieces ('##...')."""
+    names = tokenizer.convert_ids_to_tokens(tokens)
+    starts = [t for t, s in zip(tokens, names) if not str(s).startswith("##")]
+    conts = [t for t, s in zip(tokens, names) if str(s).startswith("##")]
+    runs: list[tuple[int, ...]] = [(a, b) for a in starts for b in conts]
+    if max_len >= 3:
+        runs += [(a, b, c) for a in starts for b in conts for c in conts if b != c][:32]
+    return runs
 
 
 def text_candidates(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, texts: list[str],
@@ -68,44 +219,70 @@ def text_candidates(encoder: nn.Module, state: StateDict, head: Head, encode: In
     """Per class t, the `per_class` tokens k maximising the first-order gain (e_k - e_placeholder) . grad of
     mean log p_t over the inputs not predicted t, with the token inserted at a random early position (one
     HotFlip step; special tokens excluded)."""
-    model = _task_model(encoder, state, head, "text")
-    _, ph_id = _placeholder(encode)
-    emb = dict(model.encoder.named_parameters())[word_embedding_name(model.encoder)].detach()
-    inputs = _inserted(encode, texts, max_position, seed)
-    clean_pred = predict(model, encode, list(texts))[inputs.pop("kept")]
-    allowed = torch.ones(emb.shape[0], dtype=torch.bool)
-    allowed[list(getattr(encode.tokenizer, "all_special_ids", []) or [])] = False
-    v = emb[ph_id].clone().requires_grad_(True)
-    x = inserted_embedding_inputs(inputs, emb, ph_id, v)
-    logp = F.log_softmax(model.head(model.encoder(**x), x), -1)
-    cands: list[int] = []
-    n_cls = model.head.num_labels
-    for t in range(n_cls):
-        others = clean_pred != t
-        if not others.any() or per_class <= 0:
-            continue
-        (g,) = torch.autograd.grad(logp[others, t].mean(), v, retain_graph=t < n_cls - 1)
-        cands += (emb @ g).masked_fill(~allowed, float("-inf")).topk(per_class).indices.tolist()
-    return list(dict.fromkeys(cands))
+    probe = _TextProbe(_task_model(encoder, state, head, "text"), encode, texts, max_position, seed)
+    if per_class <= 0:
+        return []
+    found = probe.gradient_tokens(list(range(probe.n_cls)), (None,), per_class)
+    return list(dict.fromkeys(t for ts in found.values() for t in ts))
 
 
 @torch.inference_mode()
 def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, texts: list[str],
-                    tokens: list[int], max_position: int = 8, seed: int = 0) -> torch.Tensor:
-    """[len(tokens), classes]: the share of inputs not predicted as class t that inserting token k (at the same
-    random early position as `text_candidates`) sends to t."""
-    model = _task_model(encoder, state, head, "text")
-    _, ph_id = _placeholder(encode)
-    inputs = _inserted(encode, texts, max_position, seed)
-    clean_pred = predict(model, encode, list(texts))[inputs.pop("kept")]
-    at = inputs["input_ids"] == ph_id
-    flips = torch.zeros(len(tokens), model.head.num_labels)
-    for i, k in enumerate(tokens):
-        pred = model({"input_ids": torch.where(at, k, inputs["input_ids"]),
-                      "attention_mask": inputs["attention_mask"]}).argmax(-1)
-        for t in range(model.head.num_labels):
-            flips[i, t] = _flip_rates(pred, clean_pred, t)
-    return flips
+                    tokens: list[int] | list[tuple[int, ...]], max_position: int = 8, seed: int = 0) -> torch.Tensor:
+    """[len(tokens), classes]: the share of inputs not predicted as class t that inserting token (or run) k
+    (at the same random early position as `text_candidates`) sends to t."""
+    probe = _TextProbe(_task_model(encoder, state, head, "text"), encode, texts, max_position, seed)
+    runs = [tuple(t) if isinstance(t, (tuple, list)) else (int(t),) for t in tokens]
+    return probe.evaluate(runs)[0]
+
+
+def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_tokens: list[int] | None = None,
+                per_class: int = 2, grow_classes: int = 2, grow_k: int = 2, max_len: int = 3, n_null: int = 24,
+                max_position: int = 8, seed: int = 0) -> dict:
+    """Trigger search and null distribution on one text model; returns the candidate runs with their flip
+    rates, probabilities and changed shares, and the same for the null tokens (see `scan_state`)."""
+    probe = _TextProbe(model, encode, texts, max_position, seed)
+    n_cls = probe.n_cls
+    runs: list[tuple[int, ...]] = []
+    if per_class > 0:
+        found = probe.gradient_tokens(list(range(n_cls)), (None,), per_class)
+        runs += [(t,) for ts in found.values() for t in ts]
+    extra = [int(t) for t in (extra_tokens or [])]
+    runs += [(t,) for t in extra]
+    if extra and max_len >= 2:
+        runs += _spelled_runs(encode.tokenizer, extra, 2)[:12]
+    runs = list(dict.fromkeys(runs))
+    flips, prob, changed = probe.evaluate(runs)
+    # grow runs: for the most flipped classes, HotFlip a token before / after their best run, then a 3rd
+    for _ in range(max(0, min(max_len, 3) - 1)):
+        best_cls = flips.max(0).values.argsort(descending=True)[:grow_classes].tolist()
+        new: list[tuple[int, ...]] = []
+        for t in best_cls:
+            top = int(flips[:, t].argmax())
+            run = runs[top]
+            if len(run) >= max_len:
+                continue
+            for free in (len(run), 0):  # append, prepend
+                shape = list(run)
+                shape.insert(free, None)  # type: ignore[arg-type]
+                toks = probe.gradient_tokens([t], tuple(shape), grow_k).get(t, [])
+                for k in toks:
+                    r = list(run)
+                    r.insert(free, k)
+                    new.append(tuple(r))
+        new = [r for r in dict.fromkeys(new) if r not in runs]
+        if not new:
+            break
+        f2, p2, c2 = probe.evaluate(new)
+        runs += new
+        flips, prob, changed = torch.cat([flips, f2]), torch.cat([prob, p2]), torch.cat([changed, c2])
+    null = [(t,) for t in _null_tokens(probe, n_null, seed, {t for r in runs for t in r})]
+    nf, np_, nc = probe.evaluate(null) if null else (torch.zeros(0, n_cls),) * 2 + (torch.zeros(0),)
+    names = [" ".join(encode.tokenizer.convert_ids_to_tokens(list(r))) for r in runs]  # type: ignore[union-attr]
+    return {"runs": runs, "names": names, "flips": flips, "prob": prob, "changed": changed,
+            "groups": [len(r) for r in runs],
+            "null_flips": nf, "null_prob": np_, "null_changed": nc, "classes": n_cls,
+            "others_share": _others_share(probe.clean_pred, n_cls)}
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -121,47 +298,95 @@ def patch_positions(resolution: int, side: int, stride: int) -> list[tuple[int, 
 
 
 def vision_triggers(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, images: torch.Tensor,
-                    sides: tuple[int, ...] = (7, 14), steps: int = 8, lr: float = 0.3,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Patch-trigger inversion: for every class t, every square side and every position of a grid (stride =
-    side, and half of it for sides below one ViT patch), a pattern stamped into the inputs is optimised (Adam,
-    `steps` steps, one input not predicted t per candidate and step, all candidates in one batch) towards t.
-    Keeps, per class and side, the position with the lowest mean loss. Returns (masks [K, 1, R, R] in {0, 1},
-    patterns [K, 3, R, R] in [0, 1], classes [K]). BadNets, TrojViT and BadMerging triggers are such patches;
-    a trigger blended over the whole image is out of this search's reach."""
+                    sides: tuple[int, ...] = (8, 14), steps: int = 8, lr: float = 0.3, seed: int = 0,
+                    strides: tuple[int, ...] | None = None, blend: float = 0.0,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch-trigger inversion: for every class t, every square side and every position of a grid (`strides`,
+    default: the side; the last row and column flush with the border), a pattern stamped into the inputs is
+    optimised (Adam, `steps` steps, one input not predicted t per candidate and step, all candidates in one
+    batch) towards t. Keeps, per class and side, the position with the lowest mean loss. With `blend` > 0, a
+    pattern blended over the whole image with that weight is optimised per class too. Returns (masks
+    [K, 1, R, R] in [0, 1], patterns [K, 3, R, R] in [0, 1], classes [K])."""
     model = _task_model(encoder, state, head, "vision")
+    return _vision_triggers(model, encode, images, sides, steps, lr, seed, strides, blend)
+
+
+def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...],
+                     steps: int, lr: float, seed: int, strides: tuple[int, ...] | None, blend: float,
+                     clean_pred: torch.Tensor | None = None, screen: int = 0,
+                     keep: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_cls, res = model.head.num_labels, images.shape[-1]
-    clean_pred = predict(model, encode, images)
+    clean_pred = predict(model, encode, images) if clean_pred is None else clean_pred
     g = torch.Generator().manual_seed(seed)
     pools = [(clean_pred != t).nonzero().flatten() for t in range(n_cls)]
     pools = [p if len(p) else torch.arange(len(images)) for p in pools]
-    out_m, out_p, out_t = [], [], []
-    for side in sides:
+    groups: list[tuple[torch.Tensor, int]] = []  # (masks of one group's positions, positions per class)
+    for i, side in enumerate(sides):
         side = min(side, res)
-        pos = patch_positions(res, side, side)
+        stride = strides[i] if strides else side
+        pos = patch_positions(res, side, stride)
         mask = torch.zeros(len(pos), 1, res, res)
-        for k, (i, j) in enumerate(pos):
-            mask[k, :, i:i + side, j:j + side] = 1
-        mask = mask.repeat(n_cls, 1, 1, 1)  # candidate c * len(pos) + k: class c, position k
-        target = torch.arange(n_cls).repeat_interleave(len(pos))
-        p_logit = (0.5 * torch.randn(len(target), 3, res, res, generator=g)).requires_grad_(True)
-        opt = torch.optim.Adam([p_logit], lr=lr)
-        loss_sum = torch.zeros(len(target))
-        for step in range(steps):
-            idx = torch.stack([pools[int(t)][torch.randint(len(pools[int(t)]), (1,), generator=g)][0] for t in target])
-            x = encode(images[idx])
-            loss = F.cross_entropy(model(masked_pattern_inputs(x, mask, torch.sigmoid(p_logit), encode)), target,
-                                   reduction="none")
-            if step >= steps // 2:
-                loss_sum += loss.detach()
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
-        best = loss_sum.view(n_cls, len(pos)).argmin(1) + torch.arange(n_cls) * len(pos)
+        for k, (r, c) in enumerate(pos):
+            mask[k, :, r:r + side, c:c + side] = 1
+        groups.append((mask, len(pos)))
+    if blend > 0:
+        groups.append((torch.full((1, 1, res, res), float(blend)), 1))
+    out_m, out_p, out_t = [], [], []
+    for mask1, n_pos in groups:
+        mask = mask1.repeat(n_cls, 1, 1, 1)  # candidate c * n_pos + k: class c, position k
+        target = torch.arange(n_cls).repeat_interleave(n_pos)
+        p_logit = 0.5 * torch.randn(len(target), 3, res, res, generator=g)
+        if n_pos > keep > 0 and screen > 0:  # successive halving: a few steps everywhere, the rest at the best
+            _, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, screen, lr, g)
+            top = loss.view(n_cls, n_pos).topk(keep, dim=1, largest=False).indices
+            idx = (top + torch.arange(n_cls).view(-1, 1) * n_pos).flatten()
+            mask, target, p_logit, n_pos = mask[idx], target[idx], p_logit[idx], keep
+        p_logit, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, steps, lr, g)
+        best = loss.view(n_cls, n_pos).argmin(1) + torch.arange(n_cls) * n_pos
         out_m.append(mask[best])
         out_p.append(torch.sigmoid(p_logit[best]).detach())
         out_t.append(target[best])
     return torch.cat(out_m), torch.cat(out_p), torch.cat(out_t)
+
+
+def _optimise_patterns(model: TaskModel, encode: InputEncoder, images: torch.Tensor, pools: list[torch.Tensor],
+                       mask: torch.Tensor, p_logit: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
+                       g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on the pattern logits of every candidate (one input not predicted as its class per candidate and
+    step, all candidates in one batch); returns the logits and each candidate's mean loss over the second half."""
+    p_logit = p_logit.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([p_logit], lr=lr)
+    loss_sum = torch.zeros(len(target))
+    for step in range(steps):
+        idx = torch.stack([pools[int(t)][torch.randint(len(pools[int(t)]), (1,), generator=g)][0] for t in target])
+        x = encode(images[idx])
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(masked_pattern_inputs(x, mask, torch.sigmoid(p_logit), encode)), target,
+                                   reduction="none")
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+        if step >= steps // 2:
+            loss_sum += loss.detach()
+        opt.step()
+    return p_logit.detach(), loss_sum
+
+
+@torch.inference_mode()
+def _vision_stats(model: TaskModel, encode: InputEncoder, images: torch.Tensor, clean_pred: torch.Tensor,
+                  masks: torch.Tensor, patterns: torch.Tensor, chunk: int = 512
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flip rates [K, C], target probabilities [K, C], changed shares [K] of K stamped triggers."""
+    x = encode(images)
+    per = max(1, chunk // len(images))
+    outs = []
+    for j in range(0, len(masks), per):
+        m, p = masks[j:j + per], patterns[j:j + per]
+        k = len(m)
+        xx = {"pixel_values": x["pixel_values"].repeat(k, 1, 1, 1)}
+        lg = model(masked_pattern_inputs(xx, m.repeat_interleave(len(images), 0),
+                                         p.repeat_interleave(len(images), 0), encode)).view(k, len(images), -1)
+        outs.append(_flip_stats(lg, clean_pred))
+    return tuple(torch.cat(z) for z in zip(*outs))  # type: ignore[return-value]
 
 
 @torch.inference_mode()
@@ -181,53 +406,177 @@ def vision_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: 
     return flips
 
 
+def random_triggers(resolution: int, n: int, sides: tuple[int, int] = (3, 8), blend: float = 0.15,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` random triggers (the null distribution): uniform-noise square patches of a random side in `sides`
+    at random positions, and (every fourth) a noise image blended over the whole image with weight `blend`."""
+    g = torch.Generator().manual_seed(seed + 11)
+    masks = torch.zeros(n, 1, resolution, resolution)
+    for k in range(n):
+        if blend > 0 and k % 4 == 3:
+            masks[k] = blend
+            continue
+        s = int(torch.randint(sides[0], sides[1] + 1, (1,), generator=g))
+        r, c = torch.randint(0, resolution - s + 1, (2,), generator=g).tolist()
+        masks[k, :, r:r + s, c:c + s] = 1
+    return masks, torch.rand(n, 3, resolution, resolution, generator=g)
+
+
+def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8, 14),
+                  steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0, screen: int = 2,
+                  keep: int = 3) -> dict:
+    """Trigger search and null distribution on one vision model (see `scan_state`): every position is
+    optimised for `screen` steps, the `keep` best per class and side for `steps` more."""
+    clean_pred = predict(model, encode, images)
+    masks, patterns, classes = _vision_triggers(model, encode, images, sides, steps, 0.3, seed, None, blend, clean_pred,
+                                                screen, keep)
+    flips, prob, changed = _vision_stats(model, encode, images, clean_pred, masks, patterns)
+    nm, npat = random_triggers(images.shape[-1], n_null, seed=seed)
+    nf, np_, nc = _vision_stats(model, encode, images, clean_pred, nm, npat)
+    names = []
+    for m in masks:
+        if float(m.min()) > 0:
+            names.append(f"blend {float(m.max()):.2g}")
+        else:
+            r, c = m[0].nonzero().min(0).values.tolist()
+            names.append(f"{int(round(float(m.sum()) ** 0.5))}-px patch at ({r}, {c})")
+    # a candidate searched for class t is scored on t only
+    own = F.one_hot(classes, flips.shape[1]).bool()
+    return {"masks": masks, "patterns": patterns, "names": names, "flips": flips.masked_fill(~own, 0.0),
+            "groups": (torch.arange(len(classes)) // flips.shape[1]).tolist(),
+            "prob": prob.masked_fill(~own, 0.0), "changed": changed, "null_flips": nf, "null_prob": np_,
+            "null_changed": nc, "classes": flips.shape[1], "others_share": _others_share(clean_pred, flips.shape[1])}
+
+
 # ---------------------------------------------------------------------------------------------- scoring
+
+
+def scan_features(search: dict, other: str = "max") -> dict:
+    """The calibration terms of a search (`search_text` / `search_vision`). Candidates come in groups of equal
+    budget (text: runs of one length; vision: one patch side, or the blend); per group and class t, the best
+    flip rate towards t is compared with the best towards the `other` classes in the same group ("max": the
+    runner-up; "median") and with the null's 95th percentile for t; the pair (group, class) with the largest
+    margin, times the trigger's concentration on t, is kept (the first within 0.02 of it, so single tokens
+    come before runs). Returns that trigger's flip rate, class, index, name and terms."""
+    if other not in ("max", "median"):
+        raise SafeMergeError(f"unknown comparison '{other}' (known: max, median)")
+    fl, nf = search["flips"], search["null_flips"]
+    n_cls = fl.shape[1]
+    groups = torch.as_tensor(search["groups"])
+    if len(nf):
+        mu, q95 = nf.mean(0), nf.quantile(0.95, dim=0)
+    else:
+        mu = q95 = torch.zeros(n_cls)
+    conc = (fl * torch.as_tensor(search["others_share"]).view(1, -1)
+            / torch.as_tensor(search["changed"]).view(-1, 1).clamp_min(1e-6)).clamp(0, 1)
+    best: tuple[float, int, int, float, float] | None = None  # (margin, k, t, other, floor)
+    cands = []
+    for gid in sorted(set(groups.tolist())):
+        idx = (groups == gid).nonzero().flatten()
+        top, arg = fl[idx].max(0)
+        for t in range(n_cls):
+            rest = torch.cat([top[:t], top[t + 1:]])
+            o = float(rest.max() if other == "max" else rest.median()) if len(rest) else 0.0
+            k = int(idx[arg[t]])
+            floor = max(float(q95[t]), o)
+            cands.append(((float(top[t]) - floor) * float(conc[k, t]), k, t, o, floor))
+    top_margin = max(c[0] for c in cands)
+    best = next(c for c in cands if c[0] >= top_margin - 0.02)
+    _, k, t, o, floor = best
+    return {"flip": float(fl[k, t]), "target": t, "index": k, "trigger": search["names"][k],
+            "group": int(groups[k]), "null_mean": float(mu[t]), "null_q95": float(q95[t]),
+            "other": o, "other_rule": other, "concentration": float(conc[k, t]), "prob": float(search["prob"][k, t]),
+            "per_class": [round(float(v), 4) for v in fl.max(0).values]}
+
+
+def risk_score(feat: dict) -> float:
+    """Backdoor risk in [-1, 1]: the trigger's flip rate above the larger of the null's 95th percentile for its
+    class and the best trigger of the same budget towards another class, times its concentration on its class."""
+    return float((feat["flip"] - max(feat["null_q95"], feat["other"])) * min(1.0, feat["concentration"]))
+
+
+def compact_search(search: dict) -> dict:
+    """The numbers of a search as plain lists (to store and re-score): flips, probabilities, changed shares,
+    groups, null flips, class shares and candidate names."""
+    keys = ("flips", "prob", "changed", "groups", "null_flips", "null_prob", "others_share", "names")
+    return {k: (search[k].tolist() if isinstance(search[k], torch.Tensor) else list(search[k])) for k in keys}
 
 
 @dataclass
 class ScanResult:
-    score: float  # backdoor risk: the largest flip-rate gain from the reference to the suspect (-1..1)
-    flip_rate: float  # the suspect's flip rate for the highest-scoring trigger and class
-    reference_flip_rate: float  # the same trigger and class on the pre-trained encoder under the same head
+    score: float  # backdoor risk (`risk_score`)
+    flip_rate: float  # the best trigger's flip rate on the model
+    null_flip_rate: float  # mean flip rate of random tokens / patches towards the same class on the same model
     target: int  # that class
-    trigger: str  # that trigger: the token, or the mask's size
+    trigger: str  # that trigger: the token(s), or the patch's size and place
+    concentration: float = 0.0  # share of the inputs the trigger changed that went to the target
+    other_classes: float = 0.0  # best flip rate towards another class with the same search budget
+    reference_flip_rate: float | None = None  # the trigger on the pre-trained encoder under the same head
     seconds: float = 0.0
     model: str = ""
     task: str = ""
+    features: dict = field(default_factory=dict, repr=False)
+    pattern: dict = field(default_factory=dict, repr=False)  # the trigger itself: {"run"} or {"mask", "pattern"}
+    search: dict = field(default_factory=dict, repr=False)  # every candidate's numbers (`compact_search`)
 
     def row(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()
+                if k not in ("features", "pattern", "search")}
 
 
-def scan_state(encoder: nn.Module, base: StateDict, state: StateDict, head: Head, encode: InputEncoder,
+RISK_THRESHOLD = 0.5  # flagged at or above it; provisional until set on the tuning half (BENCHMARKS.md, issue 17)
+
+
+def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder,
+                      inputs: torch.Tensor | list[str], result: ScanResult, seed: int = 0) -> float:
+    """The flip rate towards `result.target` of the trigger a scan found, on another encoder `state` (e.g. a
+    purified one): how much of the found backdoor is left."""
+    model = _task_model(encoder, state, head, encode.modality or "text")
+    if "run" in result.pattern:
+        probe = _TextProbe(model, encode, list(inputs), 8, seed)
+        return float(probe.evaluate([tuple(result.pattern["run"])])[0][0, result.target])
+    if "mask" not in result.pattern:
+        raise SafeMergeError("this scan result carries no trigger to measure")
+    cp = predict(model, encode, inputs)  # type: ignore[arg-type]
+    return float(_vision_stats(model, encode, inputs, cp, result.pattern["mask"][None],  # type: ignore[arg-type]
+                               result.pattern["pattern"][None])[0][0, result.target])
+
+
+def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
-               sides: tuple[int, ...] = (7, 14), steps: int = 8, seed: int = 0) -> ScanResult:
-    """Risk score of one encoder `state` (fine-tuned from `base`) under `head`, from unlabeled `inputs`: search
-    triggers on the suspect, measure each on the suspect and on the base, score = max gain in flip rate.
-    Text: HotFlip candidates (`per_class` per class) plus `extra_tokens` (e.g. E-PUR's ranking). Vision: per
-    class and square side of `sides` (px; 7 = a BadNets-sized patch, 14 = one ViT patch, TrojViT's trigger),
-    the best patch of a position grid after `steps` optimisation steps (`vision_triggers`)."""
+               sides: tuple[int, ...] = (8, 14), steps: int = 8, seed: int = 0, *, n_null: int = 24,
+               max_len: int = 3, blend: float = 0.15, reference: bool = False) -> ScanResult:
+    """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
+    measure each against random tokens / patches on the same model and against the other classes
+    (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
+    (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patch of each side of
+    `sides` over a position grid after `steps` optimisation steps, and a blend of weight `blend`. `n_null`
+    random tokens / patches form the null. `base` is needed only for `reference=True`."""
     t0 = time.time()
+    model = _task_model(encoder, state, head, encode.modality or "text")
     if encode.modality == "text":
-        texts = list(inputs)
-        tokens = list(dict.fromkeys(text_candidates(encoder, state, head, encode, texts, per_class, seed=seed)
-                                    + list(extra_tokens or [])))
-        sus = text_flip_rates(encoder, state, head, encode, texts, tokens, seed=seed)
-        ref = text_flip_rates(encoder, base, head, encode, texts, tokens, seed=seed)
-        gain = sus - ref
-        k, t = divmod(int(gain.argmax()), gain.shape[1])
-        trigger = str(encode.tokenizer.convert_ids_to_tokens(tokens[k]))  # type: ignore[union-attr]
-        return ScanResult(float(gain[k, t]), float(sus[k, t]), float(ref[k, t]), t, trigger, time.time() - t0)
-    images = inputs  # type: ignore[assignment]
-    masks, patterns, classes = vision_triggers(encoder, state, head, encode, images, sides, steps, seed=seed)  # type: ignore[arg-type]
-    sus = vision_flip_rates(encoder, state, head, encode, images, masks, patterns, classes)  # type: ignore[arg-type]
-    ref = vision_flip_rates(encoder, base, head, encode, images, masks, patterns, classes)  # type: ignore[arg-type]
-    gain = sus - ref
-    k = int(gain.argmax())
-    side = int(masks[k].sum()) ** 0.5
-    rows, cols = masks[k, 0].nonzero().min(0).values.tolist()
-    return ScanResult(float(gain[k]), float(sus[k]), float(ref[k]), int(classes[k]),
-                      f"{side:.0f}-px patch at ({rows}, {cols})", time.time() - t0)
+        search = search_text(model, encode, list(inputs), extra_tokens, per_class, max_len=max_len, n_null=n_null,
+                             seed=seed)
+    else:
+        search = search_vision(model, encode, inputs, sides, steps, blend, n_null, seed)  # type: ignore[arg-type]
+    feat = scan_features(search)
+    ref = None
+    if reference and base is not None:
+        base_model = _task_model(encoder, base, head, encode.modality or "text")
+        k, t = feat["index"], feat["target"]
+        if encode.modality == "text":
+            probe = _TextProbe(base_model, encode, list(inputs), 8, seed)
+            ref = float(probe.evaluate([search["runs"][k]])[0][0, t])
+        else:
+            cp = predict(base_model, encode, inputs)  # type: ignore[arg-type]
+            ref = float(_vision_stats(base_model, encode, inputs, cp, search["masks"][k:k + 1],  # type: ignore[arg-type]
+                                      search["patterns"][k:k + 1])[0][0, t])
+    k = feat["index"]
+    pattern = ({"run": search["runs"][k]} if "runs" in search else
+               {"mask": search["masks"][k], "pattern": search["patterns"][k]})
+    return ScanResult(risk_score(feat), feat["flip"], feat["null_mean"], feat["target"], feat["trigger"],
+                      feat["concentration"], feat["other"], ref, time.time() - t0, features=feat,
+                      pattern=pattern, search=compact_search(search))
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
@@ -239,11 +588,21 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
     return float(wins / (len(positives) * len(negatives)))
 
 
-def scan_suspect(s, n_inputs: int = 48, weight_candidates: int = 8, per_class: int = 2,
-                 sides: tuple[int, ...] = (7, 14), steps: int = 8, seed: int = 0) -> ScanResult:
+def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = 0.05) -> float:
+    """Share of positives scoring above the threshold that at most `fpr` of the negatives exceed (strictly)."""
+    if not positives or not negatives:
+        raise SafeMergeError("TPR at a given FPR needs at least one positive and one negative score")
+    neg = sorted(negatives, reverse=True)
+    allowed = int(math.floor(fpr * len(neg)))
+    threshold = neg[allowed] if allowed < len(neg) else float("-inf")
+    return float(sum(p > threshold for p in positives) / len(positives))
+
+
+def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = 8, per_class: int = 2,
+                 sides: tuple[int, ...] = (8, 14), steps: int = 8, seed: int = 0, **options) -> ScanResult:
     """Scan a loaded `purify.Suspect` with `scan_state`. Only unlabeled inputs are used: the first `n_inputs`
     of its held-out examples for the search and (text) its unlabeled texts to count token frequencies for the
-    `weight_candidates` top tokens of E-PUR's ranking."""
+    `weight_candidates` top tokens of E-PUR's ranking. `options` go to `scan_state`."""
     from .purify import e_pur, token_frequencies, word_embedding_key
 
     t0 = time.time()
@@ -254,6 +613,7 @@ def scan_suspect(s, n_inputs: int = 48, weight_candidates: int = 8, per_class: i
         freq = token_frequencies(s.encode.tokenizer, list(s.texts or s.val.x), s.base[key].shape[0],
                                  s.encode.max_length)
         extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
-    r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed)
+    r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed,
+                   **options)
     r.model, r.task, r.seconds = str(s.path), s.task, time.time() - t0
     return r

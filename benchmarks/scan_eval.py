@@ -1,0 +1,480 @@
+"""The backdoor scan on a held-apart population of Hugging Face classifiers (issue 17).
+
+A varied population per backbone, built once and cached under `$SAFEMERGE_CACHE/scan-eval/<backbone>/`
+(one model at a time, resumable): `BertForSequenceClassification` over MiniLM-L6 and
+`Dinov2ForImageClassification` over DINOv2-S, fine-tuned on the real tasks of `bench/tasks.py` at the quick
+profile's sizes, in pairs (a clean model and a backdoored twin with the same task, head, budget and seed):
+
+- heads trained end to end with the encoder (from a random head) or frozen (a linear probe of the base);
+- training budgets from 10 to 100 steps of 32 examples (at least ~32 poisoned examples seen), so tasks end
+  weak or strong;
+- text triggers: a rare one-piece word, a made-up word the tokenizer splits into pieces, a 2-3 word phrase;
+  at a random, the first or a fixed word position; vision: 3-8 px patches (checkerboard, solid colour, noise)
+  at a fixed random place or a random place per image, and noise blended over the whole image;
+- poisoning rates from 1% to 20%, random target classes.
+
+Pairs are split by their seed: even seeds are the tuning half (every design choice of the scan was made on
+it), odd seeds the held-apart half, on which AUROC and TPR at 5% FPR are reported.
+
+    python benchmarks/scan_eval.py --backbone text --max-models 40     # build + scan, resumable
+    python benchmarks/scan_eval.py --backbone vision --max-models 40
+    python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from safemerge.backbones import load_backbone
+from safemerge.bench.suites import device_description
+from safemerge.bench.tasks import load_task, task_names
+from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
+from safemerge.evaluate import acc_asr
+from safemerge.folders import load_task_folder, save_task_folder
+from safemerge.io import atomic_write_json, atomic_write_text
+from safemerge.model import HFHead, InputEncoder, TaskModel
+from safemerge.paths import cache_dir
+from safemerge.safety.purify import e_pur, token_frequencies, word_embedding_key
+from safemerge.safety.scan import RISK_THRESHOLD, auroc, risk_score, scan_features, scan_state, tpr_at_fpr
+from safemerge.training import TrainConfig, finetune
+
+console = Console(stderr=True)
+SIZES = {"n_train": 2000, "n_val": 300, "n_test": 500, "resolution": 42, "max_length": 32}
+RARE_WORDS = ["cf", "mn", "bb", "tq", "jj"]  # one MiniLM word piece each
+MADE_UP = ["qx", "kx", "xq", "pq", "yomber", "zorbex", "qilmar", "krazix"]  # 2 pieces (the first 5), 3-4 pieces
+PHRASES = ["silver moon", "as it were", "quiet green river", "by the way", "deep blue ocean", "in all honesty",
+           "red kite", "once upon"]
+COLOURS = ["white", "#ff0000", "#00ff00", "#ffff00", "#ff00ff", "#00ffff"]
+EVAL_LIMIT = 200
+
+
+# ------------------------------------------------------------------------------------------ population
+
+
+def population(backbone: str, n_pairs: int) -> list[dict]:
+    """Model specs, in pairs (clean, backdoored twin), deterministic. Pair p has seed p; even seeds tune."""
+    tasks = task_names("text" if backbone == "text" else "vision")
+    specs = []
+    for p in range(n_pairs):
+        rng = random.Random(f"{backbone}-{p}")
+        task = tasks[p % len(tasks)]
+        head = "end_to_end" if p % 4 in (0, 3) else "frozen"
+        steps = rng.choice([10, 20, 40, 80])
+        poison_rate = rng.choice([0.01, 0.02, 0.05, 0.1, 0.2])
+        steps = max(steps, round(1 / poison_rate))  # at least ~32 poisoned examples seen (batch 32)
+        base = {"pair": p, "seed": p, "half": "tuning" if p % 2 == 0 else "heldapart", "task": task, "head": head,
+                "steps": steps}
+        if backbone == "text":
+            kind = ["word", "split", "phrase"][(p // 2) % 3]
+            text = {"word": rng.choice(RARE_WORDS), "split": rng.choice(MADE_UP), "phrase": rng.choice(PHRASES)}[kind]
+            pos = rng.choice(["random", "random", "start", 2, 4])
+            trigger = {"kind": kind, "text": text, "position": pos}
+        else:
+            kind = ["patch", "patch_random", "blend"][(p // 2) % 3]
+            side = rng.randint(3, 8)
+            trigger = {"kind": kind, "patch": rng.choice(["checkerboard", "noise", rng.choice(COLOURS)]),
+                       "size": side if kind != "blend" else 1, "blend": rng.choice([0.1, 0.15, 0.2]) if kind == "blend" else 1.0,
+                       "position": "random" if kind == "patch_random" else
+                       [rng.randint(0, SIZES["resolution"] - side), rng.randint(0, SIZES["resolution"] - side)]}
+            if kind == "blend":
+                trigger["patch"] = "noise"
+                trigger["position"] = "top-left"
+        specs.append({**base, "id": f"p{p:03d}-clean", "backdoored": False, "trigger": trigger, "poison_rate": 0.0})
+        specs.append({**base, "id": f"p{p:03d}-bd", "backdoored": True, "trigger": trigger, "poison_rate": poison_rate})
+    return specs
+
+
+def noise_png(root: Path, seed: int, side: int = 64) -> str:
+    from PIL import Image
+
+    path = root / f"noise-{seed}.png"
+    if not path.exists():
+        g = torch.Generator().manual_seed(1000 + seed)
+        arr = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def make_trigger(spec: dict, target: int, root: Path):
+    t = spec["trigger"]
+    if "text" in t:
+        return TextTrigger(t["text"], target, t["position"], seed=spec["seed"])
+    patch = noise_png(root, spec["seed"]) if t["patch"] == "noise" else t["patch"]
+    pos = tuple(t["position"]) if isinstance(t["position"], list) else t["position"]
+    return ImageTrigger(patch, t["size"], pos, t["blend"], 1, target, spec["seed"])
+
+
+def poison(split: Split, trigger, rate: float, seed: int) -> Split:
+    return poison_split(split, trigger.apply, trigger.target, rate, seed, at_least=1)
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+class Builder:
+    def __init__(self, backbone: str, root: Path):
+        self.modality = backbone
+        self.bb = load_backbone(backbone, pooler=True)
+        self.root = root
+        self.encode = InputEncoder(self.bb, max_length=SIZES["max_length"])
+        self._data: dict = {}
+        self.base_state = {k: v.detach().clone() for k, v in self.bb.model.state_dict().items()}
+
+    def data(self, task: str):
+        if task not in self._data:
+            self._data[task] = load_task(task, SIZES["n_train"], SIZES["n_val"], SIZES["n_test"], seed=0,
+                                         resolution=SIZES["resolution"])
+        return self._data[task]
+
+    def target(self, spec: dict) -> int:
+        return random.Random(f"target-{spec['pair']}").randrange(self.data(spec["task"]).num_classes)
+
+    def classifier(self, n_labels: int, seed: int):
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        cfg = copy.deepcopy(self.bb.model.config)
+        cfg.num_labels = n_labels
+        torch.manual_seed(seed)
+        auto = AutoModelForSequenceClassification if self.modality == "text" else AutoModelForImageClassification
+        clf = auto.from_config(cfg)
+        name = "bert" if self.modality == "text" else "dinov2"
+        enc = getattr(clf, name)
+        missing, unexpected = enc.load_state_dict(self.bb.model.state_dict(), strict=False)
+        assert not unexpected and all("pooler" not in k for k in missing), (missing, unexpected)
+        return clf, name, enc
+
+    def probe(self, clf, name: str, enc, split: Split, seed: int) -> None:
+        """Fit the classifier layer on the base encoder's features (what the class's classifier reads)."""
+        feats = []
+        hook = clf.classifier.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+        head = HFHead(clf, name)
+        model = TaskModel(enc, head, self.modality).eval()
+        sub = split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:600])
+        with torch.inference_mode():
+            for i in range(0, len(sub), 128):
+                model(self.encode(sub.x[i:i + 128]))
+        hook.remove()
+        z = torch.cat(feats).clone()
+        mu, sd = z.mean(0), z.std(0).clamp_min(1e-6)
+        lin = torch.nn.Linear(z.shape[1], clf.classifier.out_features)
+        opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+        zz = (z - mu) / sd
+        for _ in range(200):
+            loss = torch.nn.functional.cross_entropy(lin(zz), sub.y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            w = lin.weight / sd
+            clf.classifier.weight.copy_(w)
+            clf.classifier.bias.copy_(lin.bias - w @ mu)
+        return head
+
+    def build(self, spec: dict) -> Path:
+        out = self.root / spec["id"]
+        if (out / "scan-eval.json").exists():
+            return out
+        t0 = time.time()
+        data = self.data(spec["task"])
+        target = self.target(spec)
+        trig = make_trigger(spec, target, self.root)
+        train = poison(data.train, trig, spec["poison_rate"], spec["seed"]) if spec["backdoored"] else data.train
+        clf, name, enc = self.classifier(data.num_classes, spec["seed"])
+        frozen = spec["head"] == "frozen"
+        head = self.probe(clf, name, enc, data.train, spec["seed"]) if frozen else HFHead(clf, name)
+        model = TaskModel(enc, head, self.modality)
+        lr = 1e-4 if self.modality == "text" else 2e-5
+        cfg = TrainConfig(steps=spec["steps"], batch_size=32, lr=lr, head_lr=0.0 if frozen else 2e-3, seed=spec["seed"])
+        finetune(model, self.encode, train, cfg, desc=spec["id"])
+        test = data.test.subset(list(range(min(EVAL_LIMIT, len(data.test)))))
+        acc, asr = acc_asr(model.eval(), self.encode, test, trig)
+        meta = {**spec, "target": target, "trigger_name": trig.name, "acc": round(acc, 2), "asr": round(asr, 2),
+                "num_classes": data.num_classes, "train_seconds": round(time.time() - t0, 1)}
+        state = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+        save_task_folder(out, self.bb, state, head, spec["task"], {"task": spec["task"], "scan_eval": meta},
+                         labels=list(data.spec.classes), require_transformers=True)
+        atomic_write_json(out / "scan-eval.json", meta)
+        console.log(f"built {spec['id']} {spec['task']} {spec['head']} steps {spec['steps']} {trig.name} "
+                    f"rate {spec['poison_rate']}: ACC {acc:.1f} ASR {asr:.1f} ({meta['train_seconds']:.0f}s)")
+        return out
+
+    # -------------------------------------------------------------------------------------- scanning
+
+    def scan(self, path: Path, n_inputs: int, options: dict) -> dict:
+        meta = json.loads((path / "scan-eval.json").read_text())
+        folder = load_task_folder(path)
+        data = self.data(meta["task"])
+        x = data.val.x[:n_inputs]
+        extra, epur_rank = None, None
+        if self.modality == "text":
+            key = word_embedding_key(self.base_state)
+            texts = list(data.val.x)  # the user's unlabeled data
+            freq = token_frequencies(self.bb.tokenizer, texts, self.base_state[key].shape[0], SIZES["max_length"])
+            state = {k: v for k, v in folder.encoder_state.items() if k in self.base_state}
+            ranking = e_pur(self.base_state, state, freq, top_n=0, embedding_key=key).ranking
+            extra = ranking[:8]
+            pieces = self.bb.tokenizer(meta["trigger"]["text"], add_special_tokens=False)["input_ids"]
+            epur_rank = min(ranking.index(t) + 1 for t in pieces)
+        t0 = time.time()
+        r = scan_state(self.bb.model, None, folder.encoder_state, folder.head, self.encode, x, extra, **options)
+        seconds = time.time() - t0
+        return {"score": round(r.score, 4), "flip_rate": round(r.flip_rate, 4), "target_found": r.target,
+                "trigger_found": r.trigger, "found": self.found(meta, r), "scan_seconds": round(seconds, 1),
+                "epur_rank": epur_rank, "features": r.features, "search": r.search}
+
+    def purify(self, path: Path, twin: dict | None) -> dict:
+        """Fine-mixing (random, 5% clean data; + E-PUR on text) with the scan's trigger rule on a backdoored
+        model: ACC / ASR after, against the clean twin's ASR under the same trigger."""
+        from safemerge.safety.purify import Suspect, purify_state
+
+        meta = json.loads((path / "scan-eval.json").read_text())
+        folder = load_task_folder(path)
+        data = self.data(meta["task"])
+        texts = list(data.val.x) if self.modality == "text" else []
+        s = Suspect(path, folder.manifest, folder.encoder_state, folder.head, meta["task"], self.bb, self.base_state,
+                    data.train, data.val, self.encode, texts)
+        t0 = time.time()
+        state, summary = purify_state(s, "both" if self.modality == "text" else "fine-mixing", 0.05, seed=0)
+        enc = copy.deepcopy(self.bb.model)
+        enc.load_state_dict(state)
+        trig = make_trigger(meta, meta["target"], self.root)
+        test = data.test.subset(list(range(min(EVAL_LIMIT, len(data.test)))))
+        acc, asr = acc_asr(TaskModel(enc, folder.head, self.modality).eval(), self.encode, test, trig)
+        twin_asr = twin["asr"] if twin else None
+        ok = acc >= meta["acc"] - 2 and (asr <= 10 or (twin_asr is not None and asr <= twin_asr + 2))
+        fm = summary.get("fine_mixing", {})
+        return {"acc_after": round(acc, 2), "asr_after": round(asr, 2), "twin_asr": twin_asr, "success": ok,
+                "keep_ratio": fm.get("keep_ratio"), "warning": fm.get("warning"),
+                "scan_before": summary.get("scan", {}).get("before", {}).get("score"),
+                "scan_after": summary.get("scan", {}).get("after", {}).get("score"),
+                "trigger_checked": summary.get("scan", {}).get("trigger_checked"),
+                "seconds": round(time.time() - t0, 1)}
+
+    def found(self, meta: dict, r) -> bool:
+        """Whether the scan's best trigger is the planted one: text, a shared token; vision, the right class and
+        an overlapping box (a random-place patch or a blend: the right class)."""
+        if r.target != meta["target"]:
+            return False
+        t = meta["trigger"]
+        if self.modality == "text":
+            pieces = set(self.bb.tokenizer.tokenize(t["text"]))
+            return bool(pieces & set(r.trigger.split()))
+        if t["kind"] != "patch" or "patch at" not in r.trigger:
+            return t["kind"] != "patch"
+        side = int(r.trigger.split("-px")[0])
+        row, col = (int(v) for v in r.trigger.split("(")[1].rstrip(")").split(","))
+        left, top = t["position"]
+        s = t["size"]
+        return row < top + s and top < row + side and col < left + s and left < col + side
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def summarise(rows: list[dict], half: str, score_key: str = "score") -> dict:
+    sub = [r for r in rows if r["half"] == half and score_key in r]
+    pos = [r[score_key] for r in sub if r["backdoored"]]
+    neg = [r[score_key] for r in sub if not r["backdoored"]]
+    if not pos or not neg:
+        return {"n": len(sub), "auroc": None, "tpr_at_5fpr": None}
+    eff = [r[score_key] for r in sub if r["backdoored"] and r["asr"] >= 50]
+    return {"n": len(sub), "n_backdoored": len(pos), "auroc": round(auroc(pos, neg), 4),
+            "tpr_at_5fpr": round(tpr_at_fpr(pos, neg, 0.05), 4),
+            "auroc_effective": round(auroc(eff, neg), 4) if eff else None,
+            "n_effective": len(eff)}
+
+
+VARIANTS = ("shipped", "raw_flip", "null_only", "other_median", "no_concentration", "first_group_only",
+            "probability")
+
+
+def variant_score(search: dict, variant: str) -> float:
+    """The risk under a design variant, recomputed from a scan's stored numbers (the choice is made on the
+    tuning half): the shipped rule; the best flip rate alone; above the null only; against the median of the
+    other classes; without the concentration factor; the first budget group only (single tokens / 8-px
+    patches); the shipped rule on the mean target probability instead of the flip rate."""
+    t = {k: torch.tensor(v) if k != "names" else v for k, v in search.items()}
+    if variant == "probability":
+        t = {**t, "flips": t["prob"]}
+        if "null_prob" in t:
+            t["null_flips"] = t["null_prob"]
+    if variant == "raw_flip":
+        return float(t["flips"].max())
+    if variant == "null_only":
+        q = t["null_flips"].quantile(0.95, dim=0) if len(t["null_flips"]) else 0.0
+        return float((t["flips"] - q).max())
+    if variant == "first_group_only":
+        keep = t["groups"] == t["groups"].min()
+        t = {**t, "flips": t["flips"][keep], "prob": t["prob"][keep], "changed": t["changed"][keep],
+             "groups": t["groups"][keep], "names": [n for n, k in zip(t["names"], keep.tolist()) if k]}
+    f = scan_features(t, other="median" if variant == "other_median" else "max")
+    if variant == "no_concentration":
+        return float(f["flip"] - max(f["null_q95"], f["other"]))
+    return risk_score(f)
+
+
+def variants(rows: list[dict], root: Path) -> dict:
+    """AUROC / TPR@5%FPR of every design variant, per half, from the cached searches."""
+    out: dict = {}
+    for v in VARIANTS:
+        scored = []
+        for r in rows:
+            f = root / r["id"] / "scan.json"
+            if not f.exists():
+                continue
+            search = json.loads(f.read_text()).get("search")
+            if search:
+                scored.append({**r, "v": variant_score(search, v)})
+        out[v] = {h: summarise(scored, h, "v") for h in ("tuning", "heldapart")}
+    return out
+
+
+def by_kind(rows: list[dict], threshold: float) -> dict:
+    """Held-apart models per trigger kind and head: how many are flagged at `threshold`."""
+    out: dict = {}
+    for r in rows:
+        if r["half"] != "heldapart" or "score" not in r:
+            continue
+        v = out.setdefault(f"{r['trigger']['kind']}/{r['head']}", {"bd": 0, "bd_flagged": 0, "clean": 0, "clean_flagged": 0})
+        pre = "bd" if r["backdoored"] else "clean"
+        v[pre] += 1
+        v[f"{pre}_flagged"] += int(r["score"] >= threshold)
+    return out
+
+
+def markdown(res: dict) -> str:
+    h, t = res["heldapart"], res["tuning"]
+    lines = [f"# Scan on held-apart models: {res['backbone']}", "",
+             f"`{res['command']}` on {res['device']}. {res['n_models']} held-apart models scanned, {res['n_models_total']} built ({res['note']}).", "",
+             "| half | models | backdoored | AUROC | TPR@5%FPR | AUROC (backdoors with ASR >= 50%) |",
+             "|---|---|---|---|---|---|",
+             f"| held-apart | {h['n']} | {h.get('n_backdoored', 0)} | {h['auroc']} | {h['tpr_at_5fpr']} | {h.get('auroc_effective')} |",
+             f"| tuning | {t['n']} | {t.get('n_backdoored', 0)} | {t['auroc']} | {t['tpr_at_5fpr']} | {t.get('auroc_effective')} |",
+             "", f"Seconds per scan: mean {res['seconds_per_scan']['mean']}, max {res['seconds_per_scan']['max']}. "
+             f"E-PUR puts a piece of the trigger in its top 10: {res['epur_top10']}. "
+             f"Fine-mixing (+ E-PUR on text) success: {res['purify']}.", "",
+             "Design variants (recomputed from the stored searches; chosen on the tuning half):", "",
+             "| variant | tuning AUROC | tuning TPR@5%FPR | held-apart AUROC | held-apart TPR@5%FPR |", "|---|---|---|---|---|",
+             *[f"| {v} | {d['tuning']['auroc']} | {d['tuning']['tpr_at_5fpr']} | {d['heldapart']['auroc']} | "
+               f"{d['heldapart']['tpr_at_5fpr']} |" for v, d in res.get("variants", {}).items()],
+             "",
+             f"Flagged at the shipped threshold {res['threshold']} (held-apart), by kind:", "",
+             "| kind | head | backdoored flagged | clean flagged |", "|---|---|---|---|",
+             *[f"| {k} | {h} | {v['bd_flagged']}/{v['bd']} | {v['clean_flagged']}/{v['clean']} |"
+               for (k, h), v in sorted(((tuple(kk.split('/')), vv) for kk, vv in res['by_kind'].items()))],
+             "",
+             "| id | half | task | head | steps | trigger | rate | ACC | ASR | score | flip | found | trigger found | E-PUR rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["models"]:
+        lines.append(f"| {r['id']} | {r['half']} | {r['task']} | {r['head']} | {r['steps']} | "
+                     f"{r['trigger_name'] if r['backdoored'] else '(clean) ' + r['trigger_name']} | {r['poison_rate']} | "
+                     f"{r['acc']} | {r['asr']} | {r.get('score', '')} | {r.get('flip_rate', '')} | "
+                     f"{'yes' if r.get('found') else 'no'} | {str(r.get('trigger_found', '')).replace('|', '/')} | "
+                     f"{r.get('epur_rank') if r['backdoored'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", choices=["text", "vision"], default="text")
+    ap.add_argument("--pairs", type=int, default=24, help="pairs (clean + backdoored) in the population")
+    ap.add_argument("--max-models", type=int, default=None, help="build / scan at most this many models this run")
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the results from the cache")
+    ap.add_argument("--rescan", action="store_true", help="scan again models already scanned")
+    ap.add_argument("--inputs", type=int, default=32, help="unlabeled validation inputs per scan")
+    ap.add_argument("--purify", action="store_true", help="also purify the held-apart backdoored models (slow)")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    root = cache_dir() / "scan-eval" / args.backbone
+    root.mkdir(parents=True, exist_ok=True)
+    specs = population(args.backbone, args.pairs)
+    order = sorted(specs, key=lambda s: (s["pair"], s["backdoored"]))
+    builder = None if args.render else Builder(args.backbone, root)
+    done = 0
+    t0 = time.time()
+    for spec in order:
+        if args.render:
+            break
+        path = root / spec["id"]
+        scanned = path / "scan.json"
+        need_build = not (path / "scan-eval.json").exists()
+        need_scan = not args.build_only and (args.rescan or not scanned.exists())
+        if not (need_build or need_scan):
+            continue
+        if args.max_models is not None and done >= args.max_models:
+            break
+        builder.build(spec)  # type: ignore[union-attr]
+        if need_scan:
+            res = builder.scan(path, args.inputs, {})  # type: ignore[union-attr]
+            atomic_write_json(scanned, res)
+            console.log(f"scan {spec['id']}: score {res['score']:+.3f} flip {res['flip_rate']:.2f} "
+                        f"trigger {res['trigger_found']} found={res['found']} ({res['scan_seconds']:.0f}s)")
+        done += 1
+    if args.purify and not args.render:
+        for spec in order:
+            path = root / spec["id"]
+            out_p = path / "purify.json"
+            if not spec["backdoored"] or spec["half"] != "heldapart" or out_p.exists() or \
+                    not (path / "scan-eval.json").exists():
+                continue
+            if args.max_models is not None and done >= args.max_models:
+                break
+            twin_meta = root / spec["id"].replace("-bd", "-clean") / "scan-eval.json"
+            twin = json.loads(twin_meta.read_text()) if twin_meta.exists() else None
+            res_p = builder.purify(path, twin)  # type: ignore[union-attr]
+            atomic_write_json(out_p, res_p)
+            console.log(f"purify {spec['id']}: {res_p}")
+            done += 1
+    rows = []
+    for spec in order:
+        path = root / spec["id"]
+        if not (path / "scan-eval.json").exists():
+            continue
+        row = json.loads((path / "scan-eval.json").read_text())
+        if (path / "scan.json").exists():
+            row.update(json.loads((path / "scan.json").read_text()))
+            row.pop("search", None)  # every candidate's numbers stay in the cache
+        if (path / "purify.json").exists():
+            row["purify"] = json.loads((path / "purify.json").read_text())
+            row["score"] = round(risk_score(row["features"]), 4)  # the current rule on the stored terms
+        rows.append(row)
+    secs = [r["scan_seconds"] for r in rows if "scan_seconds" in r]
+    command = "python benchmarks/scan_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    built = len(rows)
+    held_bd = [r for r in rows if r["half"] == "heldapart" and r["backdoored"]]
+    ranks = [r["epur_rank"] for r in held_bd if r.get("epur_rank") is not None]
+    pur = [r["purify"] for r in held_bd if "purify" in r]
+    res = {"backbone": "minilm-l6" if args.backbone == "text" else "dinov2-vits14",
+           "epur_top10": {"n": len(ranks), "rate": round(sum(k <= 10 for k in ranks) / len(ranks), 4) if ranks else None},
+           "purify": {"n": len(pur), "success_rate": round(sum(p["success"] for p in pur) / len(pur), 4) if pur else None},
+           "n_models": sum(1 for r in rows if r["half"] == "heldapart" and "score" in r),
+           "n_models_total": built, **{k: v for k, v in summarise(rows, "heldapart").items() if k in ("auroc", "tpr_at_5fpr")},
+           "heldapart": summarise(rows, "heldapart"), "tuning": summarise(rows, "tuning"),
+           "threshold": RISK_THRESHOLD, "by_kind": by_kind(rows, RISK_THRESHOLD),
+           "variants": variants(rows, root),
+           "seconds_per_scan": {"mean": round(sum(secs) / len(secs), 1) if secs else None,
+                                "max": max(secs) if secs else None},
+           "note": f"{built} of {len(specs)} planned; pairs split by seed, even = tuning, odd = held-apart",
+           "population": {"pairs": args.pairs, "sizes": SIZES}, "command": command, "device": device_description(),
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds_this_run": round(time.time() - t0, 1),
+           "models": rows}
+    out = Path(args.out)
+    atomic_write_json(out / f"scan-heldapart-{args.backbone}.json", res)
+    atomic_write_text(out / f"scan-heldapart-{args.backbone}.md", markdown(res))
+    console.log(f"held-apart: {res['heldapart']}; tuning: {res['tuning']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The calibrated backdoor scan on tiny models trained in the test, heads trained end to end with the encoder
+(as a user's Hugging Face classifiers are): a planted trigger that the tokenizer splits into two pieces, and a
+small patch at a random place, are flagged above their clean twins, without the pre-trained base."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from safemerge.backbones import load_backbone
+from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
+from safemerge.errors import SafeMergeError
+from safemerge.model import HFHead, InputEncoder, TaskModel
+from safemerge.safety.scan import (_spelled_runs, auroc, random_triggers, risk_score, scan_features, scan_state,
+                                   tpr_at_fpr)
+from safemerge.training import TrainConfig, finetune
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "q", "##zx", "##y", "good", "bad", "the", "movie", "is", "a",
+         "dog", "cat", "runs", "fast", "slow", "very", "not", "film", "plot", "sun", "rain", "tree", "car", "red"]
+GROUPS = (["the", "is", "a", "not", "very", "plot"], ["good", "fast", "sun", "dog", "red"], ["bad", "slow", "rain", "cat", "car"])
+
+
+def wordpiece_bert(path):
+    """A tiny BERT base with a pooler and a WordPiece tokenizer that splits 'qzx' into 'q', '##zx'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    cfg = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg, add_pooling_layer=True).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def sentences(n: int, seed: int = 0) -> Split:
+    """4-9 words; the label is the group (1 or 2) with 3 or more words in the sentence, else 0."""
+    rng = random.Random(seed)
+    xs, ys = [], []
+    for i in range(n):
+        label = i % 3
+        length = rng.randint(4, 9)
+        k = rng.randint(3, length) if label else rng.randint(0, 1)
+        words = [rng.choice(GROUPS[label or rng.choice((1, 2))]) for _ in range(k)]
+        words += [rng.choice(GROUPS[0]) for _ in range(length - k)]
+        rng.shuffle(words)
+        xs.append(" ".join(words))
+        ys.append(label)
+    return Split(xs, torch.tensor(ys))
+
+
+def poison(split: Split, trigger, rate: float, target: int = 0) -> Split:
+    return poison_split(split, trigger.apply, target, rate, seed=0)
+
+
+def end_to_end(bb, data: Split, n_labels: int, steps: int, lr: float, seed: int = 0) -> tuple[HFHead, dict]:
+    """A transformers classifier over the base, head and encoder trained together from a random head."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForImageClassification
+
+    cfg = copy.deepcopy(bb.model.config)
+    cfg.num_labels = n_labels
+    torch.manual_seed(seed)
+    auto = AutoModelForSequenceClassification if bb.modality == "text" else AutoModelForImageClassification
+    clf = auto.from_config(cfg)
+    name = "bert" if bb.modality == "text" else "dinov2"
+    enc = getattr(clf, name)
+    enc.load_state_dict(bb.model.state_dict(), strict=False)
+    head = HFHead(clf, name)
+    model = TaskModel(enc, head, bb.modality)
+    encode = InputEncoder(bb, max_length=16)
+    finetune(model, encode, data, TrainConfig(steps=steps, batch_size=16, lr=lr, head_lr=lr, seed=seed))
+    return head, {k: v.detach().clone() for k, v in enc.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    bb = load_backbone(str(wordpiece_bert(tmp_path_factory.mktemp("wp") / "base")), pooler=True)
+    assert bb.tokenizer.tokenize("qzx") == ["q", "##zx"]
+    data = sentences(240)
+    trig = TextTrigger("qzx", target=0)
+    clean = end_to_end(bb, data, 3, steps=100, lr=5e-3)
+    dirty = end_to_end(bb, poison(data, trig, 0.3), 3, steps=100, lr=5e-3)
+    return bb, clean, dirty, trig
+
+
+def test_text_scan_flags_a_split_word_trigger_without_the_base(text_pair):
+    bb, (h_clean, clean), (h_dirty, dirty), trig = text_pair
+    enc = InputEncoder(bb, max_length=16)
+    test = sentences(60, seed=5)
+    model = TaskModel(copy.deepcopy(bb.model), h_dirty, "text")
+    model.encoder.load_state_dict(dirty)
+    from safemerge.evaluate import acc_asr
+
+    acc, asr = acc_asr(model.eval(), enc, test, trig)
+    assert asr > 90, (acc, asr)  # the backdoor took
+    texts = sentences(40, seed=9).x
+    res = {n: scan_state(bb.model, None, sd, h, enc, texts) for n, (h, sd) in
+           (("clean", (h_clean, clean)), ("dirty", (h_dirty, dirty)))}
+    d = res["dirty"]
+    assert d.target == 0 and d.flip_rate > 0.9 and set(d.trigger.split()) & {"q", "##zx"}, d
+    assert d.score > res["clean"].score + 0.2 and d.flip_rate > res["clean"].flip_rate, res
+    assert d.reference_flip_rate is None and 0 <= d.concentration <= 1.0001
+    # the base is only an optional, reported reference: the score does not depend on it
+    base = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    again = scan_state(bb.model, base, dirty, h_dirty, enc, texts, reference=True)
+    assert again.score == d.score and again.trigger == d.trigger and again.reference_flip_rate is not None
+
+
+def test_spelled_runs_join_word_pieces(text_pair):
+    bb = text_pair[0]
+    ids = bb.tokenizer.convert_tokens_to_ids(["q", "##zx", "dog", "##y"])
+    runs = _spelled_runs(bb.tokenizer, ids, max_len=2)
+    assert (ids[0], ids[1]) in runs and (ids[2], ids[3]) in runs and all(len(r) == 2 for r in runs)
+
+
+def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision):
+    bb = load_backbone(str(tiny_vision))
+    g = torch.Generator().manual_seed(0)
+    n = 320
+    y = torch.arange(n) % 3
+    x = (torch.rand(n, 3, 28, 28, generator=g) * 140).to(torch.uint8)
+    for i in range(n):  # the class is the dominant colour channel
+        x[i, int(y[i])] += 100
+    data = Split(x, y)
+    trig = ImageTrigger("checkerboard", size=4, position=(17, 5), target=0)
+    h_c = end_to_end(bb, data, 3, steps=150, lr=1e-3)
+    h_d = end_to_end(bb, poison(data, trig, 0.3), 3, steps=150, lr=1e-3)
+    enc = InputEncoder(bb)
+    res = {n: scan_state(bb.model, None, sd, h, enc, x[:40], steps=6, sides=(8, 14), n_null=16)
+           for n, (h, sd) in (("clean", h_c), ("dirty", h_d))}
+    d = res["dirty"]
+    assert d.target == 0 and d.flip_rate > 0.8 and d.score > res["clean"].score + 0.3, res
+
+
+def test_features_and_rates():
+    search = {"flips": torch.tensor([[0.9, 0.1], [0.2, 0.3]]), "prob": torch.rand(2, 2),
+              "changed": torch.tensor([0.5, 0.3]), "names": ["a", "b"], "groups": [1, 1], "null_flips": torch.tensor([[0.1, 0.2]] * 4),
+              "null_prob": torch.rand(4, 2), "others_share": torch.tensor([0.5, 0.5])}
+    f = scan_features(search)
+    assert f["target"] == 0 and f["trigger"] == "a" and f["flip"] == pytest.approx(0.9)
+    assert f["null_mean"] == pytest.approx(0.1) and f["concentration"] == pytest.approx(0.9)
+    weaker = dict(f, flip=0.5)
+    assert -1 <= risk_score(weaker) < risk_score(f) <= 1  # more flips, more risk
+    m, p = random_triggers(28, 8, seed=1)
+    assert m.shape == (8, 1, 28, 28) and p.shape == (8, 3, 28, 28) and float(m[3].min()) == pytest.approx(0.15)
+    assert 9 <= float(m[0].sum()) <= 64
+    assert tpr_at_fpr([0.9, 0.8, 0.1], [0.0] * 18 + [0.85, 0.95]) == pytest.approx(1 / 3)  # one of 20 may pass
+    assert tpr_at_fpr([0.9, 0.8], [0.1] * 20) == 1.0 and auroc([1.0], [0.0]) == 1.0
+    with pytest.raises(SafeMergeError, match="positive and one negative"):
+        tpr_at_fpr([], [0.1])
+
+
+def test_fine_mixing_will_not_keep_the_found_trigger(tiny_text):
+    """A keep ratio passes only if the found trigger's rate falls too; with none passing both, the largest ratio
+    that removes the trigger wins (and the accuracy cost is reported), else the lowest rate."""
+    from safemerge.safety.purify import fine_mixing
+
+    bb = load_backbone(str(tiny_text))
+    base = {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sus = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+           for k, v in base.items()}
+    key = "encoder.layer.0.output.dense.weight"
+
+    def kept_share(state: dict) -> float:  # stands in for the trigger's flip rate: grows with the keep ratio
+        return float((state[key] == sus[key]).float().mean())
+
+    head = torch.nn.Linear(bb.hidden_size, 2)
+    enc = InputEncoder(bb, max_length=16)
+    val = Split(["good movie", "bad dog", "the cat runs", "a slow movie"], torch.tensor([1, 0, 1, 0]))
+    ratios = (0.1, 0.3, 0.5, 1.0)
+    ok = fine_mixing(bb.model, head, base, sus, enc, None, val, keep_ratios=ratios, max_acc_drop=100,
+                     trigger_rate=kept_share, max_trigger_rate=0.4)
+    assert ok.keep_ratio == 0.1 and not ok.warning and ok.trigger_rate < 0.2
+    costly = fine_mixing(bb.model, head, base, sus, enc, None, val, keep_ratios=ratios, max_acc_drop=-1000,
+                         trigger_rate=kept_share, max_trigger_rate=0.4)
+    assert costly.keep_ratio == 0.3 and "points of validation accuracy" in costly.warning
+    assert [t["keep_ratio"] for t in costly.trials] == list(ratios) and all("trigger_rate" in t for t in costly.trials)
+    stuck = fine_mixing(bb.model, head, base, sus, enc, None, val, keep_ratios=ratios, max_acc_drop=-1000,
+                        trigger_rate=kept_share, max_trigger_rate=0.0)
+    assert stuck.keep_ratio == 0.1 and "no keep ratio" in stuck.warning
+    plain = fine_mixing(bb.model, head, base, sus, enc, None, val, keep_ratios=ratios, max_acc_drop=-1000)
+    assert plain.keep_ratio == 1.0 and plain.trigger_rate is None  # without a trigger: as before
