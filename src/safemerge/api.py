@@ -49,9 +49,11 @@ def resolve_path(path: str) -> Path:
 
 
 def load_model_ref(ref: ModelRef | str | Path) -> TaskFolder:
-    """Any model folder (HF classifier, safemerge folder, bare encoder), a safetensors file or a zoo reference."""
+    """Any model folder (HF classifier, safemerge folder, bare encoder), a safetensors file or a zoo reference.
+    The task is `ref.task`; else an HF folder's name (a zoo reference or a zoo-format folder: its manifest's)."""
     ref = ref if isinstance(ref, ModelRef) else ModelRef(path=str(ref))
-    return load_task_folder(resolve_path(ref.path), ref.task)
+    path = resolve_path(ref.path)
+    return load_task_folder(path, ref.task, name_by_folder=not str(ref.path).startswith("zoo:"))
 
 
 def base_spec_of(folder: TaskFolder, base: str | None) -> str:

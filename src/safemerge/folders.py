@@ -181,8 +181,9 @@ def _heads_file(path: Path, modality: str) -> dict[str, Head]:
     return heads_from_state(load_state_dict(hp), hp, pooling, modality)
 
 
-def load_task_folder(ref: str | Path, task: str | None = None) -> TaskFolder:
-    """Read any task model folder (see the module docstring); `task` names it when the folder does not."""
+def load_task_folder(ref: str | Path, task: str | None = None, name_by_folder: bool = False) -> TaskFolder:
+    """Read any task model folder (see the module docstring). Its task: `task`; else, with `name_by_folder`,
+    an HF folder's own name (what a user calls the model); else the manifest's, else the folder's name."""
     path = Path(ref).expanduser()
     if not path.exists():
         raise SafeMergeError(f"{path}: no such model folder or file")
@@ -203,7 +204,7 @@ def load_task_folder(ref: str | Path, task: str | None = None) -> TaskFolder:
         return TaskFolder(path, {"attack": None, **manifest, "task": t}, sd, heads, labels, "safemerge",
                           config=config)
     if _classifier_class(config) is not None:
-        return load_hf_classifier(path, task)
+        return load_hf_classifier(path, task or (path.name if name_by_folder else None))
     enc = _bare_encoder(path)  # through its own class: transformers maps saved names to the in-memory ones
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     t = task or manifest.get("task") or path.name
