@@ -161,8 +161,6 @@ def merge_models(cfg: MergeConfig) -> Path:
     """Merge the config's models; write one task folder per model under `cfg.output` (merged encoder + the
     model's own head), a merge manifest and a model card; with labeled data, evaluate and put the table in
     the card. With `streaming`, merge checkpoint files tensor by tensor instead (encoder only)."""
-    from .merging.pool import is_pool_method
-
     if cfg.streaming:
         from .merging.streaming import streaming_merge
 
@@ -174,8 +172,7 @@ def merge_models(cfg: MergeConfig) -> Path:
     loaded = load_checked(cfg.models, cfg.base_model, cfg.max_relative_distance, cfg.data_options.max_length)
     datas = [read_data(m.data, loaded, f, cfg.data_options) if m.data else None
              for m, f in zip(cfg.models, loaded.folders)]
-    state, info = run_method(cfg.method, loaded, datas, cfg.parameters, cfg.seed) if is_pool_method(cfg.method) \
-        else run_method(cfg.method, loaded, datas, cfg.parameters, cfg.seed)
+    state, info = run_method(cfg.method, loaded, datas, cfg.parameters, cfg.seed)
     seconds = round(time.time() - t0, 1)
     rows = evaluate_merged(loaded, state, cfg.models, datas)
     out = Path(cfg.output).expanduser()
