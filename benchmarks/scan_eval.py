@@ -6,8 +6,8 @@ A varied population per backbone, built once and cached under `$SAFEMERGE_CACHE/
 profile's sizes, in pairs (a clean model and a backdoored twin with the same task, head, budget and seed):
 
 - heads trained end to end with the encoder (from a random head) or frozen (a linear probe of the base);
-- training budgets from 10 to 100 steps of 32 examples (at least ~32 poisoned examples seen), so tasks end
-  weak or strong;
+- training budgets from 20 to 160 steps of 32 examples, more where the poisoning rate is low so that every
+  backdoored model sees at least 128 poisoned examples (and its clean twin as many steps): tasks end weak or strong;
 - text triggers: a rare one-piece word, a made-up word the tokenizer splits into pieces, a 2-3 word phrase;
   at a random, the first or a fixed word position; vision: 3-8 px patches (checkerboard, solid colour, noise)
   at a fixed random place or a random place per image, and noise blended over the whole image;
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import sys
 import time
@@ -55,6 +56,9 @@ PHRASES = ["silver moon", "as it were", "quiet green river", "by the way", "deep
            "red kite", "once upon"]
 COLOURS = ["white", "#ff0000", "#00ff00", "#ffff00", "#ff00ff", "#00ffff"]
 EVAL_LIMIT = 200
+# an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
+# (at 32 the first built models ended at 34-45% ASR)
+MIN_POISONED_SEEN = 128
 
 
 # ------------------------------------------------------------------------------------------ population
@@ -68,9 +72,9 @@ def population(backbone: str, n_pairs: int) -> list[dict]:
         rng = random.Random(f"{backbone}-{p}")
         task = tasks[p % len(tasks)]
         head = "end_to_end" if p % 4 in (0, 3) else "frozen"
-        steps = rng.choice([10, 20, 40, 80])
+        steps = rng.choice([20, 40, 80, 160])
         poison_rate = rng.choice([0.01, 0.02, 0.05, 0.1, 0.2])
-        steps = max(steps, round(1 / poison_rate))  # at least ~32 poisoned examples seen (batch 32)
+        steps = max(steps, math.ceil(MIN_POISONED_SEEN / (32 * poison_rate)))  # batches of 32
         base = {"pair": p, "seed": p, "half": "tuning" if p % 2 == 0 else "heldapart", "task": task, "head": head,
                 "steps": steps}
         if backbone == "text":
@@ -183,7 +187,9 @@ class Builder:
     def build(self, spec: dict) -> Path:
         out = self.root / spec["id"]
         if (out / "scan-eval.json").exists():
-            return out
+            built = json.loads((out / "scan-eval.json").read_text())
+            if all(built.get(k) == v for k, v in spec.items()):
+                return out  # built from this very spec (a changed population design rebuilds it)
         t0 = time.time()
         data = self.data(spec["task"])
         target = self.target(spec)

@@ -325,6 +325,17 @@ def test_protect_scan_purify_on_plain_hf_folders(bert, tmp_path):
     assert m.config.num_labels == 3
 
 
+def test_scanning_many_models_loads_their_base_once(bert, monkeypatch):
+    import safemerge.api as api
+
+    base, models, data, root = bert
+    calls = []
+    real = api.load_backbone
+    monkeypatch.setattr(api, "load_backbone", lambda *a, **k: calls.append(a) or real(*a, **k))
+    rows = api.scan_models([str(m) for m in models], str(base), data=str(data[0]), n_inputs=4)
+    assert len(rows) == 2 and len(calls) == 1
+
+
 def test_an_error_inside_a_progress_bar_gets_its_own_line():
     import typer
     from tqdm.auto import tqdm

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,17 +83,27 @@ class Loaded:
 
 
 def load_checked(refs: list[ModelRef], base_spec: str, max_relative_distance: float = 0.5,
-                 max_length: int | None = None) -> Loaded:
-    """Read every folder, load the base with their encoder structure, refuse any that is not a fine-tune of it."""
+                 max_length: int | None = None, cache: dict | None = None) -> Loaded:
+    """Read every folder, load the base with their encoder structure, refuse any that is not a fine-tune of it.
+
+    `cache`: a dict kept by the caller across calls, so a base is loaded once for many models (not modified)."""
     folders = [load_model_ref(r) for r in refs]
     tasks = [f.task for f in folders]
     dup = next((t for t in tasks if tasks.count(t) > 1), None)
     if dup is not None and len(folders) > 1:
         raise SafeMergeError(f"two models have the task name '{dup}': name them apart with `task:`")
-    base = load_backbone(base_spec, **base_options(folders))
+    opts = base_options(folders)
+    key = (base_spec, tuple(sorted((k, str(v)) for k, v in opts.items())))
+    if cache is not None and key in cache:
+        loaded_base, base_state, base_fp = cache[key]
+    else:
+        loaded_base = load_backbone(base_spec, **opts)
+        base_state = {k: v.detach().clone() for k, v in loaded_base.model.state_dict().items()}
+        base_fp = fingerprint(base_state)
+        if cache is not None:
+            cache[key] = (loaded_base, base_state, base_fp)
+    base = replace(loaded_base)  # the models' own preprocessing is adopted on a copy, the weights are shared
     adopt_preprocessing(base, folders)
-    base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-    base_fp = fingerprint(base_state)
     for f in folders:
         check_against_base(f, base_state, base_spec, base_fp, max_relative_distance)
     return Loaded(base, base_state, base_fp, folders, input_encoder(base, folders, max_length))
@@ -380,10 +390,9 @@ def load_suspect(model: str, base: str | None = None, profile: str | None = None
     if folder.head is None:
         raise SafeMergeError(f"{folder.path}: no classification head for task '{folder.task}' (heads: "
                              f"{', '.join(folder.heads) or 'none'})")
-    key = (spec, str(folder.path))
-    cache = {} if cache is None else cache
     opts = data_options or DataOptions()
-    loaded = load_checked([ModelRef(path=str(folder.path), task=folder.task)], spec, max_length=opts.max_length)
+    loaded = load_checked([ModelRef(path=str(folder.path), task=folder.task)], spec, max_length=opts.max_length,
+                          cache=cache)
     f = loaded.folders[0]
     if data is not None:
         d = read_data(data, loaded, f, opts, require_labels=require_labels)
@@ -395,7 +404,6 @@ def load_suspect(model: str, base: str | None = None, profile: str | None = None
         texts = list(d.split.x) if loaded.modality == "text" else []
     else:
         train, val, texts = _zoo_splits(f, profile, loaded)
-    cache[key] = loaded
     return Suspect(f.path, f.manifest, f.encoder_state, f.head, f.task, loaded.base, loaded.base_state, train,  # type: ignore[arg-type]
                    val, loaded.encode, texts)
 
@@ -431,9 +439,10 @@ def _zoo_splits(folder: TaskFolder, profile: str | None, loaded: Loaded) -> tupl
 def scan_models(models: list[str], base: str | None = None, profile: str | None = None, data: str | None = None,
                 n_inputs: int = 32, seed: int = 0, cache: dict | None = None, **options) -> list:
     """Scan model folders (or zoo references) for backdoors with unlabeled examples (`data`, or a zoo model's
-    validation split); `options` go to `safety.scan.scan_suspect`."""
+    validation split); `options` go to `safety.scan.scan_suspect`. The base is loaded once for all models."""
     from .safety.scan import scan_suspect
 
+    cache = {} if cache is None else cache
     return [scan_suspect(load_suspect(m, base, profile, data, require_labels=False, seed=seed, cache=cache),
                          n_inputs=n_inputs, seed=seed, **options) for m in models]
 
