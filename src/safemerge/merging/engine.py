@@ -17,7 +17,11 @@ of a stream of chunks exactly: a sample brackets it between two values, and one 
 float32 bit patterns between them (bit patterns order non-negative floats), with the counts below and above;
 a miss falls back to two passes of radix selection on the high and low 16 bits. Entries equal to the threshold are
 kept in stream order until exactly k are kept, which is what a stable descending sort would keep. The same code
-serves TIES's global threshold over a whole model (streamed) and a tensor's own (in memory or streamed)."""
+serves TIES's global threshold over a whole model (streamed) and a tensor's own (in memory or streamed).
+
+CPU cost shapes the blocks (measured in BENCHMARKS.md, streaming section): work tensors come from one
+`Workspace` per merge instead of fresh allocations, sums over models run row by row (`sum_rows`), and masks and
+window counts use numpy's vectorised comparisons, which are several times faster than torch's on CPU."""
 
 from __future__ import annotations
 
@@ -70,20 +74,37 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return acc
 
 
-def sign_consensus(deltas: torch.Tensor, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def sum_rows(x: torch.Tensor, weights: Sequence[float] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i x[i] over the rows of `x` [models, n], in row order (`out`: a fresh tensor if None). Row by row:
+    on CPU a few n-sized ops are several times faster than one reduction or matmul over [models, n]."""
+    w = [1.0] * x.shape[0] if weights is None else list(weights)
+    if len(w) == 1:
+        return torch.mul(x[0], w[0], out=out) if out is not None else x[0] * w[0]
+    if w[0] == 1.0:
+        acc = torch.add(x[0], x[1], alpha=w[1], out=out) if out is not None else torch.add(x[0], x[1], alpha=w[1])
+    else:
+        acc = (torch.mul(x[0], w[0], out=out) if out is not None else x[0] * w[0]).add_(x[1], alpha=w[1])
+    for row, wi in zip(x[2:], w[2:]):
+        acc.add_(row, alpha=wi)
+    return acc
+
+
+def sign_consensus(deltas: torch.Tensor, weights: Sequence[float],
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES's sign election and disjoint sum (mergekit's 'sum' consensus) over the rows of `deltas` [models,
     n] (already weighted; overwritten): per entry the sign of sum_i d_i wins (a zero sum elects +), and only the
     non-zero d_i of that sign are summed. Returns (that sum, the summed weights of the models that agree, 1
-    where none does)."""
-    elect = deltas.sum(0).sign_().add_(1).sign_().mul_(2).sub_(1)  # +1 where the sum is >= 0, else -1
-    agree = deltas.mul_(elect).clamp_(min=0)  # |d| where d has the elected sign, else 0
-    mixed = agree.sum(0).mul_(elect)
-    agree.sign_()
-    if all(w == 1.0 for w in weights):
-        divisor = agree.sum(0)
-    else:
-        divisor = torch.matmul(torch.tensor(list(weights), dtype=agree.dtype), agree)
-    divisor.add_(1 - divisor.abs().sign())  # no agreeing model: divide by 1
+    where none does), fresh or in the two tensors of `out`."""
+    mixed_out, divisor_out = out if out is not None else (None, None)
+    elect = sum_rows(deltas, out=divisor_out).sign_().add_(0.5).sign_()  # +1 where the sum is >= 0, else -1
+    for row in deltas:
+        row.mul_(elect).clamp_(min=0)  # |d| where d has the elected sign, else 0
+    mixed = sum_rows(deltas, out=mixed_out).mul_(elect)
+    for row in deltas:
+        row.sign_()  # 1 where the model agrees
+    divisor = sum_rows(deltas, weights, out=divisor_out)  # (elect is no longer needed)
+    nonzero = torch.abs(divisor, out=deltas[0]).sign_()
+    divisor.add_(1).sub_(nonzero)  # no agreeing model (or weights summing to 0): divide by 1
     return mixed, divisor
 
 
@@ -105,12 +126,14 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9
     return (ca * x + cb * y).reshape(a.shape)
 
 
-def uniform16(seed: int, index: int, name: str, chunk: int, n: int) -> np.ndarray:
-    """n uniform 16-bit integers for chunk `chunk` of tensor `name` of model `index`, from a generator seeded by
-    (seed, index, name, chunk): any chunk is drawn alone, the same in memory and when streaming."""
+def uniform16(seed: int, index: int, name: str, chunk: int, n: int, bits: int = 16) -> np.ndarray:
+    """n uniform 16-bit integers (8-bit with `bits=8`) for chunk `chunk` of tensor `name` of model `index`,
+    from a generator seeded by (seed, index, name, chunk): any chunk is drawn alone, the same in memory and when
+    streaming."""
     ss = np.random.SeedSequence([seed & 0xFFFFFFFF, index, zlib.crc32(name.encode()), chunk])
-    raw = np.random.SFC64(ss).random_raw((n + 3) // 4)
-    return raw.view(np.uint16)[:n]
+    per_word = 64 // bits
+    raw = np.random.SFC64(ss).random_raw((n + per_word - 1) // per_word)
+    return raw.view(np.uint16 if bits == 16 else np.uint8)[:n]
 
 
 def keep_level(p: float) -> int:
@@ -118,15 +141,28 @@ def keep_level(p: float) -> int:
     return int(round(min(max(p, 0.0), 1.0) * 65536))
 
 
-def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: float) -> torch.Tensor:
-    """DARE's Bernoulli(`density`) keep mask of one chunk, as float32 0/1."""
-    return torch.from_numpy((uniform16(seed, index, name, chunk, n) < keep_level(density)).astype(np.float32))
+def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: float) -> np.ndarray:
+    """DARE's Bernoulli(`density`) keep mask of one chunk (boolean). A density that is a multiple of 1/256
+    (0.5, 0.25, 0.1015625...) is drawn exactly from 8 random bits per entry, any other from 16 (to 1/65536):
+    the random draws are the largest cost of a streamed DARE merge."""
+    level = keep_level(density)
+    if level % 256 == 0:
+        return uniform16(seed, index, name, chunk, n, bits=8) < (level >> 8) if level < 65536 else np.ones(n, bool)
+    return uniform16(seed, index, name, chunk, n) < level
+
+
+def apply_mask(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """x (float32, contiguous) with the entries outside the boolean `keep` zeroed, in place (numpy's
+    multiply by a boolean array is several times faster than torch's comparisons and masked writes on CPU)."""
+    v = x.numpy()
+    np.multiply(v, keep.reshape(v.shape), out=v)
+    return x
 
 
 def dare_keep(name: str, shape: Sequence[int], density: float, seed: int, index: int) -> torch.Tensor:
     """The whole boolean DARE keep mask of tensor `name` of model `index` (the chunks' masks, joined)."""
     n = math.prod(shape)
-    parts = [dare_mask(seed, index, name, c, e - s, density) > 0 for c, (s, e) in enumerate(grid(shape))]
+    parts = [torch.from_numpy(dare_mask(seed, index, name, c, e - s, density)) for c, (s, e) in enumerate(grid(shape))]
     return (torch.cat(parts) if parts else torch.zeros(n, dtype=torch.bool)).view(tuple(shape))
 
 
@@ -288,46 +324,79 @@ def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], total
     for attempt in range(2):
         if not windows:
             break
-        counts = {key: torch.zeros(hi - lo + 3, dtype=torch.int64) for key, (lo, hi) in windows.items()}
-        per_chunk: dict[tuple[int, int], list | None] = {key: [] for key in windows}  # sparse chunk histograms
+        counts = {key: WindowCount(lo, hi) for key, (lo, hi) in windows.items()}
         wanted = {i for i, _ in windows}
         for i, a in stream(1):
             if i not in wanted:
                 continue
-            b = _bits(a).reshape(-1)
-            for (j, q), (lo, hi) in windows.items():
-                if j != i:
-                    continue
-                h = torch.bincount(b.clamp(lo - 1, hi + 1).sub_(lo - 1), minlength=hi - lo + 3)
-                counts[(j, q)] += h
-                rec = per_chunk[(j, q)]
-                if rec is not None:
-                    if len(rec) >= TRACK_CHUNKS:
-                        per_chunk[(j, q)] = None
-                    else:
-                        nz = h[1:-1].nonzero()[:, 0]
-                        rec.append((nz, h[1:-1][nz]))
+            b = _bits(a).reshape(-1).numpy()
+            for (j, q), c in counts.items():
+                if j == i:
+                    c.add(b)
         missed = {}
         for (i, q), (lo, hi) in windows.items():
-            n, k, h = totals[i], ks[i][q], counts[(i, q)]
+            n, k, c = totals[i], ks[i][q], counts[(i, q)]
             rank = n - k
-            below, above = int(h[0]), int(h[-1])
+            h = c.histogram()
+            below, above = c.below, n - c.below - int(h.sum())
             if not below <= rank < n - above:
                 missed[(i, q)] = (0, 0x7F800000)  # every finite magnitude
                 continue
-            cum = below + h[1:-1].cumsum(0)
+            cum = below + h.cumsum(0)
             idx = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
             value = float(torch.tensor([lo + idx], dtype=torch.int32).view(torch.float32))
             n_gt = n - int(cum[idx])
-            rec = per_chunk[(i, q)]
-            chunk_equal = None if rec is None else tuple(int(c[nz == idx].sum()) for nz, c in rec)
-            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(h[1 + idx]), chunk_equal=chunk_equal)
+            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(h[idx]), chunk_equal=c.chunk_equal(idx))
         if missed and attempt == 0:  # a full window: exact, with a histogram of 2^31 patterns split in two levels
             for key in missed:
                 i, q = key
                 cuts[i][q] = _radix_cut(stream, i, totals[i], ks[i][q])
         windows = {}
     return cuts  # type: ignore[return-value]
+
+
+class WindowCount:
+    """The counting pass of `select_cuts` for one stream and one window [lo, hi] of float32 bit patterns: how
+    many entries lie below the window, and the entries inside it (about 1% of the stream), kept per chunk while
+    there are at most TRACK_CHUNKS chunks (to know where the threshold's ties are), else as a histogram. numpy's
+    comparisons and boolean selection are several times faster than torch's on CPU."""
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.width = lo, hi - lo + 1
+        self.below = 0
+        self.chunks: list[np.ndarray] | None = []
+        self.hist = np.zeros(self.width, dtype=np.int64)
+        self._offset = np.empty(0, dtype=np.uint32)
+        self._flag = np.empty(0, dtype=bool)
+
+    def add(self, bits: np.ndarray) -> None:
+        """One chunk of magnitudes, as their int32 bit patterns."""
+        n = bits.size
+        if self._offset.size < n:
+            self._offset, self._flag = np.empty(n, dtype=np.uint32), np.empty(n, dtype=bool)
+        offset, flag = self._offset[:n], self._flag[:n]
+        self.below += int(np.count_nonzero(np.less(bits, self.lo, out=flag)))
+        np.subtract(bits.view(np.uint32), np.uint32(self.lo), out=offset)
+        inside = offset[np.less(offset, np.uint32(self.width), out=flag)]
+        if self.chunks is not None and len(self.chunks) < TRACK_CHUNKS:
+            self.chunks.append(inside)
+            return
+        if self.chunks:
+            for c in self.chunks:
+                self.hist += np.bincount(c, minlength=self.width)
+        self.chunks = None
+        self.hist += np.bincount(inside, minlength=self.width)
+
+    def histogram(self) -> torch.Tensor:
+        """Entries per bit pattern of the window."""
+        h = self.hist.copy()
+        for c in self.chunks or []:
+            h += np.bincount(c, minlength=self.width)
+        return torch.from_numpy(h)
+
+    def chunk_equal(self, idx: int) -> tuple[int, ...] | None:
+        """Entries equal to the window's pattern `idx` in each chunk, if the chunks were kept."""
+        return None if self.chunks is None else tuple(int(np.count_nonzero(c == idx)) for c in self.chunks)
 
 
 def _radix_cut(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], i: int, n: int, k: int) -> Cut:
@@ -443,17 +512,18 @@ class Chunk:
             raw = raw.view(rows)[::every] if rows[0] >= every else raw[::every]
         return raw
 
-    def load(self, j: int, every: int = 1, check: bool = True) -> torch.Tensor:
-        """Input j as a fresh flat float32 tensor; `check`: its sum joins the finiteness check."""
-        x = self.raw(j, every).to(torch.float32, copy=True).reshape(-1)
+    def load(self, j: int, every: int = 1, check: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Input j as a flat float32 tensor (fresh, or `out`); `check`: its sum joins the finiteness check."""
+        raw = self.raw(j, every).reshape(-1)
+        x = out.copy_(raw) if out is not None else raw.to(torch.float32, copy=True)
         if check:
             self.job.checksum += x.sum()
         return x
 
     def base(self) -> torch.Tensor:
-        """The base (do not modify: shared by the model calls)."""
+        """The base (do not modify: shared by the model calls; valid until the next chunk's)."""
         if self._base is None:
-            self._base = self.load(0)
+            self._base = self.load(0, out=self.job.scratch("base", self.numel))
         return self._base
 
     def model(self, i: int) -> torch.Tensor:
@@ -476,22 +546,41 @@ class Chunk:
         return buf
 
 
+class Workspace:
+    """Float32 work tensors reused by the chunks and tensors of one merge: on CPU, touching freshly allocated
+    memory costs as much as the arithmetic done in it."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, n: int) -> torch.Tensor:
+        """n elements of `slot` (content undefined; valid until `slot` is asked for again)."""
+        buf = self._slots.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = self._slots[slot] = torch.empty(max(n, CHUNK))
+        return buf[:n]
+
+
 class TensorJob:
     """One floating-point tensor to merge: its chunks, as often as a method passes over them."""
 
-    def __init__(self, inputs: Inputs, name: str):
+    def __init__(self, inputs: Inputs, name: str, workspace: Workspace | None = None):
         self.inputs, self.name = inputs, name
         self.shape = inputs.shape(name)
         self.numel = math.prod(self.shape)
         self.n_models = inputs.n_models
         self.grid = grid(self.shape)
         self.checksum = torch.zeros(())
-        self._buf: torch.Tensor | None = None
+        self.workspace = workspace or Workspace()
 
     def buffer(self, m: int, n: int) -> torch.Tensor:
-        if self._buf is None or self._buf.numel() < m * n:
-            self._buf = torch.empty(m * n)
-        return self._buf[: m * n].view(m, n)
+        """The [m, n] buffer the models of a chunk are loaded into."""
+        return self.workspace.get("models", m * n).view(m, n)
+
+    def scratch(self, slot: str, n: int) -> torch.Tensor:
+        """A float32 work tensor of n elements, reused by every chunk (valid until the next chunk asks for the
+        same slot)."""
+        return self.workspace.get(slot, n)
 
     def chunks(self) -> Iterator[Chunk]:
         c = 0
@@ -512,8 +601,9 @@ class TensorJob:
 
     def task_vectors(self) -> torch.Tensor:
         """Every model's task vector of the whole tensor, [models, numel] float32 (one pass over the inputs; for
-        methods that pass over a tensor several times, when it is small enough to hold: see CACHE_ELEMENTS)."""
-        out = torch.empty(self.n_models, self.numel)
+        methods that pass over a tensor several times, when it is small enough to hold: see CACHE_ELEMENTS). In
+        the workspace: valid until the next tensor's."""
+        out = self.workspace.get("task_vectors", self.n_models * self.numel).view(self.n_models, self.numel)
         for ch in self.chunks():
             ch.models(out=out[:, ch.start: ch.stop]).sub_(ch.base())
         return out
@@ -527,7 +617,7 @@ class TensorJob:
                     v = tvs[i, s:e]
                     if every > 1:
                         v = v.view(rows, -1)[::every] if rows >= every else v[::every]
-                    yield i, v.abs()
+                    yield i, torch.abs(v, out=self.scratch("magnitudes", v.numel()).view(v.shape))
         return stream
 
     def check_finite(self) -> None:
@@ -584,6 +674,7 @@ def run(spec: Spec, opts: Any, inputs: Inputs, sink: Sink, out_dtype: torch.dtyp
     computed in float32 and written in their input dtype (or `out_dtype`); others are copied from the base."""
     if state is None:
         state = spec.prepare(inputs, opts)
+    workspace = Workspace()
     for name in inputs.names():
         dtype = inputs.dtype(name)
         shape = inputs.shape(name)
@@ -594,7 +685,7 @@ def run(spec: Spec, opts: Any, inputs: Inputs, sink: Sink, out_dtype: torch.dtyp
             sink.end()
         else:
             sink.begin(name, shape, out_dtype or dtype)
-            job = TensorJob(inputs, name)
+            job = TensorJob(inputs, name, workspace)
             for out in spec.merge_tensor(job, opts, state):
                 sink.write(out)
             job.check_finite()

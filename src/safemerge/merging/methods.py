@@ -23,8 +23,8 @@ from pydantic import Field, model_validator
 
 from ..errors import SafeMergeError
 from . import engine, registry
-from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, dare_keep, dare_mask, della_mask,
-                     per_model, run, select_cuts, sign_consensus, slerp, task_vector)
+from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, apply_mask, dare_keep, dare_mask,
+                     della_mask, per_model, run, select_cuts, sign_consensus, slerp, sum_rows, task_vector)
 from .registry import Options
 
 StateDict = Mapping[str, torch.Tensor]
@@ -122,7 +122,8 @@ def global_cuts(inputs: Inputs, densities: Sequence[float]) -> dict[str, list[Cu
     """TIES's global trim: per model, the cut of the k largest |tau_i| over every floating tensor (in sorted
     name order), split into one cut per tensor that carries its share of the tie quota."""
     names = sorted(n for n in inputs.names() if inputs.dtype(n).is_floating_point)
-    jobs = [TensorJob(inputs, n) for n in names]
+    workspace = engine.Workspace()
+    jobs = [TensorJob(inputs, n, workspace) for n in names]
     total = sum(j.numel for j in jobs)
     m = inputs.n_models
 
@@ -204,13 +205,12 @@ class TaskArithmetic:
         # the factor of each sparsified task vector: its weight, and DARE's 1 / density
         scale = [wi / d if self.sparsify == "random" and o.rescale and d < 1 else wi for wi, d in zip(w, dens)]
         total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-        wv, sv = torch.tensor(w), torch.tensor(scale)[:, None]
         plain = self.sparsify == "none" and not self.consensus
         for ch in job.chunks():
             b = ch.base()
             x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models()
-            if plain:  # sum_i w_i (theta_i - theta_0) = w @ theta - (sum_i w_i) theta_0: one pass over the models
-                acc = torch.matmul(wv, x).sub_(b, alpha=sum(w))
+            if plain:  # sum_i w_i (theta_i - theta_0) = sum_i w_i theta_i - (sum_i w_i) theta_0: one pass
+                acc = sum_rows(x, w, out=job.scratch("acc", ch.numel)).sub_(b, alpha=sum(w))
             else:
                 if tvs is None:
                     x.sub_(b)  # task vectors
@@ -218,18 +218,19 @@ class TaskArithmetic:
                     if prune is not None:
                         prune[i](x[i])
                     elif self.sparsify == "random" and dens[i] < 1:
-                        x[i].mul_(dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
+                        apply_mask(x[i], dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
                     elif self.sparsify == "della" and dens[i] < 1:
                         x[i].mul_(della_mask(x[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
                                              ch.index, o.rescale).reshape(-1))
-                if any(f != 1 for f in scale):
-                    x.mul_(sv)
+                for row, f in zip(x, scale):
+                    if f != 1:
+                        row.mul_(f)
                 if self.consensus:
-                    acc, divisor = sign_consensus(x, w)
+                    acc, divisor = sign_consensus(x, w, out=(job.scratch("acc", ch.numel), job.scratch("div", ch.numel)))
                     if o.normalize:
                         acc.div_(divisor)
                 else:
-                    acc = x.sum(0)
+                    acc = sum_rows(x, out=job.scratch("acc", ch.numel))
             if not self.consensus and o.normalize:
                 acc.div_(total_w)
             if o.scaling != 1:
@@ -249,9 +250,8 @@ class Linear(_NoPreparation):
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
         w = per_model(o.weight, job.n_models, "weight")
         total = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-        wv = torch.tensor(w)
         for ch in job.chunks():
-            acc = torch.matmul(wv, ch.models())
+            acc = sum_rows(ch.models(), w, out=job.scratch("acc", ch.numel))
             yield acc.div_(total) if o.normalize else acc
 
 
