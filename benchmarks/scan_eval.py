@@ -123,6 +123,14 @@ def poison(split: Split, trigger, rate: float, seed: int) -> Split:
 
 
 # ------------------------------------------------------------------------------------------ building
+def is_current(path: Path, spec: dict) -> bool:
+    """Whether the model at `path` was built from this very spec (a changed population design rebuilds it)."""
+    meta = path / "scan-eval.json"
+    if not meta.exists():
+        return False
+    built = json.loads(meta.read_text())
+    return all(built.get(k) == v for k, v in spec.items())
+
 
 
 class Builder:
@@ -186,10 +194,8 @@ class Builder:
 
     def build(self, spec: dict) -> Path:
         out = self.root / spec["id"]
-        if (out / "scan-eval.json").exists():
-            built = json.loads((out / "scan-eval.json").read_text())
-            if all(built.get(k) == v for k, v in spec.items()):
-                return out  # built from this very spec (a changed population design rebuilds it)
+        if is_current(out, spec):
+            return out
         t0 = time.time()
         data = self.data(spec["task"])
         target = self.target(spec)
@@ -414,8 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
             break
         path = root / spec["id"]
         scanned = path / "scan.json"
-        need_build = not (path / "scan-eval.json").exists()
-        need_scan = not args.build_only and (args.rescan or not scanned.exists())
+        need_build = not is_current(path, spec)
+        need_scan = not args.build_only and (args.rescan or need_build or not scanned.exists())
         if not (need_build or need_scan):
             continue
         if args.max_models is not None and done >= args.max_models:
@@ -432,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = root / spec["id"]
             out_p = path / "purify.json"
             if not spec["backdoored"] or spec["half"] != "heldapart" or out_p.exists() or \
-                    not (path / "scan-eval.json").exists():
+                    not is_current(path, spec):
                 continue
             if args.max_models is not None and done >= args.max_models:
                 break
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for spec in order:
         path = root / spec["id"]
-        if not (path / "scan-eval.json").exists():
+        if not is_current(path, spec):
             continue
         row = json.loads((path / "scan-eval.json").read_text())
         if (path / "scan.json").exists():
