@@ -40,7 +40,7 @@ from safemerge.bench.suites import device_description
 from safemerge.bench.tasks import load_task, task_names
 from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.evaluate import acc_asr
-from safemerge.folders import load_task_folder, save_task_folder
+from safemerge.folders import load_task_folder, new_hf_classifier, save_task_folder
 from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.paths import cache_dir
@@ -152,18 +152,7 @@ class Builder:
         return random.Random(f"target-{spec['pair']}").randrange(self.data(spec["task"]).num_classes)
 
     def classifier(self, n_labels: int, seed: int):
-        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-
-        cfg = copy.deepcopy(self.bb.model.config)
-        cfg.num_labels = n_labels
-        torch.manual_seed(seed)
-        auto = AutoModelForSequenceClassification if self.modality == "text" else AutoModelForImageClassification
-        clf = auto.from_config(cfg)
-        name = "bert" if self.modality == "text" else "dinov2"
-        enc = getattr(clf, name)
-        missing, unexpected = enc.load_state_dict(self.bb.model.state_dict(), strict=False)
-        assert not unexpected and all("pooler" not in k for k in missing), (missing, unexpected)
-        return clf, name, enc
+        return new_hf_classifier(self.bb, n_labels, seed)
 
     def probe(self, clf, name: str, enc, split: Split, seed: int) -> None:
         """Fit the classifier layer on the base encoder's features (what the class's classifier reads)."""

@@ -13,6 +13,7 @@ import torch
 from safemerge.backbones import load_backbone
 from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.errors import SafeMergeError
+from safemerge.folders import new_hf_classifier
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.safety.scan import (_spelled_runs, auroc, random_triggers, risk_score, scan_features, scan_state,
                                    tpr_at_fpr)
@@ -63,16 +64,7 @@ def poison(split: Split, trigger, rate: float, target: int = 0) -> Split:
 
 def end_to_end(bb, data: Split, n_labels: int, steps: int, lr: float, seed: int = 0) -> tuple[HFHead, dict]:
     """A transformers classifier over the base, head and encoder trained together from a random head."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForImageClassification
-
-    cfg = copy.deepcopy(bb.model.config)
-    cfg.num_labels = n_labels
-    torch.manual_seed(seed)
-    auto = AutoModelForSequenceClassification if bb.modality == "text" else AutoModelForImageClassification
-    clf = auto.from_config(cfg)
-    name = "bert" if bb.modality == "text" else "dinov2"
-    enc = getattr(clf, name)
-    enc.load_state_dict(bb.model.state_dict(), strict=False)
+    clf, name, enc = new_hf_classifier(bb, n_labels, seed)
     head = HFHead(clf, name)
     model = TaskModel(enc, head, bb.modality)
     encode = InputEncoder(bb, max_length=16)

@@ -254,6 +254,26 @@ def base_options(folders: list[TaskFolder]) -> dict:
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def new_hf_classifier(backbone: Backbone, n_labels: int, seed: int = 0):
+    """A fresh transformers classifier (`AutoModelFor{Sequence,Image}Classification` of the backbone's config)
+    whose encoder holds the backbone's weights and whose head is drawn with `seed`. Returns (model, the
+    encoder's attribute name, the encoder)."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    cfg = copy.deepcopy(backbone.model.config)
+    cfg.num_labels = n_labels
+    torch.manual_seed(seed)
+    auto = AutoModelForSequenceClassification if backbone.modality == "text" else AutoModelForImageClassification
+    clf = auto.from_config(cfg)
+    name = clf.base_model_prefix
+    enc = getattr(clf, name)
+    missing, unexpected = enc.load_state_dict(backbone.model.state_dict(), strict=False)
+    if unexpected or any("pooler" not in k for k in missing):
+        raise SafeMergeError(f"{backbone.path}: its weights do not fit {type(clf).__name__} ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected)")
+    return clf, name, enc
+
+
 def _hf_classifier_for(backbone: Backbone, encoder_state: StateDict, head: Head, labels: list[str] | None):
     """The transformers classification model that computes `head` over `encoder_state`, or None when no
     transformers class does (e.g. a linear head over mean-pooled tokens)."""
@@ -400,6 +420,6 @@ def save_model_folder(out: Path, backbone: Backbone, encoder_state: StateDict, h
     return out
 
 
-__all__ = ["HEADS", "LEGACY_RENAMES", "MANIFEST", "TaskFolder", "base_options", "check_against_base",
+__all__ = ["HEADS", "LEGACY_RENAMES", "MANIFEST", "TaskFolder", "base_options", "check_against_base", "new_hf_classifier",
            "encoder_name", "fingerprint", "heads_from_state", "load_hf_classifier", "load_task_folder",
            "save_model_folder", "save_task_folder"]

@@ -173,9 +173,7 @@ def della_mask(x: torch.Tensor, density: float, epsilon: float, seed: int, index
     are kept more often; kept entries are divided by their p with `rescale` (0 where dropped)."""
     rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
     cols = rows.shape[1]
-    order = rows.abs().argsort(dim=1)
-    ranks = torch.empty(order.shape, dtype=torch.float32)  # the inverse permutation: one sort, not two
-    ranks.scatter_(1, order, torch.arange(cols, dtype=torch.float32).expand(order.shape))
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
     p = (density - epsilon) + ranks * (2 * epsilon / max(1, cols - 1))
     u = torch.from_numpy(uniform16(seed, index, name, chunk, rows.numel()).astype(np.float32))
     keep = (u.view_as(p) + 0.5) < p * 65536
