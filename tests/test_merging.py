@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,8 +148,9 @@ def test_model_stock_ratio():
         merge("model_stock", base, [{"w": e1}])
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("mode", ["whole", "window", "miss"])
-def test_select_cuts_is_exact_with_ties(monkeypatch, mode):
+def test_select_cuts_is_exact_with_ties(monkeypatch, mode, signed):
     """The k-th largest and the tie quota equal a stable descending sort: a stream held whole, sampled and
     resolved in a window, or with a window that misses (the radix fallback)."""
     if mode != "whole":
@@ -160,7 +162,8 @@ def test_select_cuts_is_exact_with_ties(monkeypatch, mode):
     x = torch.randint(-50, 50, (5000,), generator=g).float() / 7  # many ties
     chunks = list(x.split(333))
     for k in (1, 17, 1000, 2500, 4999, 5000):
-        cut = select_cuts(lambda every=1: ((0, c.abs()[::every]) for c in chunks), [x.numel()], [[k]])[0][0]
+        stream = (lambda every=1: ((0, (c if signed else c.abs())[::every]) for c in chunks))
+        cut = select_cuts(stream, [x.numel()], [[k]], signed=signed)[0][0]
         order = torch.argsort(x.abs(), descending=True, stable=True)
         want = torch.zeros(x.numel(), dtype=torch.bool)
         want[order[:k]] = True
@@ -199,3 +202,40 @@ def test_unknown_method_and_parameter_are_one_line_errors():
                                      "trim": "global"}
     assert set(METHODS) >= {"slerp", "breadcrumbs", "breadcrumbs_ties", "della", "model_stock"}
     assert torch.equal(METHODS["task_arithmetic"](BASE, [M1])["w"], merge("task_arithmetic", BASE, [M1])["w"])
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fused_consensus_equals_the_reference(use_mask):
+    """kernels.consensus_merge (trim with a tie quota running across chunks and blocks, or DARE masks; scale;
+    sign election; disjoint mean; scaling; base) gives the same float32 entries as Pruner + sign_consensus."""
+    from safemerge.merging.engine import Cut
+    from safemerge.merging.kernels import BLOCK, consensus_merge
+
+    g = torch.Generator().manual_seed(3)
+    m, n = 3, 5 * BLOCK + 77
+    x = torch.randint(-40, 40, (m, n), generator=g).float() / 9  # many ties at every threshold
+    base = torch.randn(n, generator=g)
+    w, f = [1.0, 0.5, 2.0], [1.0, 0.25, 3.0]
+    masks = torch.rand(m, n, generator=g) < 0.4
+    value = 20 / 9
+    n_eq = int((x.abs() == value).sum(1)[0])
+    cuts = [Cut(k=1, n=n, value=value, ties=n_eq // 2, n_equal=n_eq), Cut(k=1, n=n, value=value, ties=0,
+            n_equal=1), Cut(k=1, n=n, value=1 / 9, ties=0, n_equal=1)]
+    ref = x.clone()
+    for i in range(m):
+        if use_mask:
+            ref[i] *= masks[i]
+        else:
+            prune = Pruner(cuts[i])  # the quota in entry order, across chunks
+            ref[i] = torch.cat([prune(c) for c in ref[i].split(1000)])
+        ref[i] *= f[i]
+    mixed, div = sign_consensus(ref, w)
+    want = (mixed / div * 0.7 + base)
+    thr = np.array([c.value for c in cuts], dtype=np.float32)
+    left = np.array([c.ties for c in cuts], dtype=np.int64)
+    out = np.empty(n, dtype=np.float32)
+    for s, e in ((0, 1000), (1000, n)):  # two chunks: the quota carries over
+        consensus_merge(x.numpy(), s, e - s, thr, left, masks[:, s:e].contiguous().numpy(), use_mask,
+                        np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7),
+                        base[s:e].numpy(), out[s:e])
+    assert torch.equal(torch.from_numpy(out), want)

@@ -22,7 +22,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +299,13 @@ def parse_size(size: str | int) -> int:
     raise SafeMergeError(f"bad shard size '{size}' (use e.g. 2GB or 500MB)")
 
 
+def _write_all(f: Any, data: memoryview) -> None:
+    """Write all of `data` to the unbuffered file `f` (a raw write may take only part of it)."""
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
+
+
 class ShardWriter:
     """Writes tensors, in the order of `plan()`, chunk by chunk into safetensors shards in `folder`
     (`model.safetensors`, or `model-0000i-of-0000n.safetensors` + index when they exceed `max_shard_bytes`).
@@ -324,7 +333,12 @@ class ShardWriter:
         self.shard_of = {n: i for i, sh in enumerate(self.shards) for n in sh}
         self._f = None
         self._shard = -1
-        self._buf: torch.Tensor | None = None
+        # chunks are written by a second thread (the write system call releases the interpreter), from two
+        # buffers used in turn: the merge computes the next chunk while the previous one goes to disk
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="safemerge-writer")
+        self._pending: deque[Future] = deque()
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
 
     def plan(self) -> list[str]:
         """The order in which tensors must be written."""
@@ -342,8 +356,14 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
 
+    def _drain(self, keep: int = 0) -> None:
+        """Wait until at most `keep` writes are in flight (raising the writer thread's error, if any)."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
+
     def _close_shard(self) -> None:
         if self._f is not None:
+            self._drain()
             self._f.close()
             self._f = None
             with _open(self.folder / self.files[self._shard]):  # safe_open must parse what was written
@@ -362,27 +382,40 @@ class ShardWriter:
         self._left = math.prod(shape)
 
     def write(self, chunk: torch.Tensor) -> None:
+        """Queue a chunk (cast to the tensor's dtype, copied: the caller may reuse it at once)."""
         n = chunk.numel()
         if n > self._left:
             raise ValueError("more data than the tensor holds")
         self._left -= n
-        if chunk.dtype != self._dtype:
-            if self._buf is None or self._buf.numel() < n or self._buf.dtype != self._dtype:
-                self._buf = torch.empty(max(n, 1 << 20), dtype=self._dtype)
-            out = self._buf[:n]
-            out.copy_(chunk.reshape(-1))
-        else:
-            out = chunk.reshape(-1).contiguous()
-        if n:
-            self._f.write(memoryview(out.view(torch.uint8).numpy()))  # type: ignore[union-attr]
+        if not n:
+            return
+        slot, self._turn = self._turn, self._turn ^ 1
+        self._drain(keep=1)  # the write in flight, if any, uses the other buffer
+        buf = self._bufs[slot]
+        if buf is None or buf.numel() < n or buf.dtype != self._dtype:
+            buf = self._bufs[slot] = torch.empty(max(n, 1 << 20), dtype=self._dtype)
+        out = buf[:n]
+        out.copy_(chunk.reshape(-1))
+        self._pending.append(self._io.submit(_write_all, self._f, memoryview(out.view(torch.uint8).numpy())))
 
     def end(self) -> None:
         if self._left:
             raise ValueError(f"{self._left} elements missing")
 
+    def abort(self) -> None:
+        """Stop after an error: wait for the writes in flight (their errors ignored) and close the file."""
+        for fut in self._pending:
+            fut.exception()
+        self._pending.clear()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._io.shutdown()
+
     def close(self) -> None:
         """Finish the last shard and write the index (several shards)."""
         self._close_shard()
+        self._io.shutdown()
         if len(self.shards) > 1:
             total = sum(math.prod(s) * d.itemsize for s, d in self.spec.values())
             weight_map = {n: self.files[self.shard_of[n]] for n in self.spec}

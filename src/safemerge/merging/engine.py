@@ -13,15 +13,15 @@ bit-identical tensors; the chunk index also keys DARE's and DELLA's random draws
 by a running sum of every input chunk (NaN and inf propagate into it), then named exactly.
 
 Exact top-k (TIES's trim, breadcrumbs, purification masks): `select_cuts` finds the k-th largest magnitude
-of a stream of chunks exactly: a sample brackets it between two values, and one counting pass histograms the
-float32 bit patterns between them (bit patterns order non-negative floats), with the counts below and above;
-a miss falls back to two passes of radix selection on the high and low 16 bits. Entries equal to the threshold are
+of a stream of chunks exactly: a sample brackets it between two values, and one counting pass counts the
+entries below and collects those between them; a miss falls back to two passes of radix selection on the high and low 16 bits. Entries equal to the threshold are
 kept in stream order until exactly k are kept, which is what a stable descending sort would keep. The same code
 serves TIES's global threshold over a whole model (streamed) and a tensor's own (in memory or streamed).
 
 CPU cost shapes the blocks (measured in BENCHMARKS.md, streaming section): work tensors come from one
-`Workspace` per merge instead of fresh allocations, sums over models run row by row (`sum_rows`), and masks and
-window counts use numpy's vectorised comparisons, which are several times faster than torch's on CPU."""
+`Workspace` per merge instead of fresh allocations, sums over models run row by row (`sum_rows`), masks use
+numpy's vectorised comparisons (several times faster than torch's on CPU), and the per-entry steps of TIES-like
+merges and the counting pass run as fused loops (`kernels.py`)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from ..errors import SafeMergeError
 
 CHUNK = 1 << 20  # elements per chunk (whole rows): the unit of work and of the random draws
-SAMPLE = 16  # selection: the first pass of a long stream looks at every SAMPLE-th row
-MAX_SAMPLE = 1 << 24  # ... or fewer, at most this many values
+SAMPLE = 64  # selection: the first pass of a long stream looks at every SAMPLE-th row
+MAX_SAMPLE = 1 << 22  # ... or fewer, at most this many values
 SIGMAS = 8.0  # ... and brackets the k-th value by this many standard deviations of its sample rank
 EXACT_BELOW = 1 << 18  # streams shorter than this are held whole and cut directly
 TRACK_CHUNKS = 256  # streams of at most this many chunks record where the threshold's ties are
@@ -141,14 +141,20 @@ def keep_level(p: float) -> int:
     return int(round(min(max(p, 0.0), 1.0) * 65536))
 
 
-def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: float) -> np.ndarray:
-    """DARE's Bernoulli(`density`) keep mask of one chunk (boolean). A density that is a multiple of 1/256
-    (0.5, 0.25, 0.1015625...) is drawn exactly from 8 random bits per entry, any other from 16 (to 1/65536):
-    the random draws are the largest cost of a streamed DARE merge."""
+def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: float,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """DARE's Bernoulli(`density`) keep mask of one chunk (boolean; fresh, or written to `out`). A density that
+    is a multiple of 1/256 (0.5, 0.25, 0.1015625...) is drawn exactly from 8 random bits per entry, any other
+    from 16 (to 1/65536): the random draws are the largest cost of a streamed DARE merge."""
+    out = np.empty(n, dtype=np.bool_) if out is None else out
     level = keep_level(density)
-    if level % 256 == 0:
-        return uniform16(seed, index, name, chunk, n, bits=8) < (level >> 8) if level < 65536 else np.ones(n, bool)
-    return uniform16(seed, index, name, chunk, n) < level
+    if level >= 65536:
+        out[:] = True
+    elif level % 256 == 0:
+        np.less(uniform16(seed, index, name, chunk, n, bits=8), level >> 8, out=out)
+    else:
+        np.less(uniform16(seed, index, name, chunk, n), level, out=out)
+    return out
 
 
 def apply_mask(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
@@ -173,7 +179,9 @@ def della_mask(x: torch.Tensor, density: float, epsilon: float, seed: int, index
     are kept more often; kept entries are divided by their p with `rescale` (0 where dropped)."""
     rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
     cols = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    order = rows.abs().argsort(dim=1)  # ranks by one sort: scatter 0..cols-1 to the sorted positions
+    ranks = torch.empty(rows.shape, dtype=torch.float32).scatter_(
+        1, order, torch.arange(cols, dtype=torch.float32).expand(rows.shape[0], cols))
     p = (density - epsilon) + ranks * (2 * epsilon / max(1, cols - 1))
     u = torch.from_numpy(uniform16(seed, index, name, chunk, rows.numel()).astype(np.float32))
     keep = (u.view_as(p) + 0.5) < p * 65536
@@ -272,17 +280,17 @@ def _cut_from_values(values: torch.Tensor, sizes: list[int], n: int, k: int) -> 
 
 
 def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], totals: Sequence[int],
-                ks: Sequence[Sequence[int]]) -> list[list[Cut]]:
+                ks: Sequence[Sequence[int]], signed: bool = False) -> list[list[Cut]]:
     """Exact top-k cuts of several streams of magnitudes at once. `stream(every)` yields (i, chunk of |x_i|)
-    pairs, float32 >= 0, the same chunks in the same order on every call (with every > 1 it may yield a sample
-    of each chunk instead, e.g. every so many rows); stream i has totals[i] entries and gets one Cut per k in
-    ks[i].
+    pairs, float32 >= 0 (or x_i itself with `signed`), the same chunks in the same order on every call (with
+    every > 1 it may yield a sample of each chunk instead, e.g. every so many rows); stream i has totals[i]
+    entries and gets one Cut per k in ks[i].
 
-    Short streams are held whole and cut directly (one pass). Long ones: a histogram of the high 16 bits of a
-    sample brackets each k-th value within a few buckets (SIGMAS standard deviations of its sample rank either
-    side); a counting pass then histograms the float32 bit patterns of those buckets, with the counts below
-    and above, which gives the exact value, the ties and where they are. If the bracket missed, two passes of
-    radix selection (high, then low 16 bits) find it (still exact, just slower)."""
+    Short streams are held whole and cut directly (one pass). Long ones: a sample of each stream brackets each
+    k-th value between two sample values (SIGMAS standard deviations of its sample rank either side); a counting
+    pass (`kernels.window_count`) then counts the entries below the bracket and collects those inside it (a
+    fraction of a percent), which gives the exact value, the ties and where they are. If the bracket missed, two
+    passes of radix selection (high, then low 16 bits) find it (still exact, just slower)."""
     cuts: list[list[Cut | None]] = [[None] * len(kk) for kk in ks]
     todo = []
     for i, kk in enumerate(ks):
@@ -296,107 +304,87 @@ def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], total
     streams = sorted({i for i, _ in todo})
     long = any(totals[i] >= EXACT_BELOW for i in streams)
     every = max(SAMPLE, -(-max(totals[i] for i in streams) // MAX_SAMPLE)) if long else 1
-    held: dict[int, list[torch.Tensor]] = {i: [] for i in streams}  # short streams, whole
-    hist = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in streams}  # long ones: high 16 bits of a sample
-    seen = dict.fromkeys(streams, 0)
+    held: dict[int, list[torch.Tensor]] = {i: [] for i in streams}  # short streams whole, long ones a sample
     for i, a in stream(every):
-        if i in hist:
-            a = a.reshape(-1)
-            seen[i] += a.numel()
-            if long:
-                hist[i] += torch.bincount(_bits(a) >> 16, minlength=1 << 16)
-            else:
-                held[i].append(a.clone())
-    windows: dict[tuple[int, int], tuple[int, int]] = {}
+        if i in held:
+            held[i].append(a.reshape(-1).abs() if signed else a.reshape(-1).clone())
+    windows: dict[tuple[int, int], tuple[float, float]] = {}
     for i, q in todo:
-        n, k, m = totals[i], ks[i][q], seen[i]
+        n, k = totals[i], ks[i][q]
+        values = torch.cat(held[i]) if held[i] else torch.zeros(0)
+        m = values.numel()
         if not long and m == n:  # the whole stream was held
-            cuts[i][q] = _cut_from_values(torch.cat(held[i]), [c.numel() for c in held[i]], n, k)
+            cuts[i][q] = _cut_from_values(values, [c.numel() for c in held[i]], n, k)
             continue
         r = (n - k) * m / n  # the k-th largest's rank in the sample, ascending
         spread = SIGMAS * math.sqrt(m * (k / n) * (1 - k / n)) + 2
-        cum = hist[i].cumsum(0)
-        b_lo = int(torch.searchsorted(cum, torch.tensor(max(0, int(r - spread))), right=True))
-        b_hi = int(torch.searchsorted(cum, torch.tensor(min(m - 1, int(r + spread))), right=True))
-        b_lo, b_hi = min(b_lo, 0x7FFE), min(max(b_hi, b_lo), 0x7FFE)  # below the NaN patterns
-        windows[(i, q)] = (b_lo << 16, (b_hi << 16) | 0xFFFF)
+        r_lo, r_hi = int(r - spread), int(math.ceil(r + spread))
+        sample = values.numpy()
+        ranks = [x for x in (r_lo, r_hi) if 0 <= x < m]
+        part = np.partition(sample, ranks) if ranks else sample
+        lo = float(part[r_lo]) if 0 <= r_lo < m else 0.0
+        hi = float(part[r_hi]) if 0 <= r_hi < m else math.inf
+        windows[(i, q)] = (lo, hi)
     del held
-    for attempt in range(2):
-        if not windows:
-            break
-        counts = {key: WindowCount(lo, hi) for key, (lo, hi) in windows.items()}
-        wanted = {i for i, _ in windows}
+    if windows:
+        from .kernels import window_count
+
+        inside: dict[tuple[int, int], list[np.ndarray]] = {key: [] for key in windows}
+        counts = {key: np.zeros(3, dtype=np.int64) for key in windows}  # below lo, equal to lo, equal to hi
+        at_lo: dict[tuple[int, int], list[int]] = {key: [] for key in windows}  # per chunk
+        at_hi: dict[tuple[int, int], list[int]] = {key: [] for key in windows}
+        wanted = {i: [key for key in windows if key[0] == i] for i, _ in windows}
+        buf, flags = np.empty(0, dtype=np.float32), np.empty(0, dtype=np.uint8)
         for i, a in stream(1):
-            if i not in wanted:
+            keys = wanted.get(i)
+            if not keys:
                 continue
-            b = _bits(a).reshape(-1).numpy()
-            for (j, q), c in counts.items():
-                if j == i:
-                    c.add(b)
-        missed = {}
+            a = a.reshape(-1).contiguous().numpy()
+            if buf.size < a.size:
+                buf, flags = np.empty(a.size, dtype=np.float32), np.empty(a.size, dtype=np.uint8)
+            for key in keys:
+                lo, hi = windows[key]
+                nb, n_lo, n_hi, n_in = window_count(a, signed, np.float32(lo), np.float32(hi), buf, flags)
+                counts[key] += (nb, n_lo, n_hi)
+                at_lo[key].append(n_lo)
+                at_hi[key].append(n_hi)
+                inside[key].append(buf[:n_in].copy())
         for (i, q), (lo, hi) in windows.items():
-            n, k, c = totals[i], ks[i][q], counts[(i, q)]
-            rank = n - k
-            h = c.histogram()
-            below, above = c.below, n - c.below - int(h.sum())
-            if not below <= rank < n - above:
-                missed[(i, q)] = (0, 0x7F800000)  # every finite magnitude
+            n, k = totals[i], ks[i][q]
+            rank = n - k  # ascending, 0-based
+            chunks = inside[(i, q)]
+            vals = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+            nb, n_lo, n_hi = (int(c) for c in counts[(i, q)])
+            if nb <= rank < nb + n_lo:
+                value, n_le, per_chunk = lo, nb + n_lo, at_lo[(i, q)]
+            elif nb + n_lo <= rank < nb + n_lo + vals.size:
+                value, n_le = _select_inside(vals, rank - nb - n_lo, lo, hi)
+                n_le += nb + n_lo
+                per_chunk = [int(np.count_nonzero(c == value)) for c in chunks]
+            elif nb + n_lo + vals.size <= rank < nb + n_lo + vals.size + n_hi:
+                value, n_le, per_chunk = hi, nb + n_lo + vals.size + n_hi, at_hi[(i, q)]
+            else:  # the sample's bracket missed: exact radix selection
+                magnitudes = (lambda every=1: ((j, a.abs()) for j, a in stream(every))) if signed else stream
+                cuts[i][q] = _radix_cut(magnitudes, i, n, k)
                 continue
-            cum = below + h.cumsum(0)
-            idx = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
-            value = float(torch.tensor([lo + idx], dtype=torch.int32).view(torch.float32))
-            n_gt = n - int(cum[idx])
-            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(h[idx]), chunk_equal=c.chunk_equal(idx))
-        if missed and attempt == 0:  # a full window: exact, with a histogram of 2^31 patterns split in two levels
-            for key in missed:
-                i, q = key
-                cuts[i][q] = _radix_cut(stream, i, totals[i], ks[i][q])
-        windows = {}
+            n_gt = n - n_le
+            cuts[i][q] = Cut(k=k, n=n, value=value, ties=k - n_gt, n_equal=int(sum(per_chunk)),
+                             chunk_equal=tuple(per_chunk) if len(per_chunk) <= TRACK_CHUNKS else None)
     return cuts  # type: ignore[return-value]
 
 
-class WindowCount:
-    """The counting pass of `select_cuts` for one stream and one window [lo, hi] of float32 bit patterns: how
-    many entries lie below the window, and the entries inside it (about 1% of the stream), kept per chunk while
-    there are at most TRACK_CHUNKS chunks (to know where the threshold's ties are), else as a histogram. numpy's
-    comparisons and boolean selection are several times faster than torch's on CPU."""
-
-    def __init__(self, lo: int, hi: int):
-        self.lo, self.width = lo, hi - lo + 1
-        self.below = 0
-        self.chunks: list[np.ndarray] | None = []
-        self.hist = np.zeros(self.width, dtype=np.int64)
-        self._offset = np.empty(0, dtype=np.uint32)
-        self._flag = np.empty(0, dtype=bool)
-
-    def add(self, bits: np.ndarray) -> None:
-        """One chunk of magnitudes, as their int32 bit patterns."""
-        n = bits.size
-        if self._offset.size < n:
-            self._offset, self._flag = np.empty(n, dtype=np.uint32), np.empty(n, dtype=bool)
-        offset, flag = self._offset[:n], self._flag[:n]
-        self.below += int(np.count_nonzero(np.less(bits, self.lo, out=flag)))
-        np.subtract(bits.view(np.uint32), np.uint32(self.lo), out=offset)
-        inside = offset[np.less(offset, np.uint32(self.width), out=flag)]
-        if self.chunks is not None and len(self.chunks) < TRACK_CHUNKS:
-            self.chunks.append(inside)
-            return
-        if self.chunks:
-            for c in self.chunks:
-                self.hist += np.bincount(c, minlength=self.width)
-        self.chunks = None
-        self.hist += np.bincount(inside, minlength=self.width)
-
-    def histogram(self) -> torch.Tensor:
-        """Entries per bit pattern of the window."""
-        h = self.hist.copy()
-        for c in self.chunks or []:
-            h += np.bincount(c, minlength=self.width)
-        return torch.from_numpy(h)
-
-    def chunk_equal(self, idx: int) -> tuple[int, ...] | None:
-        """Entries equal to the window's pattern `idx` in each chunk, if the chunks were kept."""
-        return None if self.chunks is None else tuple(int(np.count_nonzero(c == idx)) for c in self.chunks)
+def _select_inside(vals: np.ndarray, r: int, lo: float, hi: float) -> tuple[float, int]:
+    """The r-th smallest (0-based) of `vals`, all strictly between lo and hi (>= 0), and how many are <= it: by
+    a histogram of their float32 bit patterns (which order non-negative floats) when the window is narrow, as
+    it is after a sample's bracket (a partial sort is slow on the many ties of bf16 task vectors)."""
+    lo_bits = int(np.float32(lo).view(np.int32))
+    width = int(np.float32(hi).view(np.int32)) - lo_bits if math.isfinite(hi) else 1 << 31
+    if width > 1 << 24:
+        value = float(np.partition(vals, r)[r])
+        return value, int(np.count_nonzero(vals <= value))
+    counts = np.bincount(vals.view(np.int32) - lo_bits, minlength=width).cumsum()
+    idx = int(np.searchsorted(counts, r, side="right"))
+    return float(np.int32(lo_bits + idx).view(np.float32)), int(counts[idx])
 
 
 def _radix_cut(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], i: int, n: int, k: int) -> Cut:
@@ -590,12 +578,15 @@ class TensorJob:
                 yield Chunk(self, seg, c, s, e)
                 c += 1
 
-    def tv_stream(self, every: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
-        """(i, |tau_i| chunk) for every chunk and model: the magnitude stream of per-tensor top-k (with `every`
-        > 1, a sample of its rows, for `select_cuts`' first pass). Chunks are views of a reused buffer."""
+    def tv_stream(self, every: int = 1, signed: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """(i, |tau_i| chunk) for every chunk and model (tau_i itself with `signed`): the magnitude stream of
+        per-tensor top-k (with `every` > 1, a sample of its rows, for `select_cuts`' first pass). Chunks are
+        views of a reused buffer."""
         for ch in self.chunks():
             x = ch.models(every, check=False)
-            x.sub_(ch.load(0, every, check=False)).abs_()
+            x.sub_(ch.load(0, every, check=False))
+            if not signed:
+                x.abs_()
             for i in range(self.n_models):
                 yield i, x[i]
 
@@ -608,7 +599,7 @@ class TensorJob:
             ch.models(out=out[:, ch.start: ch.stop]).sub_(ch.base())
         return out
 
-    def cached_stream(self, tvs: torch.Tensor) -> Callable[..., Iterator[tuple[int, torch.Tensor]]]:
+    def cached_stream(self, tvs: torch.Tensor, signed: bool = False) -> Callable[..., Iterator[tuple[int, torch.Tensor]]]:
         """`tv_stream` over task vectors held in memory (same chunks, same samples)."""
         def stream(every: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
             for s, e in self.grid:
@@ -617,7 +608,7 @@ class TensorJob:
                     v = tvs[i, s:e]
                     if every > 1:
                         v = v.view(rows, -1)[::every] if rows >= every else v[::every]
-                    yield i, torch.abs(v, out=self.scratch("magnitudes", v.numel()).view(v.shape))
+                    yield i, v if signed else torch.abs(v, out=self.scratch("magnitudes", v.numel()).view(v.shape))
         return stream
 
     def check_finite(self) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -173,16 +174,24 @@ class TaskArithmetic:
             return global_cuts(inputs, per_model(o.density, inputs.n_models, "density"))
         return None
 
+    def _magnitude_cuts(self, job: TensorJob, dens: list[float], state: Any, tvs: torch.Tensor | None) -> list[Cut]:
+        """Per model, the cut of the magnitude trim: the whole model's share (global, from `prepare`) or the
+        tensor's own."""
+        if state is not None:
+            return state[job.name]
+        n, m = job.numel, job.n_models
+        stream = ((lambda every=1: job.tv_stream(every, signed=True)) if tvs is None
+                  else job.cached_stream(tvs, signed=True))
+        return [c[0] for c in select_cuts(stream, [n] * m, [[magnitude_k(d, n)] for d in dens], signed=True)]
+
     def _pruners(self, job: TensorJob, dens: list[float], o: Any, state: Any,
                  tvs: torch.Tensor | None) -> list | None:
         """Per model, an in-place function that zeroes what the magnitude trim (or breadcrumbs' band) drops."""
         n, m = job.numel, job.n_models
-        stream = job.tv_stream if tvs is None else job.cached_stream(tvs)
         if self.sparsify == "magnitude":
-            cuts = state[job.name] if state is not None else [
-                c[0] for c in select_cuts(stream, [n] * m, [[magnitude_k(d, n)] for d in dens])]
-            return [lambda x, p=Pruner(c): p(x, inplace=True) for c in cuts]
+            return [lambda x, p=Pruner(c): p(x, inplace=True) for c in self._magnitude_cuts(job, dens, state, tvs)]
         if self.sparsify == "breadcrumbs":
+            stream = job.tv_stream if tvs is None else job.cached_stream(tvs)
             cuts = select_cuts(stream, [n] * m, [list(breadcrumbs_ks(d, o.gamma, n)) for d in dens])
 
             def band(x: torch.Tensor, top: Pruner, keep: Pruner) -> None:
@@ -201,11 +210,14 @@ class TaskArithmetic:
         # a per-tensor trim passes over the tensor several times: hold its task vectors when they fit
         tvs = (job.task_vectors() if self.sparsify in ("magnitude", "breadcrumbs") and state is None
                and job.numel * m <= engine.CACHE_ELEMENTS and any(d < 1 for d in dens) else None)
-        prune = self._pruners(job, dens, o, state, tvs)
         # the factor of each sparsified task vector: its weight, and DARE's 1 / density
         scale = [wi / d if self.sparsify == "random" and o.rescale and d < 1 else wi for wi, d in zip(w, dens)]
+        if self.consensus:
+            yield from self._consensus(job, o, state, tvs, w, dens, scale)
+            return
+        prune = self._pruners(job, dens, o, state, tvs)
         total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-        plain = self.sparsify == "none" and not self.consensus
+        plain = self.sparsify == "none"
         for ch in job.chunks():
             b = ch.base()
             x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models()
@@ -219,23 +231,56 @@ class TaskArithmetic:
                         prune[i](x[i])
                     elif self.sparsify == "random" and dens[i] < 1:
                         apply_mask(x[i], dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
-                    elif self.sparsify == "della" and dens[i] < 1:
-                        x[i].mul_(della_mask(x[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
-                                             ch.index, o.rescale).reshape(-1))
                 for row, f in zip(x, scale):
                     if f != 1:
                         row.mul_(f)
-                if self.consensus:
-                    acc, divisor = sign_consensus(x, w, out=(job.scratch("acc", ch.numel), job.scratch("div", ch.numel)))
-                    if o.normalize:
-                        acc.div_(divisor)
-                else:
-                    acc = sum_rows(x, out=job.scratch("acc", ch.numel))
-            if not self.consensus and o.normalize:
+                acc = sum_rows(x, out=job.scratch("acc", ch.numel))
+            if o.normalize:
                 acc.div_(total_w)
             if o.scaling != 1:
                 acc.mul_(o.scaling)
             yield acc.add_(b)
+
+    def _consensus(self, job: TensorJob, o: Any, state: Any, tvs: torch.Tensor | None, w: list[float],
+                   dens: list[float], scale: list[float]) -> Iterator[torch.Tensor]:
+        """The sparsified task vectors' sign election and disjoint mean, fused per entry (`kernels.py`): the
+        magnitude trim and DARE's masks are applied inside the loop; breadcrumbs' band and DELLA's factors
+        before it."""
+        from .kernels import consensus_merge
+
+        m = job.n_models
+        thr = np.full(m, -1.0, dtype=np.float32)  # keep every entry
+        left = np.zeros(m, dtype=np.int64)
+        if self.sparsify == "magnitude":
+            for i, c in enumerate(self._magnitude_cuts(job, dens, state, tvs)):
+                if not c.keeps_all and not (c.k > 0 and c.value == 0.0):
+                    thr[i], left[i] = (c.value, c.ties) if c.k > 0 else (np.inf, 0)
+        prune = self._pruners(job, dens, o, state, tvs) if self.sparsify == "breadcrumbs" else None
+        random = self.sparsify == "random"
+        factor = np.asarray(scale, dtype=np.float32)
+        weight = np.asarray(w, dtype=np.float32)
+        no_masks, all_masks = np.ones((m, 0), dtype=np.bool_), np.empty(0, dtype=np.bool_)
+        for ch in job.chunks():
+            b = ch.base()
+            x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models().sub_(b)
+            for i in range(m):
+                if prune is not None:
+                    prune[i](x[i])
+                elif self.sparsify == "della" and dens[i] < 1:
+                    x[i].mul_(della_mask(x[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
+                                         ch.index, o.rescale).reshape(-1))
+            masks = no_masks
+            if random:
+                if all_masks.size < m * ch.numel:
+                    all_masks = np.empty(m * ch.numel, dtype=np.bool_)
+                masks = all_masks[: m * ch.numel].reshape(m, ch.numel)
+                for i in range(m):
+                    dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i], out=masks[i])
+            acc = job.scratch("acc", ch.numel)
+            full, start = (tvs, ch.start) if tvs is not None else (x, 0)
+            consensus_merge(full.numpy(), start, ch.numel, thr, left, masks, random, factor, weight,
+                            bool(o.normalize), np.float32(o.scaling), b.numpy(), acc.numpy())
+            yield acc
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,13 @@ def streaming_merge(method: str, base_path: str | Path, model_paths: Sequence[st
             state = entry.fn.prepare(inputs, opts)
             bar.set_postfix_str("")
             order = OrderedInputs(inputs, writer.plan())
-            run(entry.fn, opts, order, writer, getattr(torch, out_dtype) if out_dtype else None,
-                progress=lambda _: bar.update(1), state=state)
-            writer.close()
+            try:
+                run(entry.fn, opts, order, writer, getattr(torch, out_dtype) if out_dtype else None,
+                    progress=lambda _: bar.update(1), state=state)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
             if base.config_dir is not None:
                 for extra in sorted(base.config_dir.iterdir()):
                     if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != INDEX:
