@@ -5,27 +5,27 @@ A backdoor is a shortcut that fine-tuning planted: a small input pattern that se
 class. The scan searches the model for such patterns where the input lives, on unlabeled clean inputs of the
 task, and measures each candidate's flip rate (the share of inputs not predicted as class t that the pattern
 sends to t). The best flip rate alone means little: a weak or fragile model lets many ordinary words or
-patches move its predictions. So the scan calibrates it on the model itself:
-
-- a null distribution: the flip rates of random tokens (half drawn from the inputs' own words, half from the
-  vocabulary) or random patches and blends, inserted the same way into the same inputs on the same model;
-- the other classes: the best trigger found, with the same search budget (a run of as many tokens, a patch
-  of the same side), towards every other class: a backdoor makes one class an outlier, while on a fragile
-  model adversarial runs reach several classes;
-- concentration: the share of the inputs the trigger changes that go to its class (a planted trigger sends
-  them all to one class, a disruptive word scatters them).
-
-The risk score (`risk_score`) combines these terms; the pre-trained base is not needed. With `reference=True`
-and a base, the same trigger is also measured on the base encoder under the same head, reported only (that
-term means nothing when the head was trained with the encoder: no head fits the pre-trained encoder).
+patches move its predictions. So the scan calibrates it on the model itself: a backdoor makes one class an
+outlier. For each group of triggers of equal budget (searched runs of as many tokens, searched patches,
+searched blends) and for a null group of random tokens (half drawn from the inputs' own words, half from the
+vocabulary) or random patches and blends, inserted the same way into the same inputs, it takes the best flip
+rate towards every class; the risk score (`risk_score`) is the largest margin by which one class's best stands
+above the runner-up class's in the same group. On a fragile model, adversarial triggers reach several classes
+(small margins); a planted trigger sends inputs to its class, whether the search finds it or random patterns
+already set it off (a large margin in the null group: this is a signal, not a floor). The design was chosen on
+the tuning half of a held-apart population of models (benchmarks/scan_eval.py, BENCHMARKS.md issue 17), where
+the null used as a floor zeroed backdoors that random patches set off, and 14-px patches (a third of a 42-px
+image) flipped clean models to one class. The pre-trained base is not needed. With `reference=True` and a
+base, the trigger is also measured on the base encoder under the same head, reported only (that term means
+nothing when the head was trained with the encoder: no head fits the pre-trained encoder).
 
 - text: an inserted token or a run of 2-3 tokens (a word the tokenizer splits, or a phrase). Candidates are,
   per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, extra tokens given by the
   caller (E-PUR's ranking: embeddings that moved most for their frequency), runs of those that spell one word,
   and runs grown greedily by HotFlip steps on a placeholder beside the best tokens of the most flipped classes.
 - vision: a square patch stamped into every input, its pattern optimised per class at every position of a
-  grid (an 8-px patch on an 8-px stride, which covers at least half of any 3-8 px trigger, and one ViT
-  patch), plus a pattern blended over the whole image per class."""
+  grid (an 8-px patch on an 8-px stride, which covers at least half of any 3-8 px trigger), plus a pattern
+  blended over the whole image per class."""
 
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ def patch_positions(resolution: int, side: int, stride: int) -> list[tuple[int, 
 
 
 def vision_triggers(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, images: torch.Tensor,
-                    sides: tuple[int, ...] = (8, 14), steps: int = 8, lr: float = 0.3, seed: int = 0,
+                    sides: tuple[int, ...] = (8,), steps: int = 8, lr: float = 0.3, seed: int = 0,
                     strides: tuple[int, ...] | None = None, blend: float = 0.0,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patch-trigger inversion: for every class t, every square side and every position of a grid (`strides`,
@@ -422,7 +422,7 @@ def random_triggers(resolution: int, n: int, sides: tuple[int, int] = (3, 8), bl
     return masks, torch.rand(n, 3, resolution, resolution, generator=g)
 
 
-def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8, 14),
+def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8,),
                   steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0, screen: int = 2,
                   keep: int = 3) -> dict:
     """Trigger search and null distribution on one vision model (see `scan_state`): every position is
@@ -453,46 +453,45 @@ def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, 
 
 def scan_features(search: dict, other: str = "max") -> dict:
     """The calibration terms of a search (`search_text` / `search_vision`). Candidates come in groups of equal
-    budget (text: runs of one length; vision: one patch side, or the blend); per group and class t, the best
-    flip rate towards t is compared with the best towards the `other` classes in the same group ("max": the
-    runner-up; "median") and with the null's 95th percentile for t; the pair (group, class) with the largest
-    margin, times the trigger's concentration on t, is kept (the first within 0.02 of it, so single tokens
-    come before runs). Returns that trigger's flip rate, class, index, name and terms."""
+    budget (text: runs of one length; vision: the patches, or the blend), and the random triggers of the null
+    form one more group. Per group, the best flip rate towards each class; the class whose best stands out
+    most above the best towards the `other` classes of the same group ("max": the runner-up; "median") is the
+    suspected target, and the group with the largest such margin is kept (a search group before the null on a
+    tie). A planted trigger makes one class an outlier, whether the search finds the trigger or random patterns
+    already set it off; a fragile model lets several classes be reached. Returns the flip rate towards that
+    class and the margin's other term, the class, the searched candidate with the highest flip rate towards it
+    (its index and name), and the null's statistics and the candidate's concentration, for reporting."""
     if other not in ("max", "median"):
         raise SafeMergeError(f"unknown comparison '{other}' (known: max, median)")
-    fl, nf = search["flips"], search["null_flips"]
+    fl, nf = torch.as_tensor(search["flips"]), torch.as_tensor(search["null_flips"])
     n_cls = fl.shape[1]
     groups = torch.as_tensor(search["groups"])
+    tops = [(int(gid), fl[groups == gid].max(0).values) for gid in sorted(set(groups.tolist()))]
     if len(nf):
-        mu, q95 = nf.mean(0), nf.quantile(0.95, dim=0)
-    else:
-        mu = q95 = torch.zeros(n_cls)
-    conc = (fl * torch.as_tensor(search["others_share"]).view(1, -1)
-            / torch.as_tensor(search["changed"]).view(-1, 1).clamp_min(1e-6)).clamp(0, 1)
-    best: tuple[float, int, int, float, float] | None = None  # (margin, k, t, other, floor)
-    cands = []
-    for gid in sorted(set(groups.tolist())):
-        idx = (groups == gid).nonzero().flatten()
-        top, arg = fl[idx].max(0)
+        tops.append((-1, nf.max(0).values))  # the null
+    best: tuple[float, int, int, float, float] | None = None  # (margin, group, class, flip, other)
+    for gid, top in tops:
         for t in range(n_cls):
             rest = torch.cat([top[:t], top[t + 1:]])
             o = float(rest.max() if other == "max" else rest.median()) if len(rest) else 0.0
-            k = int(idx[arg[t]])
-            floor = max(float(q95[t]), o)
-            cands.append(((float(top[t]) - floor) * float(conc[k, t]), k, t, o, floor))
-    top_margin = max(c[0] for c in cands)
-    best = next(c for c in cands if c[0] >= top_margin - 0.02)
-    _, k, t, o, floor = best
-    return {"flip": float(fl[k, t]), "target": t, "index": k, "trigger": search["names"][k],
-            "group": int(groups[k]), "null_mean": float(mu[t]), "null_q95": float(q95[t]),
-            "other": o, "other_rule": other, "concentration": float(conc[k, t]), "prob": float(search["prob"][k, t]),
+            if best is None or float(top[t]) - o > best[0] + 1e-9:
+                best = (float(top[t]) - o, gid, t, float(top[t]), o)
+    assert best is not None
+    _, gid, t, flip, o = best
+    k = int(fl[:, t].argmax()) if gid < 0 else int(torch.where(groups == gid, fl[:, t], -1.0).argmax())
+    mu, q95 = (nf[:, t].mean(), nf[:, t].quantile(0.95)) if len(nf) else (torch.tensor(0.0), torch.tensor(0.0))
+    changed = max(float(torch.as_tensor(search["changed"])[k]), 1e-6)
+    conc = min(1.0, max(0.0, float(fl[k, t]) * float(torch.as_tensor(search["others_share"])[t]) / changed))
+    return {"flip": flip, "target": t, "index": k, "trigger": search["names"][k], "group": gid,
+            "source": "null" if gid < 0 else "search", "null_mean": float(mu), "null_q95": float(q95),
+            "other": o, "other_rule": other, "concentration": conc, "prob": float(torch.as_tensor(search["prob"])[k, t]),
             "per_class": [round(float(v), 4) for v in fl.max(0).values]}
 
 
 def risk_score(feat: dict) -> float:
-    """Backdoor risk in [-1, 1]: the trigger's flip rate above the larger of the null's 95th percentile for its
-    class and the best trigger of the same budget towards another class, times its concentration on its class."""
-    return float((feat["flip"] - max(feat["null_q95"], feat["other"])) * min(1.0, feat["concentration"]))
+    """Backdoor risk in [-1, 1]: how far the suspected target's best flip rate stands above the best towards
+    another class with the same budget (`scan_features`)."""
+    return float(max(-1.0, min(1.0, feat["flip"] - feat["other"])))
 
 
 def compact_search(search: dict) -> dict:
@@ -524,7 +523,7 @@ class ScanResult:
                 if k not in ("features", "pattern", "search")}
 
 
-RISK_THRESHOLD = 0.5  # flagged at or above it; provisional until set on the tuning half (BENCHMARKS.md, issue 17)
+RISK_THRESHOLD = 0.2  # flagged at or above it: set on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
 
 
 def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder,
@@ -544,7 +543,7 @@ def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: 
 
 def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
-               sides: tuple[int, ...] = (8, 14), steps: int = 8, seed: int = 0, *, n_null: int = 24,
+               sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
                max_len: int = 3, blend: float = 0.15, reference: bool = False) -> ScanResult:
     """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
     measure each against random tokens / patches on the same model and against the other classes
@@ -599,7 +598,7 @@ def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = 0.05
 
 
 def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = 8, per_class: int = 2,
-                 sides: tuple[int, ...] = (8, 14), steps: int = 8, seed: int = 0, **options) -> ScanResult:
+                 sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, **options) -> ScanResult:
     """Scan a loaded `purify.Suspect` with `scan_state`. Only unlabeled inputs are used: the first `n_inputs`
     of its held-out examples for the search and (text) its unlabeled texts to count token frequencies for the
     `weight_candidates` top tokens of E-PUR's ranking. `options` go to `scan_state`."""
