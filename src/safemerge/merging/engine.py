@@ -470,7 +470,8 @@ class StateDictInputs:
         return self.labels[j]
 
     def segments(self, name: str) -> Iterator[Segment]:
-        raw = [self.base[name].reshape(-1), *(m[name].reshape(-1) for m in self.models)]
+        # merged on the CPU (the fused loops and DARE's masks work on CPU memory)
+        raw = [self.base[name].detach().cpu().reshape(-1), *(m[name].detach().cpu().reshape(-1) for m in self.models)]
         yield Segment(0, raw[0].numel(), raw)
 
 
