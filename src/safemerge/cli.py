@@ -293,8 +293,8 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
              seed: int = 0) -> None:
     """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
-    model; risk = how far the best one's flip rate rises above random tokens / patches and the other classes
-    on the same model, times how much its flips concentrate on one class."""
+    model; risk = how far one class stands out: the margin by which the best flip rate towards it exceeds the
+    best towards any other class, among triggers of equal budget or random tokens / patches on the same model."""
     from .api import scan_models
     from .safety.scan import RISK_THRESHOLD
 

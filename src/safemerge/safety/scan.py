@@ -288,6 +288,9 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
 # ---------------------------------------------------------------------------------------------- vision
 
 
+MAX_CANDIDATE_BYTES = 4 << 30  # the vision search holds every patch candidate's mask and pattern at once
+
+
 def patch_positions(resolution: int, side: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners of a `side`-px square slid with `stride` over the image, the last row/column flush with
     the border (corner triggers sit there)."""
@@ -331,6 +334,11 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
         groups.append((mask, len(pos)))
     if blend > 0:
         groups.append((torch.full((1, 1, res, res), float(blend)), 1))
+    need = sum(n_pos for _, n_pos in groups) * n_cls * 4 * res * res * 4  # masks and patterns, float32
+    if need > MAX_CANDIDATE_BYTES:
+        raise SafeMergeError(f"scan: {res}-px inputs make {need / 2**30:.1f} GiB of patch candidates for {n_cls} "
+                             f"classes; give the inputs at the model's training resolution (e.g. --profile, or "
+                             f"images resized to it)")
     out_m, out_p, out_t = [], [], []
     for mask1, n_pos in groups:
         mask = mask1.repeat(n_cls, 1, 1, 1)  # candidate c * n_pos + k: class c, position k
