@@ -89,23 +89,19 @@ def sum_rows(x: torch.Tensor, weights: Sequence[float] | None = None, out: torch
     return acc
 
 
-def sign_consensus(deltas: torch.Tensor, weights: Sequence[float],
-                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_consensus(deltas: torch.Tensor, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES's sign election and disjoint sum (mergekit's 'sum' consensus) over the rows of `deltas` [models,
     n] (already weighted; overwritten): per entry the sign of sum_i d_i wins (a zero sum elects +), and only the
     non-zero d_i of that sign are summed. Returns (that sum, the summed weights of the models that agree, 1
-    where none does), fresh or in the two tensors of `out`."""
-    mixed_out, divisor_out = out if out is not None else (None, None)
-    elect = sum_rows(deltas, out=divisor_out).sign_().add_(0.5).sign_()  # +1 where the sum is >= 0, else -1
+    where none does). The reference that `kernels.consensus_merge` is tested against; merges run the kernel."""
+    elect = sum_rows(deltas).sign_().add_(0.5).sign_()  # +1 where the sum is >= 0, else -1
     for row in deltas:
         row.mul_(elect).clamp_(min=0)  # |d| where d has the elected sign, else 0
-    mixed = sum_rows(deltas, out=mixed_out).mul_(elect)
+    mixed = sum_rows(deltas).mul_(elect)
     for row in deltas:
         row.sign_()  # 1 where the model agrees
-    divisor = sum_rows(deltas, weights, out=divisor_out)  # (elect is no longer needed)
-    nonzero = torch.abs(divisor, out=deltas[0]).sign_()
-    divisor.add_(1).sub_(nonzero)  # no agreeing model (or weights summing to 0): divide by 1
-    return mixed, divisor
+    divisor = sum_rows(deltas, weights)
+    return mixed, torch.where(divisor == 0, 1.0, divisor)  # no agreeing model (or weights summing to 0): 1
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from ..errors import SafeMergeError
 from . import engine, registry
 from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, apply_mask, dare_keep, dare_mask,
-                     della_mask, per_model, run, select_cuts, sign_consensus, slerp, sum_rows, task_vector)
+                     della_mask, per_model, run, select_cuts, slerp, sum_rows, task_vector)
 from .registry import Options
 
 StateDict = Mapping[str, torch.Tensor]

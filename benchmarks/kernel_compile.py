@@ -1,0 +1,22 @@
+"""Seconds to compile the fused merge loops (`merging/kernels.py`) on first use, and to load them once cached.
+
+    NUMBA_CACHE_DIR=$(mktemp -d) python benchmarks/kernel_compile.py   # an empty cache: compile
+    python benchmarks/kernel_compile.py                               # the cache: load
+"""
+
+import time
+
+import numpy as np
+
+t0 = time.time()
+from safemerge.merging.kernels import consensus_merge, window_count  # noqa: E402
+
+t1 = time.time()
+a = np.ones(100, np.float32)
+window_count(a, True, np.float32(0.5), np.float32(2), np.empty(100, np.float32), np.empty(100, np.uint8))
+t2 = time.time()
+consensus_merge(np.ones((2, 100), np.float32), 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64),
+                np.ones((2, 0), bool), False, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1),
+                a, np.empty(100, np.float32))
+t3 = time.time()
+print(f"import {t1 - t0:.2f} s, window_count {t2 - t1:.2f} s, consensus_merge {t3 - t2:.2f} s")
