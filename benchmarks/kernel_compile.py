@@ -13,10 +13,14 @@ from safemerge.merging.kernels import consensus_merge, window_count  # noqa: E40
 
 t1 = time.time()
 a = np.ones(100, np.float32)
-window_count(a, True, np.float32(0.5), np.float32(2), np.empty(100, np.float32), np.empty(100, np.uint8))
+bits = np.ones(100, np.uint16)
+window_count(a, a, False, True, np.float32(0.5), np.float32(2), np.empty(100, np.float32))
+window_count(bits, bits, True, True, np.float32(0.5), np.float32(2), np.empty(100, np.float32))
 t2 = time.time()
-consensus_merge(np.ones((2, 100), np.float32), 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64),
-                np.ones((2, 0), bool), False, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1),
-                a, np.empty(100, np.float32))
+for x in (np.ones((2, 100), np.float32), np.ones((2, 100), np.uint16)):  # float32 and bfloat16 inputs
+    consensus_merge(x, x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 100), bool),
+                    True, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1), np.empty(100, np.float32))
+    consensus_merge(x, x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 0), bool),
+                    False, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1), np.empty(100, np.float32))
 t3 = time.time()
 print(f"import {t1 - t0:.2f} s, window_count {t2 - t1:.2f} s, consensus_merge {t3 - t2:.2f} s")

@@ -235,7 +235,30 @@ def test_fused_consensus_equals_the_reference(use_mask):
     left = np.array([c.ties for c in cuts], dtype=np.int64)
     out = np.empty(n, dtype=np.float32)
     for s, e in ((0, 1000), (1000, n)):  # two chunks: the quota carries over
-        consensus_merge(x.numpy(), s, e - s, thr, left, masks[:, s:e].contiguous().numpy(), use_mask,
-                        np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7),
-                        base[s:e].numpy(), out[s:e])
+        consensus_merge(x.numpy(), base.numpy(), False, s, e - s, thr, left, masks[:, s:e].contiguous().numpy(),
+                        use_mask, np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7),
+                        out[s:e])
     assert torch.equal(torch.from_numpy(out), want)
+    # the same from stored bfloat16 inputs (their raw bits), the task vectors taken inside the loop
+    b16 = base.bfloat16()
+    models = (x.bfloat16().float() + b16.float()).bfloat16()  # tau = model - base, as the loop takes it
+    tau = models.float() - b16.float()
+    thr = np.array([float(tau[0].abs().kthvalue(n // 2).values), float(tau[1].abs().max()), 0.0], np.float32)
+    n_eq = int((tau[0].abs() == float(thr[0])).sum())
+    cuts = [Cut(k=1, n=n, value=float(thr[0]), ties=n_eq // 3, n_equal=n_eq), Cut(k=1, n=n, value=float(thr[1]),
+            ties=0, n_equal=1), Cut(k=n, n=n)]
+    ref = tau.clone()
+    for i in range(m):
+        ref[i] = ref[i] * masks[i] if use_mask else Pruner(cuts[i])(ref[i])
+        ref[i] *= f[i]
+    mixed, div = sign_consensus(ref, w)
+    want = mixed / div * 0.7 + b16.float()
+    left = np.array([c.ties for c in cuts], dtype=np.int64)
+    thr[2] = -1
+    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    assert consensus_merge(bits(models), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
+                           np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 0
+    assert torch.equal(torch.from_numpy(out), want)
+    models[1, 5] = float("nan")
+    assert consensus_merge(bits(models), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
+                           np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 1

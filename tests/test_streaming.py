@@ -95,10 +95,11 @@ CASES = _cases()
 def test_streaming_equals_in_memory(ckpts, tmp_path, monkeypatch, method, params, small):
     """Identical tensors from disk and from memory; `small` cuts tensors into chunks of a few rows and maps
     one chunk at a time, so chunking, segments and the per-chunk random draws are exercised."""
-    if small:  # (and per-tensor trims re-read their tensor instead of holding its task vectors)
+    if small:  # (and per-tensor trims re-read their tensor instead of holding its inputs or task vectors)
         monkeypatch.setattr("safemerge.merging.engine.CHUNK", 24)
         monkeypatch.setattr("safemerge.merging.streaming.SEGMENT", 24)
         monkeypatch.setattr("safemerge.merging.engine.CACHE_ELEMENTS", 0)
+        monkeypatch.setattr("safemerge.merging.engine.HOLD_BYTES", 0)  # every pass maps its segments anew
     base, models, bp, mps = ckpts
     if method == "slerp":
         models, mps = models[:1], mps[:1]
@@ -110,6 +111,30 @@ def test_streaming_equals_in_memory(ckpts, tmp_path, monkeypatch, method, params
     for k in ref:
         assert torch.equal(got[k], ref[k]), (method, k)
     assert not torch.equal(ref["layers.0.attn.q.weight"], base["layers.0.attn.q.weight"])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_bf16_inputs_read_as_stored_equal_float32(tmp_path, method):
+    """The fused loops read bfloat16 inputs as their raw bits: the same tensors (in float32 before the final
+    cast) as float32 inputs of the same values, from disk and from memory; a NaN in a bfloat16 input is refused."""
+    base = _state(0, dtype=torch.bfloat16)
+    models = [_state(i + 1, base, torch.bfloat16) for i in range(3)]
+    params = {"density": [0.3, 0.5, 0.4], "weight": [1.0, 0.5, 2.0]} if method != "task_arithmetic" else {}
+    if method == "ties":
+        params["trim"] = "tensor"
+    f32 = merge(method, {k: v.float() if v.is_floating_point() else v for k, v in base.items()},
+                [{k: v.float() if v.is_floating_point() else v for k, v in m.items()} for m in models], **params)
+    got = merge(method, base, models, **params)
+    bp = _write(base, tmp_path / "b")
+    mps = [_write(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    disk = Checkpoint(streaming_merge(method, bp, mps, tmp_path / "o", params, progress=False))
+    for k in f32:
+        want = f32[k].to(base[k].dtype)
+        assert got[k].dtype == base[k].dtype and torch.equal(got[k], want), k
+        assert torch.equal(disk[k], want), k
+    models[2]["layers.0.attn.q.weight"][1, 2] = float("nan")
+    with pytest.raises(SafeMergeError, match="model 2: tensor 'layers.0.attn.q.weight' holds NaN"):
+        merge(method, base, models, **params)
 
 
 @pytest.mark.parametrize("direct", [0, 1 << 24])

@@ -21,13 +21,16 @@ serves TIES's global threshold over a whole model (streamed) and a tensor's own 
 CPU cost shapes the blocks (measured in BENCHMARKS.md, streaming section): work tensors come from one
 `Workspace` per merge instead of fresh allocations, sums over models run row by row (`sum_rows`), masks use
 numpy's vectorised comparisons (several times faster than torch's on CPU), and the per-entry steps of TIES-like
-merges and the counting pass run as fused loops (`kernels.py`)."""
+merges and the counting pass run as fused loops (`kernels.py`) that read the inputs as stored (bfloat16 as raw
+bits, `Chunk.stack`) and take the task vectors themselves; a tensor's inputs stay mapped across the passes over
+it (`TensorJob.held`)."""
 
 from __future__ import annotations
 
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,9 +43,10 @@ from ..errors import SafeMergeError
 CHUNK = 1 << 20  # elements per chunk (whole rows): the unit of work and of the random draws
 SAMPLE = 64  # selection: the first pass of a long stream looks at every SAMPLE-th row
 MAX_SAMPLE = 1 << 22  # ... or fewer, at most this many values
-SIGMAS = 8.0  # ... and brackets the k-th value by this many standard deviations of its sample rank
+SIGMAS = 4.0  # ... and brackets the k-th value by this many standard deviations of its sample rank
 EXACT_BELOW = 1 << 18  # streams shorter than this are held whole and cut directly
 TRACK_CHUNKS = 256  # streams of at most this many chunks record where the threshold's ties are
+HOLD_BYTES = 1 << 28  # a tensor's inputs up to this size stay mapped across the passes over it
 CACHE_ELEMENTS = 1 << 26  # per-tensor trims hold a tensor's task vectors (all models) up to this many floats
 
 
@@ -246,6 +250,29 @@ class Pruner:
         self.left = 0
         return res
 
+    def plan(self) -> tuple[float, int]:
+        """The next chunk's (threshold, tie quota) for the fused loop (`kernels.consensus_merge`): keep |x| >
+        threshold, and |x| == threshold while the quota lasts (the loop counts that chunk's ties itself and
+        gives back what is left through `used`). Known tie counts per chunk spare it the count."""
+        c = self.cut
+        if c.keeps_all or (c.k > 0 and c.value == 0.0):
+            return -1.0, 0  # every entry
+        if c.k == 0:
+            return math.inf, 0
+        if c.ties == c.n_equal:
+            return self.below, 0
+        self.chunk += 1
+        if self.left == 0:
+            return c.value, 0
+        if c.chunk_equal is not None and c.chunk_equal[self.chunk - 1] <= self.left:
+            self.left -= c.chunk_equal[self.chunk - 1]
+            return self.below, 0
+        return c.value, self.left
+
+    def used(self, left: int) -> None:
+        """The quota left after a chunk planned with one (`plan`)."""
+        self.left = left
+
     def mask(self, a: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask of a chunk of magnitudes (exactly k True over the whole stream)."""
         c = self.cut
@@ -303,7 +330,8 @@ def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], total
     held: dict[int, list[torch.Tensor]] = {i: [] for i in streams}  # short streams whole, long ones a sample
     for i, a in stream(every):
         if i in held:
-            held[i].append(a.reshape(-1).abs() if signed else a.reshape(-1).clone())
+            a = _tensor(a).reshape(-1)
+            held[i].append(a.abs() if signed else a.clone())
     windows: dict[tuple[int, int], tuple[float, float]] = {}
     for i, q in todo:
         n, k = totals[i], ks[i][q]
@@ -330,17 +358,21 @@ def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], total
         at_lo: dict[tuple[int, int], list[int]] = {key: [] for key in windows}  # per chunk
         at_hi: dict[tuple[int, int], list[int]] = {key: [] for key in windows}
         wanted = {i: [key for key in windows if key[0] == i] for i, _ in windows}
-        buf, flags = np.empty(0, dtype=np.float32), np.empty(0, dtype=np.uint8)
+        buf = np.empty(0, dtype=np.float32)
         for i, a in stream(1):
             keys = wanted.get(i)
             if not keys:
                 continue
-            a = a.reshape(-1).contiguous().numpy()
-            if buf.size < a.size:
-                buf, flags = np.empty(a.size, dtype=np.float32), np.empty(a.size, dtype=np.uint8)
+            if isinstance(a, LazyTV):  # a task vector taken inside the loop, from the stored values
+                x, base, sub = a.x, a.base, True
+            else:
+                x = a.reshape(-1).contiguous().numpy()
+                base, sub = x, False
+            if buf.size < x.size:
+                buf = np.empty(x.size, dtype=np.float32)
             for key in keys:
                 lo, hi = windows[key]
-                nb, n_lo, n_hi, n_in = window_count(a, signed, np.float32(lo), np.float32(hi), buf, flags)
+                nb, n_lo, n_hi, n_in = window_count(x, base, sub, signed, np.float32(lo), np.float32(hi), buf)
                 counts[key] += (nb, n_lo, n_hi)
                 at_lo[key].append(n_lo)
                 at_hi[key].append(n_hi)
@@ -360,7 +392,8 @@ def select_cuts(stream: Callable[..., Iterable[tuple[int, torch.Tensor]]], total
             elif nb + n_lo + vals.size <= rank < nb + n_lo + vals.size + n_hi:
                 value, n_le, per_chunk = hi, nb + n_lo + vals.size + n_hi, at_hi[(i, q)]
             else:  # the sample's bracket missed: exact radix selection
-                magnitudes = (lambda every=1: ((j, a.abs()) for j, a in stream(every))) if signed else stream
+                magnitudes = (lambda every=1: ((j, _tensor(a).abs() if signed else _tensor(a))
+                                               for j, a in stream(every)))
                 cuts[i][q] = _radix_cut(magnitudes, i, n, k)
                 continue
             n_gt = n - n_le
@@ -375,7 +408,7 @@ def _select_inside(vals: np.ndarray, r: int, lo: float, hi: float) -> tuple[floa
     it is after a sample's bracket (a partial sort is slow on the many ties of bf16 task vectors)."""
     lo_bits = int(np.float32(lo).view(np.int32))
     width = int(np.float32(hi).view(np.int32)) - lo_bits if math.isfinite(hi) else 1 << 31
-    if width > 1 << 24:
+    if width > 1 << 24 or width > 8 * vals.size:  # few values: a partial sort is cheaper than the bins
         value = float(np.partition(vals, r)[r])
         return value, int(np.count_nonzero(vals <= value))
     counts = np.bincount(vals.view(np.int32) - lo_bits, minlength=width).cumsum()
@@ -471,6 +504,29 @@ class StateDictInputs:
         yield Segment(0, raw[0].numel(), raw)
 
 
+@dataclass
+class LazyTV:
+    """A task vector chunk not yet taken: the model's and the base's stored values (`Chunk.stack`), read by the
+    fused counting pass directly; `tensor()` takes it (|tau| unless `signed`) for everything else."""
+
+    x: np.ndarray
+    base: np.ndarray
+    signed: bool
+
+    def tensor(self) -> torch.Tensor:
+        tau, b = np.empty(self.x.size, np.float32), np.empty(self.x.size, np.float32)
+        from .kernels import widen
+
+        widen(self.x, tau)
+        widen(self.base, b)
+        np.subtract(tau, b, out=tau)
+        return torch.from_numpy(tau if self.signed else np.abs(tau, out=tau))
+
+
+def _tensor(a: torch.Tensor | LazyTV) -> torch.Tensor:
+    return a.tensor() if isinstance(a, LazyTV) else a
+
+
 class Chunk:
     """One chunk of one tensor: the inputs as float32, loaded on demand."""
 
@@ -505,6 +561,19 @@ class Chunk:
             self.job.checksum += x.sum()
         return x
 
+    def stack(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every model's chunk as rows of one [models, n] array, and the base's, as the fused loops read them:
+        bfloat16 as its raw bits (uint16) when every input is bfloat16, else float32. In the job's reused
+        buffer (overwritten by the next chunk)."""
+        raws = [self.raw(j).reshape(-1) for j in range(1 + self.job.n_models)]
+        bf16 = all(r.dtype == torch.bfloat16 for r in raws)
+        buf = self.job.workspace.get("stack", len(raws) * self.numel, torch.bfloat16 if bf16 else torch.float32)
+        buf = buf.view(len(raws), self.numel)
+        for row, r in zip(buf, raws):
+            row.copy_(r)
+        a = buf.view(torch.int16).numpy().view(np.uint16) if bf16 else buf.numpy()
+        return a[1:], a[0]
+
     def base(self) -> torch.Tensor:
         """The base (do not modify: shared by the model calls; valid until the next chunk's)."""
         if self._base is None:
@@ -538,11 +607,11 @@ class Workspace:
     def __init__(self) -> None:
         self._slots: dict[str, torch.Tensor] = {}
 
-    def get(self, slot: str, n: int) -> torch.Tensor:
+    def get(self, slot: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """n elements of `slot` (content undefined; valid until `slot` is asked for again)."""
         buf = self._slots.get(slot)
-        if buf is None or buf.numel() < n:
-            buf = self._slots[slot] = torch.empty(max(n, CHUNK))
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._slots[slot] = torch.empty(max(n, CHUNK), dtype=dtype)
         return buf[:n]
 
 
@@ -556,7 +625,23 @@ class TensorJob:
         self.n_models = inputs.n_models
         self.grid = grid(self.shape)
         self.checksum = torch.zeros(())
+        self.nonfinite = False  # set by the fused loops when an input they read was NaN or inf
         self.workspace = workspace or Workspace()
+        self._held: list[Segment] | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Within the block, every pass over the tensor reuses one mapping of its inputs (a fresh mapping costs
+        a page fault per 4 KiB on every pass), when they take at most HOLD_BYTES together."""
+        size = self.numel * (1 + self.n_models) * self.inputs.dtype(self.name).itemsize
+        if self._held is not None or size > HOLD_BYTES:
+            yield
+            return
+        self._held = list(self.inputs.segments(self.name))
+        try:
+            yield
+        finally:
+            self._held = None
 
     def buffer(self, m: int, n: int) -> torch.Tensor:
         """The [m, n] buffer the models of a chunk are loaded into."""
@@ -569,16 +654,23 @@ class TensorJob:
 
     def chunks(self) -> Iterator[Chunk]:
         c = 0
-        for seg in self.inputs.segments(self.name):
+        for seg in self._held if self._held is not None else self.inputs.segments(self.name):
             while c < len(self.grid) and self.grid[c][1] <= seg.stop:
                 s, e = self.grid[c]
                 yield Chunk(self, seg, c, s, e)
                 c += 1
 
-    def tv_stream(self, every: int = 1, signed: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    def tv_stream(self, every: int = 1, signed: bool = False,
+                  lazy: bool = False) -> Iterator[tuple[int, torch.Tensor | LazyTV]]:
         """(i, |tau_i| chunk) for every chunk and model (tau_i itself with `signed`): the magnitude stream of
         per-tensor top-k (with `every` > 1, a sample of its rows, for `select_cuts`' first pass). Chunks are
-        views of a reused buffer."""
+        views of a reused buffer. `lazy` (with every == 1): `LazyTV`s that the counting pass reads as stored."""
+        if lazy and every == 1:
+            for ch in self.chunks():
+                x, base = ch.stack()
+                for i in range(self.n_models):
+                    yield i, LazyTV(x[i], base, signed)
+            return
         for ch in self.chunks():
             x = ch.models(every, check=False)
             x.sub_(ch.load(0, every, check=False))
@@ -610,7 +702,7 @@ class TensorJob:
 
     def check_finite(self) -> None:
         """Refuse the tensor if an input chunk held NaN or inf, naming the first such input exactly."""
-        if math.isfinite(float(self.checksum)):
+        if not self.nonfinite and math.isfinite(float(self.checksum)):
             return
         for j in range(1 + self.n_models):
             for seg in self.inputs.segments(self.name):

@@ -5,72 +5,123 @@ chunks, so TIES's trim, sign election and disjoint mean cost a dozen passes over
 top-k's counting pass four. These loops make each step one pass over memory: they work through a chunk in
 blocks small enough to stay in the CPU cache, model by model (so that the compiler vectorises the inner
 loops), in float32 with the same operations in the same order as the reference (`engine.sign_consensus` after
-the magnitude trim). Spans of blocks run on every core; what must follow entry order (the tie quota at a
-threshold) is counted per block first, and shared out in order. Loops index slices from 0: an offset index
-costs numba a negative-index check per entry, which keeps the loop from being vectorised."""
+the magnitude trim). Inputs come as stored: bfloat16 as its raw 16 bits (widened to float32 in the block,
+exactly) or float32, so no float32 copy of a chunk is ever written to memory; the task vector is taken in the
+block too. Spans of blocks run on every core; what must follow entry order (the tie quota at a threshold) is
+counted per block first, and shared out in order. Loops index slices from 0: an offset index costs numba a
+negative-index check per entry, which keeps the loop from being vectorised."""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 BLOCK = 2048  # entries per block: the work arrays of a block stay in the L1/L2 cache
 SPANS = 16  # a chunk's blocks are shared out in this many spans to the cores (numba's threads)
 
 
+@intrinsic
+def _f32_from_bits(typingctx, u):  # pragma: no cover - compiled
+    """The float32 whose bits are the uint32 `u` (a bit cast, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def value(a: np.ndarray, j: int) -> np.float32:
+    """a[j] as float32: bfloat16 stored as its raw bits (uint16) widened exactly, or a float converted.
+    Compiled by the overload below (in the loops, where it vectorises); this body serves plain Python calls."""
+    if a.dtype == np.uint16:
+        return np.uint32(int(a[j]) << 16).view(np.float32)
+    return np.float32(a[j])
+
+
+@overload(value, jit_options={"error_model": "numpy"})
+def _value(a, j):  # pragma: no cover - compiled
+    if isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 16:
+        return lambda a, j: _f32_from_bits(np.uint32(a[j]) << np.uint32(16))
+    return lambda a, j: np.float32(a[j])
+
+
+def widen(src: np.ndarray, dst: np.ndarray) -> None:
+    """dst[:] = src as float32 (src: bfloat16 bits as uint16, or a float array)."""
+    if src.dtype == np.uint16:
+        dst.view(np.uint32)[:] = src.astype(np.uint32) << 16
+    else:
+        dst[:] = src
+
+
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def window_count(a: np.ndarray, signed: bool, lo: np.float32, hi: np.float32, inside: np.ndarray,
-                 flags: np.ndarray) -> tuple[int, int, int, int]:
-    """The counting pass of an exact top-k over a flat float32 array of magnitudes (of |a| with `signed`): how
-    many lie below `lo`, how many equal `lo` and how many equal `hi`; those strictly between are written to the
-    start of `inside` (as long as `a`). `flags`: uint8 scratch as long as `a`. Returns (below, equal to lo,
-    equal to hi, count strictly between)."""
-    n = a.size
+def window_count(x: np.ndarray, base: np.ndarray, sub_base: bool, signed: bool, lo: np.float32, hi: np.float32,
+                 inside: np.ndarray) -> tuple[int, int, int, int]:
+    """The counting pass of an exact top-k over one stream chunk: magnitudes v = |x - base| (`sub_base`: a task
+    vector from stored inputs), |x| (`signed`) or x itself (already magnitudes). Counts the v below `lo`, equal to
+    `lo` and equal to `hi`, and writes those strictly between to the start of `inside` (float32, as long as x).
+    Returns (below, equal to lo, equal to hi, count strictly between)."""
+    n = x.size
     per = (n + SPANS - 1) // SPANS
     counts = np.zeros((SPANS, 4), dtype=np.int64)
     for p in prange(SPANS):
         s, e = min(n, p * per), min(n, (p + 1) * per)
-        ap, fp = a[s:e], flags[s:e]
+        d = np.empty(BLOCK, dtype=np.float32)
+        flags = np.zeros(BLOCK, dtype=np.uint8)
+        words = flags.view(np.uint64)
         below, at_lo, at_hi, n_in = 0, 0, 0, 0
-        for j in range(e - s):
-            v = abs(ap[j]) if signed else ap[j]
-            below += 1 if v < lo else 0
-            at_lo += 1 if v == lo else 0
-            at_hi += 1 if v == hi else 0
-            inner = (v > lo) and (v < hi)
-            n_in += 1 if inner else 0
-            fp[j] = 1 if inner else 0
+        out = inside[s:e]  # this span's values go to its own stretch first, and are moved together below
+        for q in range(s, e, BLOCK):
+            size = min(e, q + BLOCK) - q
+            xq, bq = x[q: q + size], base[q: q + size]
+            if sub_base:
+                for j in range(size):
+                    d[j] = abs(value(xq, j) - value(bq, j))
+            elif signed:
+                for j in range(size):
+                    d[j] = abs(value(xq, j))
+            else:
+                for j in range(size):
+                    d[j] = value(xq, j)
+            c_in = 0
+            for j in range(size):  # branch-free, so that it vectorises
+                v = d[j]
+                below += 1 if v < lo else 0
+                at_lo += 1 if v == lo else 0
+                at_hi += 1 if v == hi else 0
+                f = 1 if (v > lo) and (v < hi) else 0
+                flags[j] = f
+                c_in += f
+            if c_in:  # then the few inside the bracket, eight flags at a time, from the block still in the cache
+                for w in range((size + 7) // 8):
+                    if words[w]:
+                        for j in range(8 * w, min(size, 8 * w + 8)):
+                            if flags[j]:
+                                out[n_in] = d[j]
+                                n_in += 1
         counts[p, 0], counts[p, 1], counts[p, 2], counts[p, 3] = below, at_lo, at_hi, n_in
-    offsets = np.zeros(SPANS + 1, dtype=np.int64)
-    for p in range(SPANS):
-        offsets[p + 1] = offsets[p] + counts[p, 3]
-    for p in prange(SPANS):
-        if counts[p, 3] == 0:
-            continue
-        s, e = min(n, p * per), min(n, (p + 1) * per)
-        ap, fp = a[s:e], flags[s:e]
-        out = inside[offsets[p]: offsets[p + 1]]
-        k = 0
-        for j in range(e - s):
-            if fp[j]:
-                out[k] = abs(ap[j]) if signed else ap[j]
-                k += 1
+    k = 0
+    for p in range(SPANS):  # in order: each span's values move left (or stay), never over unread ones
+        s = min(n, p * per)
+        for j in range(counts[p, 3]):
+            inside[k + j] = inside[s + j]
+        k += counts[p, 3]
     at_hi = counts[:, 2].sum() if hi != lo else 0
-    return counts[:, 0].sum(), counts[:, 1].sum(), at_hi, offsets[SPANS]
+    return counts[:, 0].sum(), counts[:, 1].sum(), at_hi, k
 
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def consensus_merge(x: np.ndarray, start: int, n: int, thr: np.ndarray, left: np.ndarray, masks: np.ndarray,
-                    use_mask: bool, factor: np.ndarray, weight: np.ndarray, normalize: bool, scaling: np.float32,
-                    base: np.ndarray, out: np.ndarray) -> None:
-    """TIES's merge of entries [start, start + n) of the task vectors `x` [models, N] (C-contiguous), fused.
-    Per model i: keep tau_i where masks[i] (`use_mask`, DARE; masks [models, n]) or |tau_i| > thr[i], or
-    |tau_i| == thr[i] while the tie quota left[i] lasts (in entry order; left is updated for the next chunk),
-    times factor[i]. Then per entry: elect the sign of the sum over models (a zero sum elects +), sum the kept
-    entries of that sign, divide by the summed weights of the models that agree (1 where none does) with
-    `normalize`, times `scaling`, plus `base` [n], into `out` [n]."""
+def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int, n: int, thr: np.ndarray,
+                    left: np.ndarray, masks: np.ndarray, use_mask: bool, factor: np.ndarray, weight: np.ndarray,
+                    normalize: bool, scaling: np.float32, out: np.ndarray) -> int:
+    """TIES's merge of entries [start, start + n) of `x` [models, N] (C-contiguous; stored models with
+    `sub_base`, else float32 task vectors) and `base` [N], fused. Per model i: tau_i (x_i - base with
+    `sub_base`), kept where masks[i] (`use_mask`, DARE; masks [models, n]) or |tau_i| > thr[i], or |tau_i| ==
+    thr[i] while the tie quota left[i] lasts (in entry order; left is updated for the next chunk), times
+    factor[i]. Then per entry: elect the sign of the sum over models (a zero sum elects +), sum the kept entries
+    of that sign, divide by the summed weights of the models that agree (1 where none does) with `normalize`,
+    times `scaling`, plus the base, into `out` [n]. Returns how many inputs read were NaN or inf."""
     m = x.shape[0]
-    zero, one = np.float32(0.0), np.float32(1.0)
+    zero, one, inf = np.float32(0.0), np.float32(1.0), np.float32(np.inf)
     nb = (n + BLOCK - 1) // BLOCK
     ties = np.zeros((m, nb), dtype=np.int64)  # entries at the threshold per block ...
     keep = np.zeros((m, nb), dtype=np.int64)  # ... and how many of them the quota keeps
@@ -79,43 +130,61 @@ def consensus_merge(x: np.ndarray, start: int, n: int, thr: np.ndarray, left: np
             if left[i] <= 0:
                 continue
             t = thr[i]
-            for b in prange(nb):
-                xi = x[i, start + b * BLOCK: start + min(n, (b + 1) * BLOCK)]
+            xi = x[i]
+            for bk in prange(nb):
+                s = start + bk * BLOCK
+                size = min(start + n, s + BLOCK) - s
+                xs, bs = xi[s: s + size], base[s: s + size]
                 c = 0
-                for j in range(xi.size):
-                    c += 1 if abs(xi[j]) == t else 0
-                ties[i, b] = c
-            for b in range(nb):  # the quota goes to the first ties, in entry order
-                keep[i, b] = min(ties[i, b], left[i])
-                left[i] -= keep[i, b]
+                if sub_base:
+                    for j in range(size):
+                        c += 1 if abs(value(xs, j) - value(bs, j)) == t else 0
+                else:
+                    for j in range(size):
+                        c += 1 if abs(value(xs, j)) == t else 0
+                ties[i, bk] = c
+            for bk in range(nb):  # the quota goes to the first ties, in entry order
+                keep[i, bk] = min(ties[i, bk], left[i])
+                left[i] -= keep[i, bk]
     per = (nb + SPANS - 1) // SPANS
+    bad = np.zeros(SPANS, dtype=np.int64)
     for p in prange(SPANS):
         d = np.empty((m, BLOCK), dtype=np.float32)
         sign = np.empty(BLOCK, dtype=np.float32)
         mixed = np.empty(BLOCK, dtype=np.float32)
         div = np.empty(BLOCK, dtype=np.float32)
-        for b in range(min(nb, p * per), min(nb, (p + 1) * per)):
-            s = b * BLOCK
+        for bk in range(min(nb, p * per), min(nb, (p + 1) * per)):
+            s = bk * BLOCK
             size = min(n, s + BLOCK) - s
-            for i in range(m):  # sparsify and scale
-                xi = x[i, start + s: start + s + size]
+            bs = base[start + s: start + s + size]
+            nonfinite = 0
+            for i in range(m):  # task vector, sparsify and scale
                 di = d[i]
+                xs = x[i, start + s: start + s + size]
+                if sub_base:
+                    for j in range(size):
+                        di[j] = value(xs, j) - value(bs, j)
+                else:
+                    for j in range(size):
+                        di[j] = value(xs, j)
+                for j in range(size):  # NaN or inf in the model or the base leaves tau non-finite
+                    nonfinite += 0 if abs(di[j]) < inf else 1
                 f = factor[i]
                 t = thr[i]
                 if use_mask:
                     mi = masks[i, s: s + size]
                     for j in range(size):
-                        di[j] = xi[j] * f if mi[j] else zero
-                elif keep[i, b] == 0:
+                        di[j] = di[j] * f if mi[j] else zero
+                elif keep[i, bk] == 0:
                     for j in range(size):
-                        di[j] = xi[j] * f if abs(xi[j]) > t else zero
-                elif keep[i, b] == ties[i, b]:  # every tie of the block
+                        di[j] = di[j] * f if abs(di[j]) > t else zero
+                elif keep[i, bk] == ties[i, bk]:  # every tie of the block
                     for j in range(size):
-                        di[j] = xi[j] * f if abs(xi[j]) >= t else zero
+                        di[j] = di[j] * f if abs(di[j]) >= t else zero
                 else:  # the block where the quota runs out: the first ties
-                    quota = keep[i, b]
+                    quota = keep[i, bk]
                     for j in range(size):
-                        v = xi[j]
+                        v = di[j]
                         kept = abs(v) > t
                         if abs(v) == t and quota > 0:
                             kept = True
@@ -148,6 +217,10 @@ def consensus_merge(x: np.ndarray, start: int, n: int, thr: np.ndarray, left: np
                 for j in range(size):
                     mixed[j] *= scaling
             ob = out[s: s + size]
-            bb = base[s: s + size]
             for j in range(size):
-                ob[j] = mixed[j] + bb[j]
+                ob[j] = mixed[j] + value(bs, j)
+            if not sub_base:  # the base itself, when the task vectors came taken
+                for j in range(size):
+                    nonfinite += 0 if abs(value(bs, j)) < inf else 1
+            bad[p] += nonfinite
+    return bad.sum()

@@ -180,7 +180,7 @@ class TaskArithmetic:
         if state is not None:
             return state[job.name]
         n, m = job.numel, job.n_models
-        stream = ((lambda every=1: job.tv_stream(every, signed=True)) if tvs is None
+        stream = ((lambda every=1: job.tv_stream(every, signed=True, lazy=True)) if tvs is None
                   else job.cached_stream(tvs, signed=True))
         return [c[0] for c in select_cuts(stream, [n] * m, [[magnitude_k(d, n)] for d in dens], signed=True)]
 
@@ -204,16 +204,21 @@ class TaskArithmetic:
         return None
 
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
+        with job.held():  # a per-tensor trim passes over the tensor more than once
+            yield from self._merge_tensor(job, o, state)
+
+    def _merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
         m = job.n_models
         w = per_model(o.weight, m, "weight")
         dens = per_model(getattr(o, "density", 1.0), m, "density")
-        # a per-tensor trim passes over the tensor several times: hold its task vectors when they fit
-        tvs = (job.task_vectors() if self.sparsify in ("magnitude", "breadcrumbs") and state is None
-               and job.numel * m <= engine.CACHE_ELEMENTS and any(d < 1 for d in dens) else None)
         # the factor of each sparsified task vector: its weight, and DARE's 1 / density
         scale = [wi / d if self.sparsify == "random" and o.rescale and d < 1 else wi for wi, d in zip(w, dens)]
+        fused = self.consensus and self.sparsify in ("none", "magnitude", "random")
+        # a per-tensor trim in float32 passes over the tensor several times: hold its task vectors when they fit
+        tvs = (job.task_vectors() if not fused and self.sparsify in ("magnitude", "breadcrumbs") and state is None
+               and job.numel * m <= engine.CACHE_ELEMENTS and any(d < 1 for d in dens) else None)
         if self.consensus:
-            yield from self._consensus(job, o, state, tvs, w, dens, scale)
+            yield from self._consensus(job, o, state, tvs, w, dens, scale, fused)
             return
         prune = self._pruners(job, dens, o, state, tvs)
         total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
@@ -242,33 +247,41 @@ class TaskArithmetic:
             yield acc.add_(b)
 
     def _consensus(self, job: TensorJob, o: Any, state: Any, tvs: torch.Tensor | None, w: list[float],
-                   dens: list[float], scale: list[float]) -> Iterator[torch.Tensor]:
-        """The sparsified task vectors' sign election and disjoint mean, fused per entry (`kernels.py`): the
-        magnitude trim and DARE's masks are applied inside the loop; breadcrumbs' band and DELLA's factors
-        before it."""
+                   dens: list[float], scale: list[float], fused: bool) -> Iterator[torch.Tensor]:
+        """The sparsified task vectors' sign election and disjoint mean, fused per entry (`kernels.py`). `fused`
+        (no sparsification, the magnitude trim or DARE's masks): the loop reads the stored inputs and does
+        everything; breadcrumbs' band and DELLA's factors are applied to float32 task vectors before it."""
         from .kernels import consensus_merge
 
         m = job.n_models
         thr = np.full(m, -1.0, dtype=np.float32)  # keep every entry
         left = np.zeros(m, dtype=np.int64)
-        if self.sparsify == "magnitude":
-            for i, c in enumerate(self._magnitude_cuts(job, dens, state, tvs)):
-                if not c.keeps_all and not (c.k > 0 and c.value == 0.0):
-                    thr[i], left[i] = (c.value, c.ties) if c.k > 0 else (np.inf, 0)
+        pruners = ([Pruner(c) for c in self._magnitude_cuts(job, dens, state, tvs)]
+                   if self.sparsify == "magnitude" else None)
         prune = self._pruners(job, dens, o, state, tvs) if self.sparsify == "breadcrumbs" else None
         random = self.sparsify == "random"
         factor = np.asarray(scale, dtype=np.float32)
         weight = np.asarray(w, dtype=np.float32)
         no_masks, all_masks = np.ones((m, 0), dtype=np.bool_), np.empty(0, dtype=np.bool_)
         for ch in job.chunks():
-            b = ch.base()
-            x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models().sub_(b)
-            for i in range(m):
-                if prune is not None:
-                    prune[i](x[i])
-                elif self.sparsify == "della" and dens[i] < 1:
-                    x[i].mul_(della_mask(x[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
-                                         ch.index, o.rescale).reshape(-1))
+            if fused:
+                x, base = ch.stack()
+                start = 0
+            else:
+                b = ch.base()
+                tv = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models().sub_(b)
+                for i in range(m):
+                    if prune is not None:
+                        prune[i](tv[i])
+                    elif self.sparsify == "della" and dens[i] < 1:
+                        tv[i].mul_(della_mask(tv[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
+                                              ch.index, o.rescale).reshape(-1))
+                x, start = (tvs.numpy(), ch.start) if tvs is not None else (tv.numpy(), 0)
+                base = b.numpy()
+            if pruners is not None:
+                for i, p in enumerate(pruners):
+                    thr[i], left[i] = p.plan()
+                counted = left > 0  # the loop shares these quotas out and gives back what is left
             masks = no_masks
             if random:
                 if all_masks.size < m * ch.numel:
@@ -277,9 +290,12 @@ class TaskArithmetic:
                 for i in range(m):
                     dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i], out=masks[i])
             acc = job.scratch("acc", ch.numel)
-            full, start = (tvs, ch.start) if tvs is not None else (x, 0)
-            consensus_merge(full.numpy(), start, ch.numel, thr, left, masks, random, factor, weight,
-                            bool(o.normalize), np.float32(o.scaling), b.numpy(), acc.numpy())
+            if consensus_merge(x, base, fused, start, ch.numel, thr, left, masks, random, factor, weight,
+                               bool(o.normalize), np.float32(o.scaling), acc.numpy()):
+                job.nonfinite = True
+            if pruners is not None:
+                for i in np.flatnonzero(counted):
+                    pruners[i].used(int(left[i]))
             yield acc
 
 
