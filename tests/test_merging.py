@@ -235,7 +235,7 @@ def test_fused_consensus_equals_the_reference(use_mask):
     left = np.array([c.ties for c in cuts], dtype=np.int64)
     out = np.empty(n, dtype=np.float32)
     for s, e in ((0, 1000), (1000, n)):  # two chunks: the quota carries over
-        consensus_merge(x.numpy(), base.numpy(), False, s, e - s, thr, left, masks[:, s:e].contiguous().numpy(),
+        consensus_merge(x.numpy(), base[s:e].numpy(), False, s, e - s, thr, left, masks[:, s:e].contiguous().numpy(),
                         use_mask, np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7),
                         out[s:e])
     assert torch.equal(torch.from_numpy(out), want)
@@ -262,3 +262,53 @@ def test_fused_consensus_equals_the_reference(use_mask):
     models[1, 5] = float("nan")
     assert consensus_merge(bits(models), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
                            np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 1
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"trim": "tensor", "density": [0.3, 0.5, 0.4]}),
+                                           ("ties", {"density": [0.3, 0.5, 0.4]}),
+                                           ("breadcrumbs_ties", {"density": [0.7, 0.8, 0.6], "gamma": 0.05}),
+                                           ("breadcrumbs", {"density": [0.7, 0.8, 0.6], "gamma": 0.05})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trims_equal_a_sort_reference(monkeypatch, method, params, dtype):
+    """TIES and breadcrumbs against a plain reference (a stable sort of |tau| per tensor or over the model, ties
+    kept in position order; sign election and disjoint sum), with tensors cut into many chunks so that every
+    path meets offsets: the fused loop on stored inputs, and float32 task vectors held per tensor."""
+    monkeypatch.setattr("safemerge.merging.engine.CHUNK", 64)
+    g = torch.Generator().manual_seed(5)
+    shapes = {"a": (40, 16), "b": (24, 8), "c": (16,)}
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    models = [{k: (v.float() + torch.randint(-6, 7, v.shape, generator=g) / 64).to(dtype) for k, v in base.items()}
+              for _ in range(3)]
+    w = [1.0, 0.5, 2.0]
+    got = merge(method, base, models, weight=w, **params)
+    dens = params["density"]
+    scope = [[k] for k in shapes] if params.get("trim", "tensor" if "breadcrumbs" in method else "global") == "tensor" \
+        else [list(shapes)]
+    keep = {k: [None] * 3 for k in shapes}
+    for names in scope:
+        for i in range(3):
+            tau = torch.cat([(models[i][k].float() - base[k].float()).reshape(-1) for k in names])
+            n = tau.numel()
+            order = torch.argsort(-tau.abs(), stable=True)
+            if "breadcrumbs" in method:
+                k1 = n - max(0, n - int(dens[i] * n) - int(params["gamma"] * n)) - int(dens[i] * n)
+                top = order[k1: k1 + int(dens[i] * n)]
+            else:
+                top = order[: max(1, int(dens[i] * n))]
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[top] = True
+            pos = 0
+            for k in names:
+                keep[k][i] = mask[pos: pos + base[k].numel()].view(shapes[k])
+                pos += base[k].numel()
+    for k in shapes:
+        d = torch.stack([((models[i][k].float() - base[k].float()) * keep[k][i] * w[i]).reshape(-1)
+                         for i in range(3)])
+        if method == "ties":  # disjoint mean, scaling 1
+            mixed, div = sign_consensus(d, w)
+            want = mixed / div + base[k].float().reshape(-1)
+        elif method == "breadcrumbs_ties":  # disjoint sum, scaling 0.3
+            want = sign_consensus(d, w)[0] * 0.3 + base[k].float().reshape(-1)
+        else:
+            want = d.sum(0) * 0.3 + base[k].float().reshape(-1)
+        assert torch.equal(got[k].float().reshape(-1), want.to(dtype).float()), k

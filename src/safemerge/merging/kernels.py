@@ -114,7 +114,7 @@ def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int,
                     left: np.ndarray, masks: np.ndarray, use_mask: bool, factor: np.ndarray, weight: np.ndarray,
                     normalize: bool, scaling: np.float32, out: np.ndarray) -> int:
     """TIES's merge of entries [start, start + n) of `x` [models, N] (C-contiguous; stored models with
-    `sub_base`, else float32 task vectors) and `base` [N], fused. Per model i: tau_i (x_i - base with
+    `sub_base`, else float32 task vectors) with the same entries of the base, `base` [n], fused. Per model i: tau_i (x_i - base with
     `sub_base`), kept where masks[i] (`use_mask`, DARE; masks [models, n]) or |tau_i| > thr[i], or |tau_i| ==
     thr[i] while the tie quota left[i] lasts (in entry order; left is updated for the next chunk), times
     factor[i]. Then per entry: elect the sign of the sum over models (a zero sum elects +), sum the kept entries
@@ -132,9 +132,9 @@ def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int,
             t = thr[i]
             xi = x[i]
             for bk in prange(nb):
-                s = start + bk * BLOCK
-                size = min(start + n, s + BLOCK) - s
-                xs, bs = xi[s: s + size], base[s: s + size]
+                s = bk * BLOCK
+                size = min(n, s + BLOCK) - s
+                xs, bs = xi[start + s: start + s + size], base[s: s + size]
                 c = 0
                 if sub_base:
                     for j in range(size):
@@ -156,7 +156,7 @@ def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int,
         for bk in range(min(nb, p * per), min(nb, (p + 1) * per)):
             s = bk * BLOCK
             size = min(n, s + BLOCK) - s
-            bs = base[start + s: start + s + size]
+            bs = base[s: s + size]
             nonfinite = 0
             for i in range(m):  # task vector, sparsify and scale
                 di = d[i]
