@@ -18,9 +18,9 @@ window_count(a, a, False, True, np.float32(0.5), np.float32(2), np.empty(100, np
 window_count(bits, bits, True, True, np.float32(0.5), np.float32(2), np.empty(100, np.float32))
 t2 = time.time()
 for x in (np.ones((2, 100), np.float32), np.ones((2, 100), np.uint16)):  # float32 and bfloat16 inputs
-    consensus_merge(x, x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 100), bool),
+    consensus_merge(tuple(x), x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 100), bool),
                     True, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1), np.empty(100, np.float32))
-    consensus_merge(x, x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 0), bool),
+    consensus_merge(tuple(x), x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 0), bool),
                     False, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1), np.empty(100, np.float32))
 t3 = time.time()
 print(f"import {t1 - t0:.2f} s, window_count {t2 - t1:.2f} s, consensus_merge {t3 - t2:.2f} s")

@@ -3,7 +3,9 @@
 Generates a Llama-shaped base and 3 fine-tunes in bf16, sharded like a hub checkpoint (TinyLlama-1.1B shapes by
 default: about 2.2 GB each; kept in --workdir between runs), then, in this order:
 
-1. warms the page cache (reads every input once, untimed), so every figure below reads from the same cache;
+1. warms the page cache (reads every input once, untimed) before every timed run, so every figure reads from the
+   same cache (this machine reclaims cold page-cache pages in the background, and mergekit runs take 4-5 GB:
+   with one warm-up at the start only, TIES took 10.0 s in one run and 12.9 s in the next, same code);
 2. measures the I/O floor: the time to read every input file once (sequential 16 MB reads) and write an output
    of the merged size once (`io_floor_s`);
 3. per method, merges with safemerge (`safemerge merge --mergekit CONFIG`, its own process) and with mergekit
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = work / f"out-{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"])
+            read_all(inputs_of(work), bytearray(16 << 20))  # the cache again: the previous run may have evicted some
             cmd = ([*SAFEMERGE, "merge", "--mergekit", str(path), "--out", str(out), "--shard-size", args.shard_size]
                    if tool == "safemerge" else
                    [str(mk_bin), str(path), str(out), "--out-shard-size", str(shard_bytes // 2),
@@ -191,7 +194,7 @@ def markdown(r: dict) -> str:
              f"Inputs: a base and {c['models']} fine-tunes, {c['parameters'] / 1e9:.3f} B parameters each, "
              f"{c['dtype']}, {c['gb_each']} GB each, sharded; output shards {r['shard_size']}.  ",
              f"**I/O floor: {r['io_floor_s']} s** (read every input once: {r['read_s']} s; write the output once: "
-             f"{r['write_s']} s; page cache warmed first, as for every run below).", "",
+             f"{r['write_s']} s; page cache warmed first, and again before every run below).", "",
              "wall = the whole command (interpreter start, imports, checks, merge, write); merge = safemerge's own "
              "timer, after start-up. Load = the machine's 1-minute load average before the run (a clean run has "
              "it near 0).", "",

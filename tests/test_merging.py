@@ -235,7 +235,7 @@ def test_fused_consensus_equals_the_reference(use_mask):
     left = np.array([c.ties for c in cuts], dtype=np.int64)
     out = np.empty(n, dtype=np.float32)
     for s, e in ((0, 1000), (1000, n)):  # two chunks: the quota carries over
-        consensus_merge(x.numpy(), base[s:e].numpy(), False, s, e - s, thr, left, masks[:, s:e].contiguous().numpy(),
+        consensus_merge(tuple(x.numpy()), base[s:e].numpy(), False, s, e - s, thr, left, masks[:, s:e].contiguous().numpy(),
                         use_mask, np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7),
                         out[s:e])
     assert torch.equal(torch.from_numpy(out), want)
@@ -256,11 +256,11 @@ def test_fused_consensus_equals_the_reference(use_mask):
     left = np.array([c.ties for c in cuts], dtype=np.int64)
     thr[2] = -1
     bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
-    assert consensus_merge(bits(models), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
+    assert consensus_merge(tuple(bits(models)), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
                            np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 0
     assert torch.equal(torch.from_numpy(out), want)
     models[1, 5] = float("nan")
-    assert consensus_merge(bits(models), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
+    assert consensus_merge(tuple(bits(models)), bits(b16), True, 0, n, thr, left, masks.numpy(), use_mask,
                            np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 1
 
 

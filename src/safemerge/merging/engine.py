@@ -21,8 +21,8 @@ serves TIES's global threshold over a whole model (streamed) and a tensor's own 
 CPU cost shapes the blocks (measured in BENCHMARKS.md, streaming section): work tensors come from one
 `Workspace` per merge instead of fresh allocations, sums over models run row by row (`sum_rows`), masks use
 numpy's vectorised comparisons (several times faster than torch's on CPU), and the per-entry steps of TIES-like
-merges and the counting pass run as fused loops (`kernels.py`) that read the inputs as stored (bfloat16 as raw
-bits, `Chunk.stack`) and take the task vectors themselves; a tensor's inputs stay mapped across the passes over
+merges and the counting pass run as fused loops (`kernels.py`) that read the inputs where they lie, as stored
+(bfloat16 as raw bits, `Chunk.stack`), and take the task vectors themselves; a tensor's inputs stay mapped across the passes over
 it (`TensorJob.held`)."""
 
 from __future__ import annotations
@@ -561,18 +561,21 @@ class Chunk:
             self.job.checksum += x.sum()
         return x
 
-    def stack(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every model's chunk as rows of one [models, n] array, and the base's, as the fused loops read them:
-        bfloat16 as its raw bits (uint16) when every input is bfloat16, else float32. In the job's reused
-        buffer (overwritten by the next chunk)."""
+    def stack(self) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """Every model's chunk and the base's as the fused loops read them: where they lie (no copy) when every
+        input is bfloat16 (its raw bits, uint16) or every input is float32, else float32 copies in the job's
+        reused buffer (overwritten by the next chunk)."""
         raws = [self.raw(j).reshape(-1) for j in range(1 + self.job.n_models)]
-        bf16 = all(r.dtype == torch.bfloat16 for r in raws)
-        buf = self.job.workspace.get("stack", len(raws) * self.numel, torch.bfloat16 if bf16 else torch.float32)
-        buf = buf.view(len(raws), self.numel)
-        for row, r in zip(buf, raws):
-            row.copy_(r)
-        a = buf.view(torch.int16).numpy().view(np.uint16) if bf16 else buf.numpy()
-        return a[1:], a[0]
+        if all(r.dtype == torch.bfloat16 for r in raws):
+            arrays = [r.view(torch.int16).numpy().view(np.uint16) for r in raws]
+        elif all(r.dtype == torch.float32 for r in raws):
+            arrays = [r.numpy() for r in raws]
+        else:
+            buf = self.job.workspace.get("stack", len(raws) * self.numel).view(len(raws), self.numel)
+            for row, r in zip(buf, raws):
+                row.copy_(r)
+            arrays = list(buf.numpy())
+        return tuple(arrays[1:]), arrays[0]
 
     def base(self) -> torch.Tensor:
         """The base (do not modify: shared by the model calls; valid until the next chunk's)."""
@@ -667,9 +670,9 @@ class TensorJob:
         views of a reused buffer. `lazy` (with every == 1): `LazyTV`s that the counting pass reads as stored."""
         if lazy and every == 1:
             for ch in self.chunks():
-                x, base = ch.stack()
+                xs, base = ch.stack()
                 for i in range(self.n_models):
-                    yield i, LazyTV(x[i], base, signed)
+                    yield i, LazyTV(xs[i], base, signed)
             return
         for ch in self.chunks():
             x = ch.models(every, check=False)

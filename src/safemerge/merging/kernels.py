@@ -5,9 +5,9 @@ chunks, so TIES's trim, sign election and disjoint mean cost a dozen passes over
 top-k's counting pass four. These loops make each step one pass over memory: they work through a chunk in
 blocks small enough to stay in the CPU cache, model by model (so that the compiler vectorises the inner
 loops), in float32 with the same operations in the same order as the reference (`engine.sign_consensus` after
-the magnitude trim). Inputs come as stored: bfloat16 as its raw 16 bits (widened to float32 in the block,
-exactly) or float32, so no float32 copy of a chunk is ever written to memory; the task vector is taken in the
-block too. Spans of blocks run on every core; what must follow entry order (the tie quota at a threshold) is
+the magnitude trim). Inputs are read where they lie (the memory-mapped file) as stored: bfloat16 as its raw 16
+bits (widened to float32 in the block, exactly) or float32, so no copy of a chunk is ever written to memory; the
+task vector is taken in the block too. Spans of blocks run on every core; what must follow entry order (the tie quota at a threshold) is
 counted per block first, and shared out in order. Loops index slices from 0: an offset index costs numba a
 negative-index check per entry, which keeps the loop from being vectorised."""
 
@@ -110,17 +110,18 @@ def window_count(x: np.ndarray, base: np.ndarray, sub_base: bool, signed: bool, 
 
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int, n: int, thr: np.ndarray,
+def consensus_merge(xs: tuple, base: np.ndarray, sub_base: bool, start: int, n: int, thr: np.ndarray,
                     left: np.ndarray, masks: np.ndarray, use_mask: bool, factor: np.ndarray, weight: np.ndarray,
                     normalize: bool, scaling: np.float32, out: np.ndarray) -> int:
-    """TIES's merge of entries [start, start + n) of `x` [models, N] (C-contiguous; stored models with
-    `sub_base`, else float32 task vectors) with the same entries of the base, `base` [n], fused. Per model i: tau_i (x_i - base with
+    """TIES's merge of entries [start, start + n) of the models `xs` (a tuple of 1-D arrays of one type: stored
+    models with `sub_base`, read in place, else float32 task vectors) with the same entries of the base, `base`
+    [n], fused. Per model i: tau_i (x_i - base with
     `sub_base`), kept where masks[i] (`use_mask`, DARE; masks [models, n]) or |tau_i| > thr[i], or |tau_i| ==
     thr[i] while the tie quota left[i] lasts (in entry order; left is updated for the next chunk), times
     factor[i]. Then per entry: elect the sign of the sum over models (a zero sum elects +), sum the kept entries
     of that sign, divide by the summed weights of the models that agree (1 where none does) with `normalize`,
     times `scaling`, plus the base, into `out` [n]. Returns how many inputs read were NaN or inf."""
-    m = x.shape[0]
+    m = len(xs)
     zero, one, inf = np.float32(0.0), np.float32(1.0), np.float32(np.inf)
     nb = (n + BLOCK - 1) // BLOCK
     ties = np.zeros((m, nb), dtype=np.int64)  # entries at the threshold per block ...
@@ -130,18 +131,18 @@ def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int,
             if left[i] <= 0:
                 continue
             t = thr[i]
-            xi = x[i]
+            xi = xs[i]
             for bk in prange(nb):
                 s = bk * BLOCK
                 size = min(n, s + BLOCK) - s
-                xs, bs = xi[start + s: start + s + size], base[s: s + size]
+                xq, bs = xi[start + s: start + s + size], base[s: s + size]
                 c = 0
                 if sub_base:
                     for j in range(size):
-                        c += 1 if abs(value(xs, j) - value(bs, j)) == t else 0
+                        c += 1 if abs(value(xq, j) - value(bs, j)) == t else 0
                 else:
                     for j in range(size):
-                        c += 1 if abs(value(xs, j)) == t else 0
+                        c += 1 if abs(value(xq, j)) == t else 0
                 ties[i, bk] = c
             for bk in range(nb):  # the quota goes to the first ties, in entry order
                 keep[i, bk] = min(ties[i, bk], left[i])
@@ -160,13 +161,13 @@ def consensus_merge(x: np.ndarray, base: np.ndarray, sub_base: bool, start: int,
             nonfinite = 0
             for i in range(m):  # task vector, sparsify and scale
                 di = d[i]
-                xs = x[i, start + s: start + s + size]
+                xq = xs[i][start + s: start + s + size]
                 if sub_base:
                     for j in range(size):
-                        di[j] = value(xs, j) - value(bs, j)
+                        di[j] = value(xq, j) - value(bs, j)
                 else:
                     for j in range(size):
-                        di[j] = value(xs, j)
+                        di[j] = value(xq, j)
                 for j in range(size):  # NaN or inf in the model or the base leaves tau non-finite
                     nonfinite += 0 if abs(di[j]) < inf else 1
                 f = factor[i]

@@ -265,7 +265,7 @@ class TaskArithmetic:
         no_masks, all_masks = np.ones((m, 0), dtype=np.bool_), np.empty(0, dtype=np.bool_)
         for ch in job.chunks():
             if fused:
-                x, base = ch.stack()
+                xs, base = ch.stack()
                 start = 0
             else:
                 b = ch.base()
@@ -276,7 +276,7 @@ class TaskArithmetic:
                     elif self.sparsify == "della" and dens[i] < 1:
                         tv[i].mul_(della_mask(tv[i].view(ch.rows()), dens[i], o.epsilon, o.seed, i, job.name,
                                               ch.index, o.rescale).reshape(-1))
-                x, start = (tvs.numpy(), ch.start) if tvs is not None else (tv.numpy(), 0)
+                xs, start = (tuple(tvs.numpy()), ch.start) if tvs is not None else (tuple(tv.numpy()), 0)
                 base = b.numpy()
             if pruners is not None:
                 for i, p in enumerate(pruners):
@@ -290,7 +290,7 @@ class TaskArithmetic:
                 for i in range(m):
                     dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i], out=masks[i])
             acc = job.scratch("acc", ch.numel)
-            if consensus_merge(x, base, fused, start, ch.numel, thr, left, masks, random, factor, weight,
+            if consensus_merge(xs, base, fused, start, ch.numel, thr, left, masks, random, factor, weight,
                                bool(o.normalize), np.float32(o.scaling), acc.numpy()):
                 job.nonfinite = True
             if pruners is not None:
