@@ -22,8 +22,8 @@ CPU cost shapes the blocks (measured in BENCHMARKS.md, streaming section): work 
 `Workspace` per merge instead of fresh allocations, sums over models run row by row (`sum_rows`), masks use
 numpy's vectorised comparisons (several times faster than torch's on CPU), and the per-entry steps of TIES-like
 merges and the counting pass run as fused loops (`kernels.py`) that read the inputs where they lie, as stored
-(bfloat16 as raw bits, `Chunk.stack`), and take the task vectors themselves; a tensor's inputs stay mapped across the passes over
-it (`TensorJob.held`)."""
+(bfloat16 as raw bits, `Chunk.stack`), and take the task vectors themselves; a tensor's inputs stay mapped
+across the passes over it (`TensorJob.held`)."""
 
 from __future__ import annotations
 
@@ -224,31 +224,26 @@ class Pruner:
     def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """x with the entries outside the top k set to zero (a fresh tensor, or x itself: `inplace`, or all
         entries kept)."""
-        c = self.cut
-        if c.keeps_all or (c.k > 0 and c.value == 0.0):  # a zero threshold keeps every non-zero entry
+        thr, quota = self.plan()
+        if thr < 0:  # every entry
             return x
-        if c.k == 0:
+        if thr == math.inf:
             return x.zero_() if inplace else torch.zeros_like(x)
         out = x if inplace else None
-        if c.ties == c.n_equal:  # every entry equal to the threshold is kept
-            return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
-        self.chunk += 1
-        if self.left == 0:
-            return torch.hardshrink(x, c.value, out=out) if inplace else F.hardshrink(x, c.value)
-        if c.chunk_equal is not None and c.chunk_equal[self.chunk - 1] <= self.left:  # known: no counting
-            self.left -= c.chunk_equal[self.chunk - 1]
-            return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
-        eq = x.abs() == c.value
-        n = int(eq.sum())
-        if n <= self.left:
-            self.left -= n
-            return torch.hardshrink(x, self.below, out=out) if inplace else F.hardshrink(x, self.below)
-        idx = eq.reshape(-1).nonzero()[: self.left, 0]
-        kept = x.reshape(-1)[idx].clone()
-        res = torch.hardshrink(x, c.value, out=out) if inplace else F.hardshrink(x, c.value)
-        res.view(-1)[idx] = kept
-        self.left = 0
-        return res
+        if quota > 0:  # this chunk's ties take what is left of the quota, in position order
+            eq = x.abs() == self.cut.value
+            n = int(eq.sum())
+            if n <= quota:
+                self.left -= n
+                thr = self.below
+            else:
+                idx = eq.reshape(-1).nonzero()[:quota, 0]
+                kept = x.reshape(-1)[idx].clone()
+                res = torch.hardshrink(x, thr, out=out) if inplace else F.hardshrink(x, thr)
+                res.view(-1)[idx] = kept
+                self.left = 0
+                return res
+        return torch.hardshrink(x, thr, out=out) if inplace else F.hardshrink(x, thr)
 
     def plan(self) -> tuple[float, int]:
         """The next chunk's (threshold, tie quota) for the fused loop (`kernels.consensus_merge`): keep |x| >
@@ -610,11 +605,11 @@ class Workspace:
     def __init__(self) -> None:
         self._slots: dict[str, torch.Tensor] = {}
 
-    def get(self, slot: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def get(self, slot: str, n: int) -> torch.Tensor:
         """n elements of `slot` (content undefined; valid until `slot` is asked for again)."""
         buf = self._slots.get(slot)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._slots[slot] = torch.empty(max(n, CHUNK), dtype=dtype)
+        if buf is None or buf.numel() < n:
+            buf = self._slots[slot] = torch.empty(max(n, CHUNK))
         return buf[:n]
 
 
