@@ -264,6 +264,33 @@ def test_fused_consensus_equals_the_reference(use_mask):
                            np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 1
 
 
+def test_fused_slerp_equals_the_reference():
+    """kernels.slerp_rows gives engine.slerp's rows (float32 and stored bfloat16 inputs, collinear, opposite and
+    zero rows, 1-entry rows), and counts the rows holding NaN or inf."""
+    from safemerge.merging.engine import SLERP_DOT_THRESHOLD, SLERP_EPS, slerp
+    from safemerge.merging.kernels import slerp_rows
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(9, 300, generator=g), torch.randn(9, 300, generator=g)
+    b[1] = 2 * a[1]  # collinear: linear
+    b[2] = -a[2]  # opposite: linear
+    a[3] = 0  # a zero row: its norm is taken as 1
+    b[4] = a[4] + 1e-3 * torch.randn(300, generator=g)  # nearly collinear
+    bits = lambda t: t.contiguous().view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    for t in (0.0, 0.3, 1.0):
+        for x, y, rd in ((a, b, lambda v: v.numpy()), (a.bfloat16(), b.bfloat16(), bits)):
+            for rows, cols in ((9, 300), (2700, 1)):
+                out = np.empty(9 * 300, dtype=np.float32)
+                want = slerp(x.float().reshape(rows, cols), y.float().reshape(rows, cols), t).reshape(-1)
+                assert slerp_rows(rd(x).reshape(-1), rd(y).reshape(-1), rows, cols, t, SLERP_DOT_THRESHOLD,
+                                  SLERP_EPS, out) == 0
+                assert torch.allclose(torch.from_numpy(out), want, rtol=1e-5, atol=1e-6), (t, rows)
+    a[6, 7], b[8, 0] = float("nan"), float("inf")
+    out = np.empty(9 * 300, dtype=np.float32)
+    assert slerp_rows(a.numpy().reshape(-1), b.numpy().reshape(-1), 9, 300, 0.5, SLERP_DOT_THRESHOLD, SLERP_EPS,
+                      out) == 2
+
+
 @pytest.mark.parametrize("method,params", [("ties", {"trim": "tensor", "density": [0.3, 0.5, 0.4]}),
                                            ("ties", {"density": [0.3, 0.5, 0.4]}),
                                            ("breadcrumbs_ties", {"density": [0.7, 0.8, 0.6], "gamma": 0.05}),

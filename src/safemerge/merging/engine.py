@@ -108,10 +108,15 @@ def sign_consensus(deltas: torch.Tensor, weights: Sequence[float]) -> tuple[torc
     return mixed, torch.where(divisor == 0, 1.0, divisor)  # no agreeing model (or weights summing to 0): 1
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
+SLERP_DOT_THRESHOLD = 0.9995  # rows closer to collinear than this are interpolated linearly (mergekit's value)
+SLERP_EPS = 1e-8  # norms at most this are taken as 1
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = SLERP_DOT_THRESHOLD,
+          eps: float = SLERP_EPS) -> torch.Tensor:
     """Spherical interpolation from `a` (t = 0) to `b` (t = 1) of each row ([rows, ...] float32): the angle
-    comes from the normalised rows; nearly collinear rows are interpolated linearly (mergekit's SLERP)."""
+    comes from the normalised rows; nearly collinear rows are interpolated linearly (mergekit's SLERP). The
+    reference that `kernels.slerp_rows` is tested against; merges run the kernel."""
     x, y = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     na = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     nb = torch.linalg.vector_norm(y, dim=1, keepdim=True)

@@ -224,3 +224,40 @@ def consensus_merge(xs: tuple, base: np.ndarray, sub_base: bool, start: int, n: 
                     nonfinite += 0 if abs(value(bs, j)) < inf else 1
             bad[p] += nonfinite
     return bad.sum()
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def slerp_rows(a: np.ndarray, b: np.ndarray, rows: int, cols: int, t: float, threshold: float, eps: float,
+               out: np.ndarray) -> int:
+    """SLERP of each row of `a` (t = 0) towards the same row of `b` (t = 1), `rows` rows of `cols` entries read
+    as stored, into `out` [rows * cols] float32, fused: one pass takes each row's norms and dot product (summed
+    in float64), the second writes ca * a + cb * b with `engine.slerp`'s coefficients (linear where the
+    normalised rows' |dot| > `threshold`, norms <= `eps` taken as 1). Returns how many rows held NaN or inf."""
+    bad = np.zeros(rows, dtype=np.uint8)
+    for r in prange(rows):
+        s = r * cols
+        ar, br = a[s: s + cols], b[s: s + cols]
+        saa, sbb, sab = 0.0, 0.0, 0.0
+        for j in range(cols):
+            x, y = np.float64(value(ar, j)), np.float64(value(br, j))
+            saa += x * x
+            sbb += y * y
+            sab += x * y
+        if not (saa < np.inf and sbb < np.inf):  # an infinite or NaN entry
+            bad[r] = 1
+            continue
+        na, nb = np.sqrt(saa), np.sqrt(sbb)
+        na = na if na > eps else 1.0
+        nb = nb if nb > eps else 1.0
+        dot = min(1.0, max(-1.0, sab / (na * nb)))
+        if abs(dot) > threshold:
+            ca, cb = 1.0 - t, t
+        else:
+            theta = np.arccos(dot)
+            sin = np.sin(theta)
+            ca, cb = np.sin((1.0 - t) * theta) / sin, np.sin(t * theta) / sin
+        fa, fb = np.float32(ca), np.float32(cb)
+        o = out[s: s + cols]
+        for j in range(cols):
+            o[j] = fa * value(ar, j) + fb * value(br, j)
+    return int(bad.sum())

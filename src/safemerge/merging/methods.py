@@ -25,7 +25,8 @@ from pydantic import Field, model_validator
 from ..errors import SafeMergeError
 from . import engine, registry
 from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, apply_mask, dare_keep, dare_mask,
-                     della_mask, per_model, run, select_cuts, slerp, sum_rows, task_vector)
+                     SLERP_DOT_THRESHOLD, SLERP_EPS, della_mask, per_model, run, select_cuts, sum_rows,
+                     task_vector)
 from .registry import Options
 
 StateDict = Mapping[str, torch.Tensor]
@@ -326,8 +327,15 @@ class Slerp(_NoPreparation):
     max_models: int | None = 1
 
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
+        from .kernels import slerp_rows
+
         for ch in job.chunks():
-            yield slerp(ch.base().view(ch.rows()), ch.model(0).view(ch.rows()), o.t).reshape(-1)
+            (x,), base = ch.stack()
+            rows = ch.rows()[0]
+            acc = job.scratch("acc", ch.numel)
+            if slerp_rows(base, x, rows, ch.numel // rows, o.t, SLERP_DOT_THRESHOLD, SLERP_EPS, acc.numpy()):
+                job.nonfinite = True
+            yield acc
 
 
 @dataclass(frozen=True)
