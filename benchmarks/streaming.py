@@ -13,6 +13,11 @@ default: about 2.2 GB each; kept in --workdir between runs), then, in this order
    outputs compared (max abs difference and bf16 rounding for deterministic methods; statistics of the merged
    update for the random ones, whose masks come from different generators).
 
+The floor and every safemerge merge run `--repeats` times (default 3) and report the median, with every run's
+time in `runs_s`; mergekit runs `--mergekit-repeats` times (default 1: its runs take 15-45 s, and its speed-up
+ratios are far from the target). Single runs of the same command on this machine vary by 10-40% (disk writes
+into the page cache), more than the differences the issue's ratios test.
+
     python benchmarks/streaming.py                     # full size: run it ALONE on the machine (about an hour
                                                        # with every method; --methods to choose)
     python benchmarks/streaming.py --small --workdir /tmp/sb-small --out /tmp/sb-out   # smoke test, ~1 min
@@ -64,7 +69,7 @@ def read_all(files: list[Path], buf: bytearray) -> int:
 
 
 def io_floor(work: Path, out_bytes: int) -> dict:
-    """Read every input file once and write `out_bytes` once (16 MB at a time), as a merge must."""
+    """Read every input file once and write `out_bytes` once (16 MB at a time), as a merge must (one run)."""
     buf = bytearray(16 << 20)
     files = inputs_of(work)
     subprocess.run(["sync"])
@@ -82,6 +87,12 @@ def io_floor(work: Path, out_bytes: int) -> dict:
     subprocess.run(["sync"])
     return {"io_floor_s": round(total, 3), "read_s": round(t_read, 3), "write_s": round(total - t_read, 3),
             "bytes_read": read, "bytes_written": out_bytes}
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run with the median `key` (the lower middle of an even count), with every run's `key` as `runs_s`."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_s": [r[key] for r in runs]}
 
 
 def timed(cmd: list[str]) -> dict:
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shard-size", default="2GB", help="output shards (mergekit gets the same in parameters)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the floor and of each safemerge merge (median)")
+    ap.add_argument("--mergekit-repeats", type=int, default=1, help="runs of each mergekit merge (median)")
     args = ap.parse_args(argv)
     dims = dict(SMALL if args.small else TINYLLAMA)
     if args.layers is not None:
@@ -122,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     gen_s = time.time() - t0
     ckpt_bytes = sum(f.stat().st_size for f in (work / "ft1").glob("*.safetensors"))
     read_all(inputs_of(work), bytearray(16 << 20))  # warm the page cache: every figure reads from it
-    floor = io_floor(work, ckpt_bytes)
-    print(f"I/O floor {floor['io_floor_s']} s (read {floor['read_s']} s, write {floor['write_s']} s)", flush=True)
+    floor = median_run([io_floor(work, ckpt_bytes) for _ in range(args.repeats)], "io_floor_s")
+    print(f"I/O floor {floor['io_floor_s']} s (read {floor['read_s']} s, write {floor['write_s']} s; runs "
+          f"{floor['runs_s']})", flush=True)
     mk_bin = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     use_mk = not args.no_mergekit and mk_bin.exists()
     mk_version = subprocess.run([str(Path(args.mergekit_venv) / "bin" / "python"), "-c",
@@ -139,17 +153,20 @@ def main(argv: list[str] | None = None) -> dict:
         row: dict = {"method": method, "random": method in RANDOM}
         for tool in ("safemerge", "mergekit") if use_mk else ("safemerge",):
             out = work / f"out-{tool}-{method}"
-            shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"])
-            read_all(inputs_of(work), bytearray(16 << 20))  # the cache again: the previous run may have evicted some
             cmd = ([*SAFEMERGE, "merge", "--mergekit", str(path), "--out", str(out), "--shard-size", args.shard_size]
                    if tool == "safemerge" else
                    [str(mk_bin), str(path), str(out), "--out-shard-size", str(shard_bytes // 2),
                     "--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"])
-            r = timed(cmd)
-            print(f"{method:16s} {tool:10s} {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mb']:6d} MB  "
-                  f"(load {r['load_before']})", flush=True)
-            row[tool] = r
+            runs = []
+            for _ in range(args.repeats if tool == "safemerge" else args.mergekit_repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                subprocess.run(["sync"])
+                read_all(inputs_of(work), bytearray(16 << 20))  # the cache again: a run may have evicted some
+                runs.append(timed(cmd))
+                r = runs[-1]
+                print(f"{method:16s} {tool:10s} {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mb']:6d} MB  "
+                      f"(load {r['load_before']})", flush=True)
+            row[tool] = median_run(runs, "wall_s")
         if use_mk:
             sm, mk = work / f"out-safemerge-{method}", work / f"out-mergekit-{method}"
             row["outputs"] = random_stats(sm, mk, work / "base") if method in RANDOM else compare(sm, mk)
@@ -169,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
               "checkpoints": {"shape": "Llama (TinyLlama-1.1B dims)" if not args.small else "Llama (small dims)",
                               **dims, "parameters": n_params(dims), "dtype": "bfloat16",
                               "gb_each": round(ckpt_bytes / 1e9, 3), "models": 3, "generate_s": round(gen_s, 1)},
-              "mergekit_version": mk_version, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows}
+              "mergekit_version": mk_version, "shard_size": args.shard_size, "targets": TARGETS,
+              "repeats": {"safemerge": args.repeats, "mergekit": args.mergekit_repeats if use_mk else 0},
+              "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "streaming-vs-mergekit.json", result)
@@ -182,6 +201,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _check(ok: bool | None) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def _repeats_line(r: dict) -> str:
+    rep = r.get("repeats")
+    if not rep:
+        return "One run each."
+    runs = f"the I/O floor and each safemerge merge ran {rep['safemerge']} times"
+    if rep["mergekit"]:
+        runs += f", each mergekit merge {rep['mergekit']} time" + ("s" if rep["mergekit"] > 1 else "")
+    spread = ", ".join(f"{row['method']} {min(row['safemerge']['runs_s'])}-{max(row['safemerge']['runs_s'])}"
+                       for row in r["rows"] if "runs_s" in row["safemerge"])
+    return (f"Medians: {runs}; the I/O floor's runs {r.get('runs_s')} s; safemerge's runs (s): {spread}.")
 
 
 def markdown(r: dict) -> str:
@@ -197,7 +228,7 @@ def markdown(r: dict) -> str:
              f"{r['write_s']} s; page cache warmed first, and again before every run below).", "",
              "wall = the whole command (interpreter start, imports, checks, merge, write); merge = safemerge's own "
              "timer, after start-up. Load = the machine's 1-minute load average before the run (a clean run has "
-             "it near 0).", "",
+             "it near 0). " + _repeats_line(r), "",
              "| method | safemerge wall (s) | merge (s) | x I/O floor | x task arithmetic | peak RSS (MB) | "
              "mergekit wall (s) | mergekit RSS (MB) | speed-up | RSS ratio | outputs | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
