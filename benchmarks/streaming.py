@@ -13,10 +13,12 @@ default: about 2.2 GB each; kept in --workdir between runs), then, in this order
    outputs compared (max abs difference and bf16 rounding for deterministic methods; statistics of the merged
    update for the random ones, whose masks come from different generators).
 
-The floor and every safemerge merge run `--repeats` times (default 3) and report the median, with every run's
-time in `runs_s`; mergekit runs `--mergekit-repeats` times (default 1: its runs take 15-45 s, and its speed-up
-ratios are far from the target). Single runs of the same command on this machine vary by 10-40% (disk writes
-into the page cache), more than the differences the issue's ratios test.
+Every safemerge merge runs `--repeats` times (default 3) and reports the median, with every run's time in
+`runs_s`; mergekit runs `--mergekit-repeats` times (default 1: its runs take 15-330 s, and its speed-up ratios
+are far from the target). The floor is measured once before each method's runs, prepared as they are (the last
+output removed, `sync`, the page cache warmed), and `io_floor_s` is the median of those measurements. Single
+runs of the same command on this machine vary by 10-40%, the floor by up to 4x (1.6-6.0 s in one run: writes
+into the page cache are fast when a deleted output has just freed memory, slow when pages must be reclaimed).
 
     python benchmarks/streaming.py                     # full size: run it ALONE on the machine (about an hour
                                                        # with every method; --methods to choose)
@@ -68,11 +70,19 @@ def read_all(files: list[Path], buf: bytearray) -> int:
     return n
 
 
+def prepare(work: Path, out: Path | None = None) -> None:
+    """The state every timed run starts from: the last output removed, dirty pages written, the inputs cached."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"])
+    read_all(inputs_of(work), bytearray(16 << 20))  # the cache again: a run may have evicted some
+
+
 def io_floor(work: Path, out_bytes: int) -> dict:
     """Read every input file once and write `out_bytes` once (16 MB at a time), as a merge must (one run)."""
     buf = bytearray(16 << 20)
     files = inputs_of(work)
-    subprocess.run(["sync"])
+    prepare(work)
     t = time.perf_counter()
     read = read_all(files, buf)
     t_read = time.perf_counter() - t
@@ -134,10 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     make_checkpoints(work, dims)
     gen_s = time.time() - t0
     ckpt_bytes = sum(f.stat().st_size for f in (work / "ft1").glob("*.safetensors"))
-    read_all(inputs_of(work), bytearray(16 << 20))  # warm the page cache: every figure reads from it
-    floor = median_run([io_floor(work, ckpt_bytes) for _ in range(args.repeats)], "io_floor_s")
-    print(f"I/O floor {floor['io_floor_s']} s (read {floor['read_s']} s, write {floor['write_s']} s; runs "
-          f"{floor['runs_s']})", flush=True)
+    floors = []
     mk_bin = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     use_mk = not args.no_mergekit and mk_bin.exists()
     mk_version = subprocess.run([str(Path(args.mergekit_venv) / "bin" / "python"), "-c",
@@ -157,11 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
                    if tool == "safemerge" else
                    [str(mk_bin), str(path), str(out), "--out-shard-size", str(shard_bytes // 2),
                     "--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"])
+            if tool == "safemerge":
+                floors.append(io_floor(work, ckpt_bytes))
+                print(f"I/O floor        {floors[-1]['io_floor_s']:8.2f} s  (read {floors[-1]['read_s']} s, write "
+                      f"{floors[-1]['write_s']} s)", flush=True)
             runs = []
             for _ in range(args.repeats if tool == "safemerge" else args.mergekit_repeats):
-                shutil.rmtree(out, ignore_errors=True)
-                subprocess.run(["sync"])
-                read_all(inputs_of(work), bytearray(16 << 20))  # the cache again: a run may have evicted some
+                prepare(work, out)
                 runs.append(timed(cmd))
                 r = runs[-1]
                 print(f"{method:16s} {tool:10s} {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mb']:6d} MB  "
@@ -172,10 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
             row["outputs"] = random_stats(sm, mk, work / "base") if method in RANDOM else compare(sm, mk)
             row["speedup_vs_mergekit"] = round(row["mergekit"]["wall_s"] / row["safemerge"]["wall_s"], 2)
             row["rss_ratio_vs_mergekit"] = round(row["safemerge"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"], 3)
-        row["vs_io_floor"] = round(row["safemerge"]["wall_s"] / max(floor["io_floor_s"], 1e-3), 2)
         for tool in ("safemerge", "mergekit"):
             shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
         rows.append(row)
+    floor = median_run(floors, "io_floor_s")
+    for row in rows:
+        row["vs_io_floor"] = round(row["safemerge"]["wall_s"] / max(floor["io_floor_s"], 1e-3), 2)
+        if "merge_s" in row["safemerge"]:
+            row["merge_vs_io_floor"] = round(row["safemerge"]["merge_s"] / max(floor["io_floor_s"], 1e-3), 2)
     ta = next((r for r in rows if r["method"] == "task_arithmetic"), None)
     for r in rows:
         if ta is not None:
@@ -207,7 +220,7 @@ def _repeats_line(r: dict) -> str:
     rep = r.get("repeats")
     if not rep:
         return "One run each."
-    runs = f"the I/O floor and each safemerge merge ran {rep['safemerge']} times"
+    runs = f"each safemerge merge ran {rep['safemerge']} times, the I/O floor once before each method"
     if rep["mergekit"]:
         runs += f", each mergekit merge {rep['mergekit']} time" + ("s" if rep["mergekit"] > 1 else "")
     spread = ", ".join(f"{row['method']} {min(row['safemerge']['runs_s'])}-{max(row['safemerge']['runs_s'])}"
@@ -229,9 +242,9 @@ def markdown(r: dict) -> str:
              "wall = the whole command (interpreter start, imports, checks, merge, write); merge = safemerge's own "
              "timer, after start-up. Load = the machine's 1-minute load average before the run (a clean run has "
              "it near 0). " + _repeats_line(r), "",
-             "| method | safemerge wall (s) | merge (s) | x I/O floor | x task arithmetic | peak RSS (MB) | "
-             "mergekit wall (s) | mergekit RSS (MB) | speed-up | RSS ratio | outputs | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | safemerge wall (s) | merge (s) | wall x I/O floor | merge x I/O floor | x task arithmetic | "
+             "peak RSS (MB) | mergekit wall (s) | mergekit RSS (MB) | speed-up | RSS ratio | outputs | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         sm, m = row["safemerge"], row.get("mergekit", {})
         o = row.get("outputs")
@@ -245,6 +258,7 @@ def markdown(r: dict) -> str:
                        ("within bf16 rounding" if o["within_bf16_rounding"] else
                         f"{o['entries_beyond_bf16_rounding']} of {o['entries']} entries beyond bf16 rounding"))
         lines.append(f"| {row['method']} | {sm['wall_s']:.2f} | {sm.get('merge_s', '')} | {row['vs_io_floor']} | "
+                     f"{row.get('merge_vs_io_floor', '')} | "
                      f"{row.get('vs_task_arithmetic', '')} | {sm['peak_rss_mb']} | {m.get('wall_s', '')} | "
                      f"{m.get('peak_rss_mb', '')} | {row.get('speedup_vs_mergekit', '')} | "
                      f"{row.get('rss_ratio_vs_mergekit', '')} | {outputs} | {sm['load_before']} |")

@@ -264,6 +264,39 @@ def test_fused_consensus_equals_the_reference(use_mask):
                            np.array(f, np.float32), np.array(w, np.float32), True, np.float32(0.7), out) == 1
 
 
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fused_weighted_sum_equals_the_reference(use_mask):
+    """kernels.weighted_merge (task arithmetic, DARE's linear merge) gives the entries of the plain formula
+    base + scaling * sum_i f_i * mask_i * (x_i - base) / divisor, from float32 and stored bfloat16 inputs, and
+    counts NaN or inf."""
+    from safemerge.merging.kernels import BLOCK, weighted_merge
+
+    g = torch.Generator().manual_seed(4)
+    m, n = 3, 3 * BLOCK + 17
+    base = torch.randn(n, generator=g).bfloat16()
+    x = (base.float() + 0.1 * torch.randn(m, n, generator=g)).bfloat16()
+    masks = torch.rand(m, n, generator=g) < 0.5
+    f = [1.0, 0.5, 2.0]
+    tau = x.float() - base.float()
+    want = torch.zeros(n)
+    for i in range(m):
+        want += tau[i] * f[i] * (masks[i] if use_mask else 1)
+    want = want / 1.75 * 0.3 + base.float()
+    bits = lambda t: t.contiguous().view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    args = (masks.numpy() if use_mask else np.ones((m, 0), np.bool_), use_mask, np.array(f, np.float32),
+            np.float32(1.75), np.float32(0.3))
+    for xs, b in ((tuple(x.float().numpy()), base.float().numpy()), (tuple(bits(x)), bits(base))):
+        out = np.empty(n, dtype=np.float32)
+        assert weighted_merge(xs, b, True, n, *args, out) == 0
+        assert torch.allclose(torch.from_numpy(out), want, rtol=1e-6, atol=1e-6)
+        # without the base: the weighted sum of the models themselves (the weighted average)
+        assert weighted_merge(xs, b, False, n, *args, out) == 0
+        plain = sum(x[i].float() * f[i] * (masks[i] if use_mask else 1) for i in range(m)) / 1.75 * 0.3
+        assert torch.allclose(torch.from_numpy(out), plain, rtol=1e-6, atol=1e-6)
+    x[2, 9] = float("inf")
+    assert weighted_merge(tuple(bits(x)), bits(base), True, n, *args, np.empty(n, dtype=np.float32)) == 1
+
+
 def test_fused_slerp_equals_the_reference():
     """kernels.slerp_rows gives engine.slerp's rows (float32 and stored bfloat16 inputs, collinear, opposite and
     zero rows, 1-entry rows), and counts the rows holding NaN or inf."""

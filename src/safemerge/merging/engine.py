@@ -162,14 +162,6 @@ def dare_mask(seed: int, index: int, name: str, chunk: int, n: int, density: flo
     return out
 
 
-def apply_mask(x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
-    """x (float32, contiguous) with the entries outside the boolean `keep` zeroed, in place (numpy's
-    multiply by a boolean array is several times faster than torch's comparisons and masked writes on CPU)."""
-    v = x.numpy()
-    np.multiply(v, keep.reshape(v.shape), out=v)
-    return x
-
-
 def dare_keep(name: str, shape: Sequence[int], density: float, seed: int, index: int) -> torch.Tensor:
     """The whole boolean DARE keep mask of tensor `name` of model `index` (the chunks' masks, joined)."""
     n = math.prod(shape)

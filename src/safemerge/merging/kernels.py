@@ -108,6 +108,22 @@ def window_count(x: np.ndarray, base: np.ndarray, sub_base: bool, signed: bool, 
     return counts[:, 0].sum(), counts[:, 1].sum(), at_hi, k
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _take(xq: np.ndarray, bs: np.ndarray, sub_base: bool, size: int, d: np.ndarray) -> int:
+    """d[:size] = the block's task vector x - base (`sub_base`: stored inputs) or x itself, as float32; returns
+    how many of them are NaN or inf (a NaN or inf in the model or the base leaves tau non-finite)."""
+    if sub_base:
+        for j in range(size):
+            d[j] = value(xq, j) - value(bs, j)
+    else:
+        for j in range(size):
+            d[j] = value(xq, j)
+    bad = 0
+    for j in range(size):
+        bad += 0 if abs(d[j]) < np.float32(np.inf) else 1
+    return bad
+
+
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def consensus_merge(xs: tuple, base: np.ndarray, sub_base: bool, start: int, n: int, thr: np.ndarray,
                     left: np.ndarray, masks: np.ndarray, use_mask: bool, factor: np.ndarray, weight: np.ndarray,
@@ -160,15 +176,7 @@ def consensus_merge(xs: tuple, base: np.ndarray, sub_base: bool, start: int, n: 
             nonfinite = 0
             for i in range(m):  # task vector, sparsify and scale
                 di = d[i]
-                xq = xs[i][start + s: start + s + size]
-                if sub_base:
-                    for j in range(size):
-                        di[j] = value(xq, j) - value(bs, j)
-                else:
-                    for j in range(size):
-                        di[j] = value(xq, j)
-                for j in range(size):  # NaN or inf in the model or the base leaves tau non-finite
-                    nonfinite += 0 if abs(di[j]) < inf else 1
+                nonfinite += _take(xs[i][start + s: start + s + size], bs, sub_base, size, di)
                 f = factor[i]
                 t = thr[i]
                 if use_mask:
@@ -261,3 +269,47 @@ def slerp_rows(a: np.ndarray, b: np.ndarray, rows: int, cols: int, t: float, thr
         for j in range(cols):
             o[j] = fa * value(ar, j) + fb * value(br, j)
     return int(bad.sum())
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def weighted_merge(xs: tuple, base: np.ndarray, sub_base: bool, n: int, masks: np.ndarray, use_mask: bool,
+                   factor: np.ndarray, divisor: np.float32, scaling: np.float32, out: np.ndarray) -> int:
+    """Task arithmetic, DARE's linear merge and the weighted average of n entries, fused: per entry, the sum over
+    models `xs` (a tuple of 1-D arrays of one type, stored models read in place) of factor[i] * (x_i - base)
+    (x_i itself without `sub_base`), kept where masks[i] (`use_mask`; masks [models, n]), divided by `divisor`,
+    times `scaling`, plus the base (with `sub_base`), into `out` [n] (float32). Returns how many values read
+    were NaN or inf (with `sub_base`, an entry of the base counts once per model)."""
+    m = len(xs)
+    zero = np.float32(0.0)
+    nb = (n + BLOCK - 1) // BLOCK
+    per = (nb + SPANS - 1) // SPANS
+    bad = np.zeros(SPANS, dtype=np.int64)
+    for p in prange(SPANS):
+        acc = np.empty(BLOCK, dtype=np.float32)
+        d = np.empty(BLOCK, dtype=np.float32)
+        for bk in range(min(nb, p * per), min(nb, (p + 1) * per)):
+            s = bk * BLOCK
+            size = min(n, s + BLOCK) - s
+            bs = base[s: s + size]
+            nonfinite = 0
+            for j in range(size):
+                acc[j] = zero
+            for i in range(m):
+                f = factor[i]
+                nonfinite += _take(xs[i][s: s + size], bs, sub_base, size, d)
+                if use_mask:
+                    mi = masks[i, s: s + size]
+                    for j in range(size):
+                        acc[j] += d[j] * f if mi[j] else zero
+                else:
+                    for j in range(size):
+                        acc[j] += d[j] * f
+            ob = out[s: s + size]
+            if sub_base:
+                for j in range(size):
+                    ob[j] = acc[j] / divisor * scaling + value(bs, j)
+            else:
+                for j in range(size):
+                    ob[j] = acc[j] / divisor * scaling
+            bad[p] += nonfinite
+    return bad.sum()

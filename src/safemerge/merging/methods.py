@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from ..errors import SafeMergeError
 from . import engine, registry
-from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, apply_mask, dare_keep, dare_mask,
+from .engine import (Cut, DictSink, Inputs, Pruner, StateDictInputs, TensorJob, dare_keep, dare_mask,
                      SLERP_DOT_THRESHOLD, SLERP_EPS, della_mask, per_model, run, select_cuts, sum_rows,
                      task_vector)
 from .registry import Options
@@ -158,6 +158,22 @@ class _NoPreparation:
         return None
 
 
+class _Masks:
+    """DARE's keep masks of a chunk, [models, numel] booleans in a buffer reused by every chunk; `none`: the
+    empty masks the fused loops take when there are none."""
+
+    def __init__(self, m: int):
+        self.m, self.none, self._buf = m, np.ones((m, 0), dtype=np.bool_), np.empty(0, dtype=np.bool_)
+
+    def __call__(self, ch: Any, seed: int, dens: list[float]) -> np.ndarray:
+        if self._buf.size < self.m * ch.numel:
+            self._buf = np.empty(self.m * ch.numel, dtype=np.bool_)
+        masks = self._buf[: self.m * ch.numel].reshape(self.m, ch.numel)
+        for i in range(self.m):
+            dare_mask(seed, i, ch.job.name, ch.index, ch.numel, dens[i], out=masks[i])
+        return masks
+
+
 @dataclass(frozen=True)
 class TaskArithmetic:
     """Generalised task arithmetic (mergekit's): theta_0 + lambda * combine_i(w_i * sparsify(tau_i)), where
@@ -218,34 +234,46 @@ class TaskArithmetic:
         # a per-tensor trim in float32 passes over the tensor several times: hold its task vectors when they fit
         tvs = (job.task_vectors() if not fused and self.sparsify in ("magnitude", "breadcrumbs") and state is None
                and job.numel * m <= engine.CACHE_ELEMENTS and any(d < 1 for d in dens) else None)
+        total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
         if self.consensus:
             yield from self._consensus(job, o, state, tvs, w, dens, scale, fused)
             return
+        if self.sparsify in ("none", "random"):
+            yield from self._weighted(job, o, dens, scale, total_w)
+            return
         prune = self._pruners(job, dens, o, state, tvs)
-        total_w = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-        plain = self.sparsify == "none"
         for ch in job.chunks():
             b = ch.base()
-            x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models()
-            if plain:  # sum_i w_i (theta_i - theta_0) = sum_i w_i theta_i - (sum_i w_i) theta_0: one pass
-                acc = sum_rows(x, w, out=job.scratch("acc", ch.numel)).sub_(b, alpha=sum(w))
-            else:
-                if tvs is None:
-                    x.sub_(b)  # task vectors
-                for i in range(m):
-                    if prune is not None:
-                        prune[i](x[i])
-                    elif self.sparsify == "random" and dens[i] < 1:
-                        apply_mask(x[i], dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i]))
-                for row, f in zip(x, scale):
-                    if f != 1:
-                        row.mul_(f)
-                acc = sum_rows(x, out=job.scratch("acc", ch.numel))
+            x = tvs[:, ch.start: ch.stop] if tvs is not None else ch.models().sub_(b)  # task vectors
+            for i in range(m if prune is not None else 0):  # the magnitude trim or breadcrumbs' band
+                prune[i](x[i])
+            for row, f in zip(x, scale):
+                if f != 1:
+                    row.mul_(f)
+            acc = sum_rows(x, out=job.scratch("acc", ch.numel))
             if o.normalize:
                 acc.div_(total_w)
             if o.scaling != 1:
                 acc.mul_(o.scaling)
             yield acc.add_(b)
+
+    def _weighted(self, job: TensorJob, o: Any, dens: list[float], scale: list[float],
+                  total_w: float) -> Iterator[torch.Tensor]:
+        """The weighted sum of the (DARE-masked) task vectors, scaled, plus the base: one fused loop over the
+        stored inputs (`kernels.weighted_merge`)."""
+        from .kernels import weighted_merge
+
+        factor = np.asarray(scale, dtype=np.float32)
+        divisor = np.float32(total_w if o.normalize else 1.0)
+        masks = _Masks(job.n_models)
+        for ch in job.chunks():
+            xs, base = ch.stack()
+            random = self.sparsify == "random"
+            acc = job.scratch("acc", ch.numel)
+            if weighted_merge(xs, base, True, ch.numel, masks(ch, o.seed, dens) if random else masks.none, random,
+                              factor, divisor, np.float32(o.scaling), acc.numpy()):
+                job.nonfinite = True
+            yield acc
 
     def _consensus(self, job: TensorJob, o: Any, state: Any, tvs: torch.Tensor | None, w: list[float],
                    dens: list[float], scale: list[float], fused: bool) -> Iterator[torch.Tensor]:
@@ -263,7 +291,7 @@ class TaskArithmetic:
         random = self.sparsify == "random"
         factor = np.asarray(scale, dtype=np.float32)
         weight = np.asarray(w, dtype=np.float32)
-        no_masks, all_masks = np.ones((m, 0), dtype=np.bool_), np.empty(0, dtype=np.bool_)
+        dare = _Masks(m)
         for ch in job.chunks():
             if fused:
                 xs, base = ch.stack()
@@ -283,13 +311,7 @@ class TaskArithmetic:
                 for i, p in enumerate(pruners):
                     thr[i], left[i] = p.plan()
                 counted = left > 0  # the loop shares these quotas out and gives back what is left
-            masks = no_masks
-            if random:
-                if all_masks.size < m * ch.numel:
-                    all_masks = np.empty(m * ch.numel, dtype=np.bool_)
-                masks = all_masks[: m * ch.numel].reshape(m, ch.numel)
-                for i in range(m):
-                    dare_mask(o.seed, i, job.name, ch.index, ch.numel, dens[i], out=masks[i])
+            masks = dare(ch, o.seed, dens) if random else dare.none
             acc = job.scratch("acc", ch.numel)
             if consensus_merge(xs, base, fused, start, ch.numel, thr, left, masks, random, factor, weight,
                                bool(o.normalize), np.float32(o.scaling), acc.numpy()):
@@ -310,11 +332,17 @@ class Linear(_NoPreparation):
     max_models: int | None = None
 
     def merge_tensor(self, job: TensorJob, o: Any, state: Any) -> Iterator[torch.Tensor]:
-        w = per_model(o.weight, job.n_models, "weight")
-        total = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+        from .kernels import weighted_merge
+
+        w = np.asarray(per_model(o.weight, job.n_models, "weight"), dtype=np.float32)
+        total = np.float32(float(w.sum()) if o.normalize and abs(float(w.sum())) >= 1e-8 else 1.0)
+        no_masks = np.ones((job.n_models, 0), dtype=np.bool_)
         for ch in job.chunks():
-            acc = sum_rows(ch.models(), w, out=job.scratch("acc", ch.numel))
-            yield acc.div_(total) if o.normalize else acc
+            xs, base = ch.stack()
+            acc = job.scratch("acc", ch.numel)
+            if weighted_merge(xs, base, False, ch.numel, no_masks, False, w, total, np.float32(1.0), acc.numpy()):
+                job.nonfinite = True
+            yield acc
 
 
 @dataclass(frozen=True)
