@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 t0 = time.time()
-from safemerge.merging.kernels import consensus_merge, window_count  # noqa: E402
+from safemerge.merging.kernels import consensus_merge, slerp_rows, weighted_merge, window_count  # noqa: E402
 
 t1 = time.time()
 a = np.ones(100, np.float32)
@@ -23,4 +23,12 @@ for x in (np.ones((2, 100), np.float32), np.ones((2, 100), np.uint16)):  # float
     consensus_merge(tuple(x), x[0], True, 0, 100, np.zeros(2, np.float32), np.zeros(2, np.int64), np.ones((2, 0), bool),
                     False, np.ones(2, np.float32), np.ones(2, np.float32), True, np.float32(1), np.empty(100, np.float32))
 t3 = time.time()
-print(f"import {t1 - t0:.2f} s, window_count {t2 - t1:.2f} s, consensus_merge {t3 - t2:.2f} s")
+for x in (np.ones((2, 100), np.float32), np.ones((2, 100), np.uint16)):
+    weighted_merge(tuple(x), x[0], True, 100, np.ones((2, 0), bool), False, np.ones(2, np.float32), np.float32(1),
+                   np.float32(1), np.empty(100, np.float32))
+t4 = time.time()
+for x in (np.ones((2, 100), np.float32), np.ones((2, 100), np.uint16)):
+    slerp_rows(x[0], x[1], 10, 10, 0.5, 0.9995, 1e-8, np.empty(100, np.float32))
+t5 = time.time()
+print(f"import {t1 - t0:.2f} s, window_count {t2 - t1:.2f} s, consensus_merge {t3 - t2:.2f} s, "
+      f"weighted_merge {t4 - t3:.2f} s, slerp_rows {t5 - t4:.2f} s")

@@ -13,6 +13,8 @@ default: about 2.2 GB each; kept in --workdir between runs), then, in this order
    outputs compared (max abs difference and bf16 rounding for deterministic methods; statistics of the merged
    update for the random ones, whose masks come from different generators).
 
+Before each method's timed runs, safemerge merges small checkpoints of the same dtype and count with it, untimed, so
+that the fused loops' one-time compile (numba, cached on disk; see kernel_compile.py) is not in the figures.
 Every safemerge merge runs `--repeats` times (default 3) and reports the median, with every run's time in
 `runs_s`; mergekit runs `--mergekit-repeats` times (default 1: its runs take 15-330 s, and its speed-up ratios
 are far from the target). The floor is measured once before each method's runs, prepared as they are (the last
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     make_checkpoints(work, dims)
     gen_s = time.time() - t0
     ckpt_bytes = sum(f.stat().st_size for f in (work / "ft1").glob("*.safetensors"))
+    warm = work / "warmup"  # small checkpoints of the same dtype and count: each method's loops compile on them
+    make_checkpoints(warm, SMALL)
     floors = []
     mk_bin = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     use_mk = not args.no_mergekit and mk_bin.exists()
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
                    [str(mk_bin), str(path), str(out), "--out-shard-size", str(shard_bytes // 2),
                     "--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0", "--quiet"])
             if tool == "safemerge":
+                warm_cfg = warm / f"{method}.yaml"
+                warm_cfg.write_text(yaml.safe_dump(mergekit_config(method, warm), sort_keys=False))
+                subprocess.run([*SAFEMERGE, "merge", "--mergekit", str(warm_cfg), "--out", str(warm / "out")],
+                               check=True, capture_output=True)  # untimed: numba's first-use compile
+                shutil.rmtree(warm / "out", ignore_errors=True)
                 floors.append(io_floor(work, ckpt_bytes))
                 print(f"I/O floor        {floors[-1]['io_floor_s']:8.2f} s  (read {floors[-1]['read_s']} s, write "
                       f"{floors[-1]['write_s']} s)", flush=True)

@@ -45,7 +45,7 @@ SAMPLE = 64  # selection: the first pass of a long stream looks at every SAMPLE-
 MAX_SAMPLE = 1 << 22  # ... or fewer, at most this many values
 SIGMAS = 4.0  # ... and brackets the k-th value by this many standard deviations of its sample rank
 EXACT_BELOW = 1 << 18  # streams shorter than this are held whole and cut directly
-TRACK_CHUNKS = 256  # streams of at most this many chunks record where the threshold's ties are
+TRACK_CHUNKS = 1 << 16  # streams of at most this many chunks (68 B entries) record where the threshold's ties are
 HOLD_BYTES = 1 << 28  # a tensor's inputs up to this size stay mapped across the passes over it
 CACHE_ELEMENTS = 1 << 26  # per-tensor trims hold a tensor's task vectors (all models) up to this many floats
 

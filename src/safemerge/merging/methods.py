@@ -131,23 +131,35 @@ def global_cuts(inputs: Inputs, densities: Sequence[float]) -> dict[str, list[Cu
 
     def stream(every: int = 1):
         for job in jobs:
-            yield from job.tv_stream(every)
+            yield from job.tv_stream(every, lazy=True)
 
-    cuts = [replace(c[0], chunk_equal=None)  # chunk counts of the whole-model stream do not apply per tensor
-            for c in select_cuts(stream, [total] * m, [[magnitude_k(d, total)] for d in densities])]
+    whole = [c[0] for c in select_cuts(stream, [total] * m, [[magnitude_k(d, total)] for d in densities])]
+    cuts = [replace(c, chunk_equal=None) for c in whole]  # the whole model's chunk counts do not apply per tensor
     out = {n: list(cuts) for n in names}
     partial = [i for i, c in enumerate(cuts) if not c.keeps_all and c.ties != c.n_equal]
-    if partial:  # count each tensor's ties so that the quota goes to the first ones in stream order
-        left = {i: cuts[i].ties for i in partial}
-        for job in jobs:
+    if not partial:
+        return out
+    # each tensor's ties, so that the quota goes to the first ones in stream order: from the counting pass's
+    # per-chunk counts (model i's stream is every tensor's chunks in order), else one more pass
+    known = all(whole[i].chunk_equal is not None for i in partial)
+    left = {i: cuts[i].ties for i in partial}
+    start = 0
+    for job in jobs:
+        n_chunks = len(job.grid)
+        if known:
+            per_chunk = {i: whole[i].chunk_equal[start: start + n_chunks] for i in partial}  # type: ignore[index]
+        else:
+            per_chunk = {i: None for i in partial}
             eq = dict.fromkeys(partial, 0)
             for i, a in job.tv_stream():
                 if i in eq:
                     eq[i] += int((a == cuts[i].value).sum())
-            for i in partial:
-                take = min(left[i], eq[i])
-                left[i] -= take
-                out[job.name][i] = Cut(cuts[i].k, cuts[i].n, cuts[i].value, take, eq[i])
+        start += n_chunks
+        for i in partial:
+            n_eq = sum(per_chunk[i]) if per_chunk[i] is not None else eq[i]
+            take = min(left[i], n_eq)
+            left[i] -= take
+            out[job.name][i] = Cut(cuts[i].k, cuts[i].n, cuts[i].value, take, n_eq, chunk_equal=per_chunk[i])
     return out
 
 
