@@ -278,9 +278,9 @@ class TaskArithmetic:
         factor = np.asarray(scale, dtype=np.float32)
         divisor = np.float32(total_w if o.normalize else 1.0)
         masks = _Masks(job.n_models)
+        random = self.sparsify == "random"
         for ch in job.chunks():
             xs, base = ch.stack()
-            random = self.sparsify == "random"
             acc = job.scratch("acc", ch.numel)
             if weighted_merge(xs, base, True, ch.numel, masks(ch, o.seed, dens) if random else masks.none, random,
                               factor, divisor, np.float32(o.scaling), acc.numpy()):
