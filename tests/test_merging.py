@@ -329,11 +329,15 @@ def test_fused_slerp_equals_the_reference():
                                            ("breadcrumbs_ties", {"density": [0.7, 0.8, 0.6], "gamma": 0.05}),
                                            ("breadcrumbs", {"density": [0.7, 0.8, 0.6], "gamma": 0.05})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_trims_equal_a_sort_reference(monkeypatch, method, params, dtype):
+@pytest.mark.parametrize("track", [True, False])
+def test_trims_equal_a_sort_reference(monkeypatch, method, params, dtype, track):
     """TIES and breadcrumbs against a plain reference (a stable sort of |tau| per tensor or over the model, ties
     kept in position order; sign election and disjoint sum), with tensors cut into many chunks so that every
-    path meets offsets: the fused loop on stored inputs, and float32 task vectors held per tensor."""
+    path meets offsets: the fused loop on stored inputs, and float32 task vectors held per tensor. `track`:
+    the ties' places come from the selection's per-chunk counts; else they are counted again (long streams)."""
     monkeypatch.setattr("safemerge.merging.engine.CHUNK", 64)
+    if not track:
+        monkeypatch.setattr("safemerge.merging.engine.TRACK_CHUNKS", 0)
     g = torch.Generator().manual_seed(5)
     shapes = {"a": (40, 16), "b": (24, 8), "c": (16,)}
     base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}

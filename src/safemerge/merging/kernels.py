@@ -1,7 +1,8 @@
 """Fused per-entry loops for the merge engine, compiled by numba (cached on disk after the first use). On CPU a merge
 is bound by memory traffic: each vectorised torch or numpy operation reads and writes whole chunks, so TIES's trim,
 sign election and disjoint mean cost a dozen passes over every entry, and the exact top-k's counting pass four.
-These loops make each step one pass over memory: they work through a chunk in blocks small enough to stay in the CPU
+These loops (TIES-like merges, the counting pass, weighted sums of task vectors, SLERP's rows) make each step one
+pass over memory: they work through a chunk in blocks small enough to stay in the CPU
 cache, model by model (so that the compiler vectorises the inner loops), in float32 with the same operations in the
 same order as the reference (`engine.sign_consensus` after the magnitude trim). Inputs are read where they lie (the
 memory-mapped file) as stored: bfloat16 as its raw 16 bits (widened to float32 in the block, exactly) or float32, so
