@@ -5,6 +5,8 @@ VALIDATION split of one quick-suite setting, then run the chosen configuration o
     python benchmarks/dam_tune.py --backbone vision --grid adv_lr   # -> dam-tune-vision-adv_lr.{json,md}
     python benchmarks/dam_tune.py --backbone vision --grid budget   # AdaMerging layer-wise at 5x the steps
     python benchmarks/dam_tune.py --backbone vision --grid perturbation --seed 1   # shipped vs reference perturbation
+    python benchmarks/dam_tune.py --suite vision-core --grid adamerging   # AdaMerging's budget vs RegMean, zoo v2
+    python benchmarks/dam_tune.py --suite text-core --grid concrete   # Concrete AM / DAM's mask on zoo v2
 
 Every test-time method here adapts on the unlabeled validation inputs and is scored on the labeled validation
 split (ACC, and ASR under each task's trigger); test inputs are touched once, by the chosen configuration.
@@ -20,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from safemerge.bench.suites import BUDGET, PoolEvaluator, _pool_for, device_description, get_suite
+from safemerge.bench.suites import (BUDGET, PoolEvaluator, _pool_for, all_methods, device_description, get_suite,
+                                   suite_profile)
 from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.merging.pool import run_pool_method
 from safemerge.bench.report import summarize
@@ -52,12 +55,34 @@ GRIDS: dict[str, Grid] = {
     "budget": [("adamerging_layer", "adamerging_layer", {}),
                ("adamerging_layer_150_steps", "adamerging_layer", {"steps": 150}),
                ("adamerging_layer_150_steps_lr_3e-3", "adamerging_layer", {"steps": 150, "lr": 3e-3})],
+    # Concrete AM / DAM on zoo v2 lose 10-20 points of ACC(all) to AdaMerging layer-wise under the quick budget:
+    # how the mask is frozen, its step size, and the AdaMerging stage's room (its lambdas start at 0.3 on
+    # task vectors the mask has thinned)
+    "concrete": [("regmean", "regmean", {}), ("adamerging_layer", "adamerging_layer", {}),
+                 ("concrete_am_layer", "concrete_am_layer", {}),
+                 ("concrete_am_layer_threshold", "concrete_am_layer", {"final_mask": "threshold"}),
+                 ("concrete_am_layer_mask_lr_0p02", "concrete_am_layer", {"lr": 0.02}),
+                 ("concrete_am_layer_init_0p6", "concrete_am_layer", {"init": 0.6}),
+                 ("dam", "dam", {}),
+                 ("dam_threshold", "dam", {"final_mask": "threshold"}),
+                 ("dam_mask_lr_0p02", "dam", {"lr": 0.02}),
+                 ("dam_init_0p6", "dam", {"init": 0.6})],
+    # why AdaMerging layer-wise trails RegMean: its step budget and step size, with the data-free and closed-form
+    # references (nothing to choose: validation only)
+    "adamerging": [("task_arithmetic", "task_arithmetic", {}), ("regmean", "regmean", {}),
+                   ("adamerging_task", "adamerging_task", {}),
+                   ("adamerging_layer", "adamerging_layer", {}),
+                   ("adamerging_layer_lr_3e-3", "adamerging_layer", {"lr": 3e-3}),
+                   ("adamerging_layer_120_steps_lr_3e-3", "adamerging_layer", {"steps": 120, "lr": 3e-3}),
+                   ("adamerging_layer_120_steps_lr_1e-3", "adamerging_layer", {"steps": 120, "lr": 1e-3})],
 }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="text", choices=["vision", "text"])
+    ap.add_argument("--suite", default=None, help="the suite whose zoo, setting and budget are used "
+                    "(default: <backbone>-quick; e.g. vision-core for zoo v2's prototype heads)")
     ap.add_argument("--setting", default="2bd+4clean")
     ap.add_argument("--limit", type=int, default=250, help="evaluate on the first N examples of each split")
     ap.add_argument("--max-acc-drop", type=float, default=1.0)
@@ -68,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     t_start = time.time()
-    suite = get_suite(f"{args.backbone}-quick")
+    suite = get_suite(args.suite or f"{args.backbone}-quick")
+    args.backbone = suite.backbone
     setting = next((s for s in suite.settings if s.name == args.setting), None)
     if setting is None:
         sys.exit(f"error: unknown setting '{args.setting}' (known: {', '.join(s.name for s in suite.settings)})")
@@ -78,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         zoo.build(*k)
     models = {k: zoo.load(*k) for k in needed}
     bd = list(setting.backdoored)
-    params = {label: p for label, _, p in suite.methods}
+    params = {label: p for label, _, p in all_methods(BUDGET[suite_profile(suite).name])}
     trig = {t: attack_of(models[(t, a)].manifest, models[(t, a)].path) for t, a in setting.backdoored.items()}
     heads = {t: models[(t, None)].heads[t] for t in suite.tasks}
 
@@ -113,8 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> dict:
-    result = {"backbone": zoo.backbone.name, "profile": suite.profile, "seed": zoo.seed, "setting": setting.name,
-              "backdoored_tasks": bd, "budget": dataclasses.asdict(BUDGET[suite.profile]), "eval_limit": args.limit,
+    prof = suite_profile(suite).name
+    result = {"backbone": zoo.backbone.name, "profile": prof, "suite": suite.name, "seed": zoo.seed,
+              "setting": setting.name, "backdoored_tasks": bd, "budget": dataclasses.asdict(BUDGET[prof]),
+              "eval_limit": args.limit,
               "selection": f"lowest validation ASR(b) with validation ACC(all) >= untuned DAM's - {args.max_acc_drop:g}",
               "chosen": chosen, "validation": val, "test": test,
               "command": "python benchmarks/dam_tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -122,7 +150,8 @@ def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> di
               "seconds": round(time.time() - t_start, 1), "note": "ASR on clean tasks uses the "
               + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger; ASR(b) averages the backdoored tasks."}
     out = Path(args.out)
-    name = f"dam-tune-{args.backbone}" + ("" if args.grid == "default" else f"-{args.grid}") + (
+    name = f"dam-tune-{args.backbone}" + ("" if args.suite in (None, f"{args.backbone}-quick") else
+                                          f"-{args.suite.split('-', 1)[1]}") + ("" if args.grid == "default" else f"-{args.grid}") + (
         f"-s{args.seed}" if args.seed else "")
     atomic_write_json(out / f"{name}.json", result)
     atomic_write_text(out / f"{name}.md", markdown(result))
@@ -139,8 +168,8 @@ def markdown(r: dict) -> str:
              "| split | method | params | ACC(b) | ACC(all) | ASR(b) | ASR(all) | seconds |", "|---|---|---|---|---|---|---|---|"]
     for split, rows in (("val", r["validation"]), ("test", [r["test"]] if r["test"] else [])):
         for x in rows:
-            if r["test"] is None:  # the budget grid: AdaMerging rows
-                p = {"steps": x["params"].get("steps"), "lr": x["params"].get("lr")}
+            if r["test"] is None:  # the budget grids: AdaMerging rows (and their references)
+                p = {"steps": x["params"].get("steps"), "lr": x["params"].get("lr")} if "steps" in x["params"] else {}
             elif x["method"] in {label for label, _, _ in BASELINES}:
                 p = {}
             else:  # DAM, with concrete_merge's defaults where the suite leaves them

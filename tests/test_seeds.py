@@ -157,3 +157,22 @@ def test_profile_overrides_and_cli_errors():
                       (["--eval-examples", "0"], "--eval-examples")):
         res = runner.invoke(app, ["bench", "--suite", "vision-quick", *args])
         assert res.exit_code == 2 and res.output.strip().startswith("error:") and msg in res.output, res.output
+
+
+def test_core_suites_are_zoo_v2_and_match_the_same_recipe_given_by_override():
+    """The core suites run on prototype heads; `--profile-set head=prototype` on them is the same recipe, so
+    seeds run either way are added to one results file."""
+    import dataclasses
+
+    from safemerge.bench.suites import get_suite
+    from safemerge.bench.zoo import override_profile
+
+    for name in ("vision-core", "text-core"):
+        s = get_suite(name)
+        assert s.profile.head == "prototype" and [st.name for st in s.settings] == ["2bd+4clean", "4bd+2clean"]
+        assert not s.defenses and s.eval_examples == 1000
+        assert {"regmean", "adamerging_layer", "concrete_am_layer", "dam", "dam_reference"} <= {m[0] for m in s.methods}
+        same = dataclasses.replace(s, profile=override_profile(PROFILES["quick"], ["head=prototype"]))
+        assert suite_recipe(same) == suite_recipe(s)
+        other = dataclasses.replace(s, profile=PROFILES["quick"])
+        assert suite_recipe(other) != suite_recipe(s)

@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ from ..merging.pool import Pool, run_pool_method
 from .report import (aggregate_heads, aggregate_models, aggregate_settings, lambda_curve_plot, markdown_report, scatter_plot,
                      setting_table, summarize)
 from ..data import Split
-from .zoo import DEFAULT_ATTACK, READOUT, Profile, Zoo, ZooModel, attack_of, get_profile, profile_digest
+from .zoo import (DEFAULT_ATTACK, PROFILES, READOUT, Profile, Zoo, ZooModel, attack_of, get_profile,
+                  profile_digest)
 
 console = Console(stderr=True)
 
@@ -154,6 +155,16 @@ def _suites() -> dict[str, Suite]:
         for st in out[name].settings[2:]:
             if st.methods is None:
                 st.methods = [m[0] for m in out[name].methods if m[0] != "dam_reference"]
+    # zoo v2 (CLIP-like prototype heads) and the DAM paper's main comparison, one run per seed: the two main
+    # settings, the main rows, 1000 test examples per task, no defenses or curves
+    core = {"task_arithmetic", "ties", "fisher", "regmean", "adamerging_layer", "concrete_am_layer", "dam",
+            "dam_reference"}
+    v2 = replace(PROFILES["quick"], head="prototype")
+    for modality, tasks in (("vision", VISION_TASKS), ("text", TEXT_TASKS)):
+        main = [replace(st, defenses=False, curves=False, methods=None) for st in dam_settings(modality)[:2]]
+        out[f"{modality}-core"] = Suite(f"{modality}-core", modality, v2, tasks, main,
+                                        [m for m in all_methods(BUDGET["quick"]) if m[0] in core],
+                                        defenses=[], eval_examples=1000)
     out["vision-demo"] = Suite("vision-demo", "vision", "quick", VISION_TASKS,
                                [Setting("2bd+4clean", out["vision-quick"].settings[0].backdoored)], demo,
                                eval_examples=250)
