@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         """The setting's pool adapting on `split`'s unlabeled inputs, and an evaluator scoring on `split`."""
         return _pool_for(suite, setting, zoo, models, progress=False, split=split)[0], PoolEvaluator(zoo, args.limit, split)
 
-    def run(split: str, label: str, method: str, kw: dict) -> dict:
+    def run(split: str, label: str, method: str, kw: dict, changed: dict) -> dict:
         pool, ev = problem(split)
         t0 = time.time()
         state, _ = run_pool_method(method, pool, **kw)
@@ -122,19 +122,20 @@ def main(argv: list[str] | None = None) -> dict:
         for t in suite.tasks:
             acc, asr = ev.evaluate(state, heads[t], t, trig.get(t))
             rows.append({"method": label, "task": t, "acc": round(acc, 2), "asr": round(asr, 2)})
-        out = {"method": label, "params": kw, **summarize(rows, bd)[label], "seconds": round(sec, 1), "rows": rows}
+        out = {"method": label, "base_method": method, "changed": changed, "params": kw, **summarize(rows, bd)[label],
+               "seconds": round(sec, 1), "rows": rows}
         print(f"{split:4s} {label:28s} ACC(all) {out['acc_all']:6.2f}  ASR(b) {out['asr_b']:6.2f}  {sec:6.1f} s",
               flush=True)
         return out
 
     grid = GRIDS[args.grid]
-    val = [run("val", label, method, {**params[method], **extra}) for label, method, extra in grid]
+    val = [run("val", label, method, {**params[method], **extra}, extra) for label, method, extra in grid]
     dams = [r for r, (_, method, _) in zip(val, grid) if method == "dam"]
     if not dams:  # a question about a baseline: validation only
         return _save(args, argv, zoo, suite, setting, bd, t_start, val, None, None)
     floor = dams[0]["acc_all"] - args.max_acc_drop
     chosen = min((r for r in dams if r["acc_all"] >= floor), key=lambda r: (r["asr_b"], -r["acc_all"]))
-    test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"])
+    test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"], chosen.get("changed", {}))
     return _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen["method"], test)
 
 
@@ -168,7 +169,9 @@ def markdown(r: dict) -> str:
              "| split | method | params | ACC(b) | ACC(all) | ASR(b) | ASR(all) | seconds |", "|---|---|---|---|---|---|---|---|"]
     for split, rows in (("val", r["validation"]), ("test", [r["test"]] if r["test"] else [])):
         for x in rows:
-            if r["test"] is None:  # the budget grids: AdaMerging rows (and their references)
+            if "changed" in x:  # what the row changes from the suite's parameters of its method
+                p = x["changed"] or {"as in the suite": ""}
+            elif r["test"] is None:  # the budget grids: AdaMerging rows (and their references)
                 p = {"steps": x["params"].get("steps"), "lr": x["params"].get("lr")} if "steps" in x["params"] else {}
             elif x["method"] in {label for label, _, _ in BASELINES}:
                 p = {}
@@ -177,7 +180,7 @@ def markdown(r: dict) -> str:
                      "perturb_bound": x["params"].get("perturb_bound"), "adv_lr": x["params"].get("adv_lr"),
                      "lambda_adv": x["params"].get("lambda_adv", 0.1),
                      "final_mask": x["params"].get("final_mask", "relaxed")}
-            shown = ", ".join(f"{k} {v}" for k, v in p.items())
+            shown = ", ".join(f"{k} {v}".strip() for k, v in p.items())
             lines.append(f"| {split} | {x['method']} | {shown} "
                          f"| {x['acc_b']:.1f} | {x['acc_all']:.1f} | {x['asr_b']:.1f} | {x['asr_all']:.1f} | {x['seconds']:.0f} |")
     lines += ["", f"Chosen on validation: **{r['chosen']}**." if r["chosen"] else "Validation only (no choice)."]
