@@ -7,6 +7,7 @@ VALIDATION split of one quick-suite setting, then run the chosen configuration o
     python benchmarks/dam_tune.py --backbone vision --grid perturbation --seed 1   # shipped vs reference perturbation
     python benchmarks/dam_tune.py --suite vision-core --grid adamerging   # AdaMerging's budget vs RegMean, zoo v2
     python benchmarks/dam_tune.py --suite text-core --grid concrete   # Concrete AM / DAM's mask on zoo v2
+    python benchmarks/dam_tune.py --suite vision-core --grid mask_lr --seed 1   # the mask step alone, seed 1
 
 Every test-time method here adapts on the unlabeled validation inputs and is scored on the labeled validation
 split (ACC, and ASR under each task's trigger); test inputs are touched once, by the chosen configuration.
@@ -67,6 +68,14 @@ GRIDS: dict[str, Grid] = {
                  ("dam_threshold", "dam", {"final_mask": "threshold"}),
                  ("dam_mask_lr_0p02", "dam", {"lr": 0.02}),
                  ("dam_init_0p6", "dam", {"init": 0.6})],
+    # the mask step size alone, smaller still
+    "mask_lr": [("adamerging_layer", "adamerging_layer", {}),
+                ("concrete_am_layer", "concrete_am_layer", {}),
+                ("concrete_am_layer_mask_lr_0p02", "concrete_am_layer", {"lr": 0.02}),
+                ("concrete_am_layer_mask_lr_0p005", "concrete_am_layer", {"lr": 0.005}),
+                ("dam", "dam", {}),
+                ("dam_mask_lr_0p02", "dam", {"lr": 0.02}),
+                ("dam_mask_lr_0p005", "dam", {"lr": 0.005})],
     # why AdaMerging layer-wise trails RegMean: its step budget and step size, with the data-free and closed-form
     # references (nothing to choose: validation only)
     "adamerging": [("task_arithmetic", "task_arithmetic", {}), ("regmean", "regmean", {}),
@@ -88,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-acc-drop", type=float, default=1.0)
     ap.add_argument("--grid", default="default", choices=list(GRIDS),
                     help="default: bound, lambda_adv, final mask (+ baselines); adv_lr: the perturbation step size; "
-                    "budget: AdaMerging layer-wise at 5x the steps; perturbation: shipped vs reference DAM")
+                    "budget: AdaMerging layer-wise at 5x the steps; perturbation: shipped vs reference DAM; concrete and "
+                    "mask_lr: Concrete AM / DAM's mask step, final mask and lambda init; adamerging: AdaMerging's "
+                    "steps and step size beside TA and RegMean")
     ap.add_argument("--seed", type=int, default=0, help="zoo seed (its own data split, heads and models)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
