@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _save(args, argv, zoo, suite, setting, bd, t_start, val, None, None)
     floor = dams[0]["acc_all"] - args.max_acc_drop
     chosen = min((r for r in dams if r["acc_all"] >= floor), key=lambda r: (r["asr_b"], -r["acc_all"]))
-    test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"], chosen.get("changed", {}))
+    test = run("test", f"dam_tuned ({chosen['method']})", "dam", chosen["params"], chosen["changed"])
     return _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen["method"], test)
 
 
@@ -162,9 +162,9 @@ def _save(args, argv, zoo, suite, setting, bd, t_start, val, chosen, test) -> di
               "seconds": round(time.time() - t_start, 1), "note": "ASR on clean tasks uses the "
               + DEFAULT_ATTACK[zoo.backbone.modality] + " trigger; ASR(b) averages the backdoored tasks."}
     out = Path(args.out)
-    name = f"dam-tune-{args.backbone}" + ("" if args.suite in (None, f"{args.backbone}-quick") else
-                                          f"-{args.suite.split('-', 1)[1]}") + ("" if args.grid == "default" else f"-{args.grid}") + (
-        f"-s{args.seed}" if args.seed else "")
+    suite_part = "" if suite.name == f"{args.backbone}-quick" else "-" + suite.name.split("-", 1)[1]
+    grid_part = "" if args.grid == "default" else f"-{args.grid}"
+    name = f"dam-tune-{args.backbone}{suite_part}{grid_part}" + (f"-s{args.seed}" if args.seed else "")
     atomic_write_json(out / f"{name}.json", result)
     atomic_write_text(out / f"{name}.md", markdown(result))
     return result
@@ -180,17 +180,7 @@ def markdown(r: dict) -> str:
              "| split | method | params | ACC(b) | ACC(all) | ASR(b) | ASR(all) | seconds |", "|---|---|---|---|---|---|---|---|"]
     for split, rows in (("val", r["validation"]), ("test", [r["test"]] if r["test"] else [])):
         for x in rows:
-            if "changed" in x:  # what the row changes from the suite's parameters of its method
-                p = x["changed"] or {"as in the suite": ""}
-            elif r["test"] is None:  # the budget grids: AdaMerging rows (and their references)
-                p = {"steps": x["params"].get("steps"), "lr": x["params"].get("lr")} if "steps" in x["params"] else {}
-            elif x["method"] in {label for label, _, _ in BASELINES}:
-                p = {}
-            else:  # DAM, with concrete_merge's defaults where the suite leaves them
-                p = {"perturbation": x["params"].get("perturbation", "amortized"),
-                     "perturb_bound": x["params"].get("perturb_bound"), "adv_lr": x["params"].get("adv_lr"),
-                     "lambda_adv": x["params"].get("lambda_adv", 0.1),
-                     "final_mask": x["params"].get("final_mask", "relaxed")}
+            p = x.get("changed") or {"as in the suite": ""}  # what the row changes from its method's suite parameters
             shown = ", ".join(f"{k} {v}".strip() for k, v in p.items())
             lines.append(f"| {split} | {x['method']} | {shown} "
                          f"| {x['acc_b']:.1f} | {x['acc_all']:.1f} | {x['asr_b']:.1f} | {x['asr_all']:.1f} | {x['seconds']:.0f} |")

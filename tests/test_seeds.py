@@ -3,6 +3,7 @@ prototype head, backdoor knobs and extra test examples of the zoo profile."""
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from safemerge.bench.report import aggregate_setting, mean_sd, setting_table
-from safemerge.bench.suites import Setting, Suite, parse_seeds, previous_seeds, run_suite, suite_recipe
-from safemerge.bench.zoo import PROFILES, Profile, Zoo, profile_attack_params, profile_digest
+from safemerge.bench.suites import Setting, Suite, get_suite, parse_seeds, previous_seeds, run_suite, suite_recipe
+from safemerge.bench.zoo import PROFILES, Profile, Zoo, override_profile, profile_attack_params, profile_digest
 from safemerge.cli import app
 from safemerge.errors import SafeMergeError
 
@@ -162,17 +163,12 @@ def test_profile_overrides_and_cli_errors():
 def test_core_suites_are_zoo_v2_and_match_the_same_recipe_given_by_override():
     """The core suites run on prototype heads; `--profile-set head=prototype` on them is the same recipe, so
     seeds run either way are added to one results file."""
-    import dataclasses
-
-    from safemerge.bench.suites import get_suite
-    from safemerge.bench.zoo import override_profile
-
     for name in ("vision-core", "text-core"):
         s = get_suite(name)
         assert s.profile.head == "prototype" and [st.name for st in s.settings] == ["2bd+4clean", "4bd+2clean"]
         assert not s.defenses and s.eval_examples == 1000
         assert {"regmean", "adamerging_layer", "concrete_am_layer", "dam", "dam_reference"} <= {m[0] for m in s.methods}
-        same = dataclasses.replace(s, profile=override_profile(PROFILES["quick"], ["head=prototype"]))
+        same = replace(s, profile=override_profile(PROFILES["quick"], ["head=prototype"]))
         assert suite_recipe(same) == suite_recipe(s)
-        other = dataclasses.replace(s, profile=PROFILES["quick"])
+        other = replace(s, profile=PROFILES["quick"])
         assert suite_recipe(other) != suite_recipe(s)
