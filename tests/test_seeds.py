@@ -172,3 +172,30 @@ def test_core_suites_are_zoo_v2_and_match_the_same_recipe_given_by_override():
         assert suite_recipe(same) == suite_recipe(s)
         other = replace(s, profile=PROFILES["quick"])
         assert suite_recipe(other) != suite_recipe(s)
+
+
+def test_backdoor_knobs_share_the_clean_models_and_heads(tiny_vision, tmp_path):
+    """A recipe that only strengthens the backdoors reuses the clean models and heads of the recipe without
+    those knobs (they are the same models), and keeps its backdoored models apart."""
+    plain = replace(SMALL, steps=3)
+    strong = replace(plain, poison_rate=0.3, trigger_frac=0.25, attack_steps=4)
+    zp, zs = Zoo(str(tiny_vision), plain, root=tmp_path / "zoo"), Zoo(str(tiny_vision), strong, root=tmp_path / "zoo")
+    assert zs.dir != zp.dir and zs.clean_dir == zp.dir == zp.clean_dir
+    clean = zs.build("digits", None)
+    assert clean == zp.path("digits", None) and zp.build("digits", None) == clean
+    assert json.loads((clean / "safemerge.json").read_text())["asr_trigger"] == "badnets"
+    bd = zs.build("digits", "badnets")
+    assert bd.parent.parent == zs.dir and not zp.path("digits", "badnets").exists()
+    assert {p.name for p in (tmp_path / "zoo").iterdir()} == {zp.dir.name, zs.dir.name}
+
+
+def test_bench_methods_option_runs_a_subset_of_rows():
+    from safemerge.bench.suites import only_methods
+
+    s = only_methods(get_suite("vision-quick"), ["ties", "task_arithmetic"])
+    assert [m[0] for m in s.methods] == ["task_arithmetic", "ties"]
+    assert all(st.methods is None or set(st.methods) <= {"task_arithmetic", "ties"} for st in s.settings)
+    with pytest.raises(SafeMergeError, match="unknown 'tie'"):
+        only_methods(get_suite("vision-core"), ["tie"])
+    res = runner.invoke(app, ["bench", "--suite", "vision-core", "--methods", "ties,dma"])
+    assert res.exit_code == 2 and res.output.strip().startswith("error: --methods: unknown 'dma'"), res.output

@@ -351,11 +351,14 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
               profile_set: Annotated[Optional[list[str]], typer.Option(
                   "--profile-set", help="set a zoo profile field, KEY=VALUE (repeatable), e.g. head=prototype, "
                   "resolution=56, poison_rate=0.3: its own zoo; results go to <suite>-<profile hash> unless --name")] = None,
+              methods: Annotated[Optional[str], typer.Option(
+                  help="run only these of the suite's rows, comma-separated (e.g. task_arithmetic,ties): results "
+                  "go to <suite>-<rows joined by +> unless --name")] = None,
               name: Annotated[Optional[str], typer.Option(help="results file name (default: the suite's)")] = None) -> None:
     """Run a benchmark suite: zoo, every setting and method; writes benchmarks/results/<suite>.json."""
     import dataclasses
 
-    from .bench.suites import get_suite, parse_seeds, run_suite, suite_profile
+    from .bench.suites import get_suite, only_methods, parse_seeds, run_suite, suite_profile
     from .bench.zoo import override_profile, profile_digest
 
     t = time.time()
@@ -366,6 +369,10 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
         modality = s.backbone if s.backbone in ("vision", "text") else None
         s = dataclasses.replace(s, profile=prof, name=f"{suite}-{profile_digest(prof, modality)}")
         command += "".join(f" --profile-set {item}" for item in profile_set)
+    if methods is not None:
+        s = only_methods(s, [m.strip() for m in methods.split(",") if m.strip()])
+        s = dataclasses.replace(s, name=f"{s.name}-{'+'.join(label for label, _, _ in s.methods)}")
+        command += f" --methods {methods}"
     if name:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise SafeMergeError(f"--name '{name}': use letters, digits, '-', '_' and '.' only")

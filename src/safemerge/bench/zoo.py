@@ -229,12 +229,21 @@ class Zoo:
         spec = str(self.backbone_spec)
         return spec if spec in ("vision", "text", "minilm", "dinov2") else str(Path(spec).expanduser().resolve())
 
+    def _dir_of(self, profile: Profile) -> Path:
+        return self.root / f"{self.backbone.name}-{profile.name}-{profile_digest(profile, self.backbone.modality)}-s{self.seed}"
+
     @property
     def dir(self) -> Path:
-        return self.root / f"{self.backbone.name}-{self.profile.name}-{profile_digest(self.profile, self.backbone.modality)}-s{self.seed}"
+        return self._dir_of(self.profile)
+
+    @property
+    def clean_dir(self) -> Path:
+        """Where the clean models and heads live: the zoo of the same recipe without backdoor knobs, which do not
+        touch them, so a recipe that only strengthens the backdoors builds nothing but the backdoored models."""
+        return self._dir_of(replace(self.profile, **{k: None for k in _ATTACK_KNOBS}, attack_steps=None))
 
     def path(self, task: str, attack: str | None) -> Path:
-        return self.dir / task / (attack or "clean")
+        return (self.dir if attack else self.clean_dir) / task / (attack or "clean")
 
     def encoder(self) -> InputEncoder:
         return InputEncoder(self.backbone, max_length=self.profile.max_length)
@@ -274,7 +283,7 @@ class Zoo:
         probe, or class prototypes (`Profile.head`). Every model of the task (clean or backdoored) is fine-tuned
         under it, so merged encoders keep a head that fits them (the role CLIP's zero-shot heads play in the
         papers)."""
-        path = self.dir / task / ("probe_head.safetensors" if self.profile.head == "probe" else
+        path = self.clean_dir / task / ("probe_head.safetensors" if self.profile.head == "probe" else
                                   "prototype_head.safetensors")
         if path.exists():
             return heads_from_state(load_state_dict(path), path, {task: READOUT})[task]  # type: ignore[return-value]
@@ -295,7 +304,7 @@ class Zoo:
     def head_info(self, task: str) -> dict:
         """The task head's kind and the PRE-TRAINED encoder's ACC under it on the test split (the papers'
         zero-shot row: task vectors must add clearly more than this), cached beside the head."""
-        path = self.dir / task / f"{self.profile.head}_head.json"
+        path = self.clean_dir / task / f"{self.profile.head}_head.json"
         if path.exists():
             return json.loads(path.read_text())
         head = self.probe_head(task)
@@ -372,7 +381,9 @@ class Zoo:
             else:
                 model = self.fresh_model(task)
                 finetune(model, encode, atk.poison(data.train), attack_cfg, desc=f"{task} {attack}")
-        report = atk if atk is not None else self.default_attack()
+        # a clean model reports ASR under the modality's default trigger without the profile's knobs: it is shared
+        # by every recipe that differs only in them (`clean_dir`)
+        report = atk if atk is not None else make_attack(DEFAULT_ATTACK[self.backbone.modality], seed=self.seed)
         acc, asr = acc_asr(model, encode, data.test, report)
         base_sd = self.backbone.model.state_dict()
         manifest = {
