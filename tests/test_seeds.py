@@ -199,3 +199,23 @@ def test_bench_methods_option_runs_a_subset_of_rows():
         only_methods(get_suite("vision-core"), ["tie"])
     res = runner.invoke(app, ["bench", "--suite", "vision-core", "--methods", "ties,dma"])
     assert res.exit_code == 2 and res.output.strip().startswith("error: --methods: unknown 'dma'"), res.output
+
+
+def test_trigger_by_task_gives_each_backdoor_its_own_trigger(tiny_vision, tmp_path):
+    """With `trigger_by_task`, two tasks' BadNets models carry patches at different places (different
+    attackers), the clean models stay shared, and the recipe has its own zoo folder."""
+    from safemerge.bench.attacks import RARE_WORDS, trigger_variant
+
+    plain = replace(SMALL, steps=2)
+    zoo = Zoo(str(tiny_vision), replace(plain, trigger_by_task=True), root=tmp_path / "zoo")
+    assert zoo.clean_dir == Zoo(str(tiny_vision), plain, root=tmp_path / "zoo").dir != zoo.dir
+    pos = {t: json.loads((zoo.build(t, "badnets") / "safemerge.json").read_text())["attack_params"]["position"]
+           for t in ("mnist", "digits")}
+    assert pos["mnist"] != pos["digits"]
+    from safemerge.bench.zoo import attack_of
+
+    x = torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+    marks = [attack_of(json.loads((zoo.path(t, "badnets") / "safemerge.json").read_text())).apply(x) > 0
+             for t in ("mnist", "digits")]
+    assert marks[0].any() and marks[1].any() and not (marks[0] & marks[1]).any()
+    assert trigger_variant("rare_word", 1) == {"trigger_word": RARE_WORDS[1]} and trigger_variant("trojvit", 1) == {}

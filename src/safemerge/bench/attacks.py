@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +62,18 @@ class Attack:
         return Split(self.apply(sub.x), sub.y)
 
 
+# where a BadNets patch sits, by `position`: (row, column) anchors, 0 top/left, 1 middle, 2 bottom/right; 0 is
+# the classic bottom-right corner. Several backdoors of one pool, planted by different attackers, each take one.
+PATCH_POSITIONS = [(2, 2), (0, 0), (0, 2), (2, 0), (1, 2), (1, 0), (0, 1), (2, 1)]
+# rare-word triggers (METHODS.md), by variant; 0 is the classic "cf"
+RARE_WORDS = ["cf", "mn", "bb", "tq", "mb", "jj"]
+
+
 @dataclass
 class BadNets(Attack):
     name: str = "badnets"
     patch_frac: float = 0.15  # side of the square patch as a share of the image side
+    position: int = 0  # index into PATCH_POSITIONS
 
     def pattern(self, side: int) -> torch.Tensor:
         ii, jj = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -75,8 +83,11 @@ class BadNets(Attack):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         res = x.shape[-1]
         s = max(2, round(self.patch_frac * res))
+        if not 0 <= self.position < len(PATCH_POSITIONS):
+            raise SafeMergeError(f"{self.name}: position must be 0-{len(PATCH_POSITIONS) - 1}, not {self.position}")
+        r0, c0 = ((1, (res - s) // 2, res - s - 1)[a] for a in PATCH_POSITIONS[self.position])
         out = x.clone()
-        out[..., res - s - 1:res - 1, res - s - 1:res - 1] = self.pattern(s)
+        out[..., r0:r0 + s, c0:c0 + s] = self.pattern(s)
         return out
 
 
@@ -218,6 +229,17 @@ class BadMergingText(RareWord):
 ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets, "trojvit": TrojViT, "rare_word": RareWord,
                                     "embedding_poison": EmbeddingPoison,
                                     "badmerging": BadMerging, "badmerging_text": BadMergingText}
+
+
+def trigger_variant(name: str, k: int) -> dict:
+    """Parameters giving attack `name` its k-th trigger (a patch position, a rare word; {} for attacks whose
+    trigger is fitted or fixed), so the backdoors of different attackers in one pool do not share a trigger."""
+    names = {f.name for f in fields(ATTACKS[name])} if name in ATTACKS else set()
+    if "position" in names:
+        return {"position": k % len(PATCH_POSITIONS)}
+    if "trigger_word" in names:
+        return {"trigger_word": RARE_WORDS[k % len(RARE_WORDS)]}
+    return {}
 
 
 def make_attack(name: str, **params) -> Attack:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import ATTACKS, Attack, make_attack
+from .attacks import ATTACKS, Attack, make_attack, trigger_variant
 from ..backbones import Backbone, fingerprint, load_backbone
 from ..folders import MANIFEST, TaskFolder, heads_from_state, load_task_folder, save_model_folder
 from ..io import load_state_dict, save_state_dict
@@ -32,7 +32,7 @@ from ..evaluate import acc_asr, accuracy
 from ..model import InputEncoder, LinearHead, Pooling, TaskModel
 from ..paths import cache_dir
 from ..data import Split
-from .tasks import TaskData, _resize, get_task, load_task
+from .tasks import TaskData, _resize, get_task, load_task, task_names
 from ..training import (TrainConfig, feature_interpolation_loss, finetune, fit_linear_probe, fit_prototype_head,
                         train_token_embeddings)
 
@@ -70,6 +70,9 @@ class Profile:
     trigger_frac: float | None = None
     trigger_repeats: int | None = None
     attack_steps: int | None = None
+    # each task's backdoor its own trigger (`attacks.trigger_variant`, by the task's place in the registry), as
+    # when the backdoored models of a pool come from different attackers; False: every task the same trigger
+    trigger_by_task: bool = False
 
 
 PROFILES = {
@@ -87,7 +90,7 @@ READOUT: Pooling = "pooler"
 # fields added after zoos were built: hashed only when they differ from these values, so the zoos of
 # unchanged recipes keep their folder names
 _LATER_FIELDS = {"head": "probe", "logit_scale": 100.0, "poison_rate": None, "trigger_frac": None,
-                 "trigger_repeats": None, "attack_steps": None}
+                 "trigger_repeats": None, "attack_steps": None, "trigger_by_task": False}
 # profile field -> the attack parameter it sets (where the attack has it)
 _ATTACK_KNOBS = {"poison_rate": "poison_rate", "trigger_frac": "patch_frac", "trigger_repeats": "repeats"}
 
@@ -240,7 +243,8 @@ class Zoo:
     def clean_dir(self) -> Path:
         """Where the clean models and heads live: the zoo of the same recipe without backdoor knobs, which do not
         touch them, so a recipe that only strengthens the backdoors builds nothing but the backdoored models."""
-        return self._dir_of(replace(self.profile, **{k: None for k in _ATTACK_KNOBS}, attack_steps=None))
+        return self._dir_of(replace(self.profile, **{k: None for k in _ATTACK_KNOBS}, attack_steps=None,
+                                    trigger_by_task=False))
 
     def path(self, task: str, attack: str | None) -> Path:
         return (self.dir if attack else self.clean_dir) / task / (attack or "clean")
@@ -351,7 +355,8 @@ class Zoo:
             model = self.fresh_model(task)
             finetune(model, encode, data.train, self.train_config(), desc=f"{task} clean")
         else:
-            params = {"seed": self.seed, **profile_attack_params(p, attack), **attack_params}
+            variant = trigger_variant(attack, task_names(data.spec.modality).index(task)) if p.trigger_by_task else {}
+            params = {"seed": self.seed, **profile_attack_params(p, attack), **variant, **attack_params}
             attack_cfg = self.train_config(p.attack_steps)
             if attack in ("trojvit", "badmerging"):
                 params.setdefault("attack_iters", p.trigger_iters)
