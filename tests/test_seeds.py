@@ -161,14 +161,16 @@ def test_profile_overrides_and_cli_errors():
 
 
 def test_core_suites_are_zoo_v2_and_match_the_same_recipe_given_by_override():
-    """The core suites run on prototype heads; `--profile-set head=prototype` on them is the same recipe, so
-    seeds run either way are added to one results file."""
+    """The core suites run on prototype heads and merge-aware backdoors; the same profile given by override is
+    the same recipe, so seeds run either way are added to one results file."""
     for name in ("vision-core", "text-core"):
         s = get_suite(name)
         assert s.profile.head == "prototype" and [st.name for st in s.settings] == ["2bd+4clean", "4bd+2clean"]
         assert not s.defenses and s.eval_examples == 1000
         assert {"regmean", "adamerging_layer", "concrete_am_layer", "dam", "dam_reference"} <= {m[0] for m in s.methods}
-        same = replace(s, profile=override_profile(PROFILES["quick"], ["head=prototype"]))
+        assert {a for st in s.settings for a in st.backdoored.values()} == {"badmerging", "badmerging_text"} - {
+            "badmerging_text" if name == "vision-core" else "badmerging"}
+        same = replace(s, profile=override_profile(PROFILES["quick"], ["head=prototype", "attack_steps=120"]))
         assert suite_recipe(same) == suite_recipe(s)
         other = replace(s, profile=PROFILES["quick"])
         assert suite_recipe(other) != suite_recipe(s)
@@ -218,4 +220,31 @@ def test_trigger_by_task_gives_each_backdoor_its_own_trigger(tiny_vision, tmp_pa
     marks = [attack_of(json.loads((zoo.path(t, "badnets") / "safemerge.json").read_text())).apply(x) > 0
              for t in ("mnist", "digits")]
     assert marks[0].any() and marks[1].any() and not (marks[0] & marks[1]).any()
+    # the suite's evaluator scores each trigger on its own (not the first one cached for the attack's name)
+    from safemerge.bench.suites import PoolEvaluator
+
+    ev, zm = PoolEvaluator(zoo), zoo.load("mnist", "badnets")
+    asr = [ev.evaluate(zm.encoder_state, zm.heads["mnist"], "mnist", attack_of(zoo.load(t, "badnets").manifest))[1]
+           for t in ("mnist", "digits")]
+    assert len(ev._triggered) == 2 and asr[0] == acc_asr_direct(zoo, zm, "mnist")
     assert trigger_variant("rare_word", 1) == {"trigger_word": RARE_WORDS[1]} and trigger_variant("trojvit", 1) == {}
+
+
+def acc_asr_direct(zoo, zm, task):
+    """ASR of a zoo model on its own trigger, scored without the suite's evaluator."""
+    from safemerge.bench.zoo import attack_of
+    from safemerge.evaluate import acc_asr
+
+    return acc_asr(zoo.model(zm), zoo.encoder(), zoo.data(task).test, attack_of(zm.manifest))[1]
+
+
+def test_bench_attack_option_plants_one_attack_everywhere():
+    from safemerge.bench.suites import with_attack
+
+    s = with_attack(get_suite("text-core"), "rare_word")
+    assert all(set(st.backdoored.values()) == {"rare_word"} for st in s.settings)
+    assert [list(st.backdoored) for st in s.settings] == [list(st.backdoored) for st in get_suite("text-core").settings]
+    with pytest.raises(SafeMergeError, match="unknown text attack 'badnets'"):
+        with_attack(get_suite("text-core"), "badnets")
+    res = runner.invoke(app, ["bench", "--suite", "vision-core", "--attack", "badnet"])
+    assert res.exit_code == 2 and "--attack: unknown vision attack 'badnet'" in res.output, res.output

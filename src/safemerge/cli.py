@@ -351,6 +351,9 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
               profile_set: Annotated[Optional[list[str]], typer.Option(
                   "--profile-set", help="set a zoo profile field, KEY=VALUE (repeatable), e.g. head=prototype, "
                   "resolution=56, poison_rate=0.3: its own zoo; results go to <suite>-<profile hash> unless --name")] = None,
+              attack: Annotated[Optional[str], typer.Option(
+                  help="plant this attack in every backdoored task of every setting (e.g. badnets, badmerging): "
+                  "results go to <suite>-<attack> unless --name")] = None,
               methods: Annotated[Optional[str], typer.Option(
                   help="run only these of the suite's rows, comma-separated (e.g. task_arithmetic,ties): results "
                   "go to <suite>-<rows joined by +> unless --name")] = None,
@@ -358,7 +361,7 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
     """Run a benchmark suite: zoo, every setting and method; writes benchmarks/results/<suite>.json."""
     import dataclasses
 
-    from .bench.suites import get_suite, only_methods, parse_seeds, run_suite, suite_profile
+    from .bench.suites import get_suite, only_methods, parse_seeds, run_suite, suite_profile, with_attack
     from .bench.zoo import override_profile, profile_digest
 
     t = time.time()
@@ -369,6 +372,10 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
         modality = s.backbone if s.backbone in ("vision", "text") else None
         s = dataclasses.replace(s, profile=prof, name=f"{suite}-{profile_digest(prof, modality)}")
         command += "".join(f" --profile-set {item}" for item in profile_set)
+    if attack is not None:
+        s = with_attack(s, attack)
+        s = dataclasses.replace(s, name=f"{s.name}-{attack}")
+        command += f" --attack {attack}"
     if methods is not None:
         s = only_methods(s, [m.strip() for m in methods.split(",") if m.strip()])
         s = dataclasses.replace(s, name=f"{s.name}-{'+'.join(label for label, _, _ in s.methods)}")

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .attacks import Attack
+from .attacks import ATTACKS, Attack
+from .tasks import get_task
 from ..io import atomic_write_json, atomic_write_text
 from ..errors import SafeMergeError
 from ..evaluate import acc_asr, accuracy
@@ -124,6 +125,7 @@ class Suite:
 
 VISION_TASKS = ["fashion_mnist", "mnist", "digits", "animal_mnist", "letters", "textile"]
 TEXT_TASKS = ["tweet_sentiment", "quote_topic", "noun_supersense", "verb_supersense", "gloss_pos", "quote_theme"]
+MERGE_AWARE = {"vision": "badmerging", "text": "badmerging_text"}  # the attacks built to survive merging
 BEST_BASELINES = ["task_arithmetic", "ties", "adamerging_layer", "concrete_am_layer", "dam"]
 
 
@@ -159,12 +161,15 @@ def _suites() -> dict[str, Suite]:
             if st.methods is None:
                 st.methods = [m[0] for m in out[name].methods if m[0] != "dam_reference"]
     # zoo v2 (CLIP-like prototype heads) and the DAM paper's main comparison, one run per seed: the two main
-    # settings, the main rows, 1000 test examples per task, no defenses or curves
+    # settings, the main rows, 1000 test examples per task, no defenses or curves. The backdoors are the attacks'
+    # merge-aware variants (BadMerging), fine-tuned for 120 steps: the standard ones did not survive AdaMerging
+    # (BENCHMARKS.md, "Backdoors that survive merging")
     core = {"task_arithmetic", "ties", "fisher", "regmean", "adamerging_layer", "concrete_am_layer", "dam",
             "dam_reference"}
-    v2 = replace(PROFILES["quick"], head="prototype")
+    v2 = replace(PROFILES["quick"], head="prototype", attack_steps=120)
     for modality, tasks in (("vision", VISION_TASKS), ("text", TEXT_TASKS)):
-        main = [replace(st, defenses=False, curves=False, methods=None) for st in dam_settings(modality)[:2]]
+        main = [replace(st, backdoored={t: MERGE_AWARE[modality] for t in st.backdoored}, defenses=False,
+                        curves=False, methods=None) for st in dam_settings(modality)[:2]]
         out[f"{modality}-core"] = Suite(f"{modality}-core", modality, v2, tasks, main,
                                         [m for m in all_methods(BUDGET["core"]) if m[0] in core],
                                         defenses=[], eval_examples=1000)
@@ -193,6 +198,20 @@ def only_methods(suite: Suite, labels: Sequence[str]) -> Suite:
     settings = [replace(st, methods=None if st.methods is None else [m for m in st.methods if m in labels])
                 for st in suite.settings]
     return replace(suite, methods=[m for m in suite.methods if m[0] in labels], settings=settings)
+
+
+def with_attack(suite: Suite, attack: str) -> Suite:
+    """`suite` with `attack` planted in every backdoored task of every setting."""
+    cls = ATTACKS.get(attack)
+    if cls is None or cls.modality != suite_modality(suite):
+        known = [n for n, c in ATTACKS.items() if c.modality == suite_modality(suite)]
+        raise SafeMergeError(f"--attack: unknown {suite_modality(suite)} attack '{attack}' (known: {', '.join(known)})")
+    return replace(suite, settings=[replace(st, backdoored={t: attack for t in st.backdoored}) for st in suite.settings])
+
+
+def suite_modality(suite: Suite) -> str:
+    """'vision' or 'text': the suite's backbone name, or its first task's modality (custom backbones)."""
+    return suite.backbone if suite.backbone in ("vision", "text") else get_task(suite.tasks[0]).modality
 
 
 def device_description() -> str:
@@ -234,7 +253,9 @@ class PoolEvaluator:
         self._enc.load_state_dict(encoder_state)
         atk = self.trigger_for(task, attack)
         test = self.eval_split(task)
-        key = (task, f"{atk.name}:{id(atk) if atk.tensors() else ''}")
+        # a trigger is its attack's name and parameters (position, word, size...), or the attack itself when learned
+        key = (task, f"{atk.name}:{json.dumps(atk.params(), sort_keys=True, default=str)}:"
+                     f"{id(atk) if atk.tensors() else ''}")
         if key not in self._triggered:
             self._triggered[key] = atk.asr_split(test)
         return acc_asr(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, test, atk,
