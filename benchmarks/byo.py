@@ -174,9 +174,7 @@ def main() -> None:
 
 
 def zoo_attack(zoo: Zoo):
-    from safemerge.bench.attacks import make_attack
-
-    return make_attack(DEFAULT_ATTACK[zoo.backbone.modality], seed=zoo.seed)
+    return zoo.default_attack(knobs=False)
 
 
 def report(results: dict) -> str:

@@ -270,11 +270,11 @@ class Zoo:
         x = torch.cat([test.x, extra.x]) if isinstance(test.x, torch.Tensor) else [*test.x, *extra.x]
         return Split(x, torch.cat([test.y, extra.y]))
 
-    def default_attack(self) -> Attack:
+    def default_attack(self, knobs: bool = True) -> Attack:
         """The trigger ASR is measured with on a clean task: the modality's default attack, with the profile's
-        trigger knobs."""
+        trigger knobs (or without them: `knobs=False`)."""
         name = DEFAULT_ATTACK[self.backbone.modality]
-        return make_attack(name, seed=self.seed, **profile_attack_params(self.profile, name))
+        return make_attack(name, seed=self.seed, **(profile_attack_params(self.profile, name) if knobs else {}))
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
         p = self.profile
@@ -388,7 +388,7 @@ class Zoo:
                 finetune(model, encode, atk.poison(data.train), attack_cfg, desc=f"{task} {attack}")
         # a clean model reports ASR under the modality's default trigger without the profile's knobs: it is shared
         # by every recipe that differs only in them (`clean_dir`)
-        report = atk if atk is not None else make_attack(DEFAULT_ATTACK[self.backbone.modality], seed=self.seed)
+        report = atk if atk is not None else self.default_attack(knobs=False)
         acc, asr = acc_asr(model, encode, data.test, report)
         base_sd = self.backbone.model.state_dict()
         manifest = {
