@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 from safemerge.bench.suites import (BUDGET, PoolEvaluator, _pool_for, all_methods, device_description, get_suite,
-                                   suite_profile)
+                                   setting_models, suite_profile)
+from safemerge.errors import SafeMergeError
 from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.merging.pool import run_pool_method
 from safemerge.bench.report import summarize
-from safemerge.bench.zoo import DEFAULT_ATTACK, Zoo, attack_of
+from safemerge.bench.zoo import DEFAULT_ATTACK
 
 # (row label, method, overrides of the quick suite's parameters for that method)
 Grid = list[tuple[str, str, dict]]
@@ -106,18 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     suite = get_suite(args.suite or f"{args.backbone}-quick")
     args.backbone = suite.backbone
-    setting = next((s for s in suite.settings if s.name == args.setting), None)
-    if setting is None:
-        sys.exit(f"error: unknown setting '{args.setting}' (known: {', '.join(s.name for s in suite.settings)})")
-    zoo = Zoo(suite.backbone, suite.profile, seed=args.seed)
-    needed = [(t, None) for t in suite.tasks] + list(setting.backdoored.items())
-    for k in needed:
-        zoo.build(*k)
-    models = {k: zoo.load(*k) for k in needed}
+    try:
+        sm = setting_models(suite, args.setting, args.seed)
+    except SafeMergeError as e:
+        sys.exit(f"error: {e}")
+    zoo, setting, models, trig, heads = sm.zoo, sm.setting, sm.models, sm.triggers, sm.heads
     bd = list(setting.backdoored)
     params = {label: p for label, _, p in all_methods(BUDGET[suite_profile(suite).name])}
-    trig = {t: attack_of(models[(t, a)].manifest, models[(t, a)].path) for t, a in setting.backdoored.items()}
-    heads = {t: models[(t, None)].heads[t] for t in suite.tasks}
 
     @functools.cache
     def problem(split: str) -> tuple:

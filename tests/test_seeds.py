@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from safemerge.bench.report import aggregate_setting, mean_sd, setting_table
-from safemerge.bench.suites import Setting, Suite, get_suite, parse_seeds, previous_seeds, run_suite, suite_recipe
+from safemerge.bench.suites import (Setting, Suite, get_suite, parse_seeds, previous_seeds, run_suite, setting_models,
+                                    suite_profile, suite_recipe)
 from safemerge.bench.zoo import PROFILES, Profile, Zoo, override_profile, profile_attack_params, profile_digest
 from safemerge.cli import app
 from safemerge.errors import SafeMergeError
@@ -91,6 +92,40 @@ def test_suite_over_two_seeds_added_one_at_a_time(tiny_vision, tmp_path):
     assert previous_seeds(out / "tiny-seeds.json", suite_recipe(other)) == {}
 
 
+def test_a_seed_that_stopped_resumes_at_its_first_unfinished_setting(tiny_vision, tmp_path):
+    """A run that stopped after its first setting left `incomplete` in the file: running the seed again keeps
+    that setting's rows (not rerun) and runs only the missing one."""
+    suite = Suite("tiny-resume", str(tiny_vision), SMALL, ["digits", "mnist"],
+                  [Setting("1bd+1clean", {"digits": "badnets"}), Setting("2bd", {"digits": "badnets", "mnist": "badnets"})],
+                  methods=[("task_arithmetic", "task_arithmetic", {"scaling": 0.3})])
+    out = tmp_path / "results"
+    kw = {"results_dir": out, "zoo_root": tmp_path / "zoo", "progress": False}
+    run_suite(suite, seeds=[0], **kw)
+    path = out / "tiny-resume.json"
+    data = json.loads(path.read_text())
+    stopped = data["per_seed"]["0"]
+    stopped["settings"] = stopped["settings"][:1]  # as a run stopped after its first setting writes it
+    stopped["settings"][0]["rows"][0]["acc"] = -1.0  # a marker: a rerun setting would not keep it
+    stopped["incomplete"] = "1 of 2 settings"
+    stopped["seconds"] = {"zoo": 100.0, "merge_and_eval": 50.0, "total": 150.0}
+    data["incomplete"] = "seed 0: 1 of 2 settings"
+    path.write_text(json.dumps(data))
+    res = run_suite(suite, seeds=[0], **kw)
+    seed0 = res["per_seed"]["0"]
+    assert "incomplete" not in res and "incomplete" not in seed0 and seed0["resumed"] is True
+    assert [st["name"] for st in seed0["settings"]] == ["1bd+1clean", "2bd"]
+    assert seed0["settings"][0]["rows"][0]["acc"] == -1.0
+    assert seed0["seconds"]["total"] > 150.0 and seed0["seconds"]["zoo"] >= 100.0
+    sm = setting_models(suite, "2bd", seed=0, zoo_root=tmp_path / "zoo")  # what the benchmark scripts tune on: the same models, triggers, heads
+    assert set(sm.models) == {("digits", None), ("mnist", None), ("digits", "badnets"), ("mnist", "badnets")}
+    assert set(sm.triggers) == {"digits", "mnist"} and set(sm.heads) == {"digits", "mnist"}
+    with pytest.raises(SafeMergeError, match="unknown setting 'nope'"):
+        setting_models(suite, "nope")
+    # --fresh starts the seed over
+    again = run_suite(suite, seeds=[0], fresh=True, **kw)
+    assert again["per_seed"]["0"]["settings"][0]["rows"][0]["acc"] >= 0 and "resumed" not in again["per_seed"]["0"]
+
+
 def test_profile_additions_keep_old_zoo_names_and_set_attacks():
     # zoos built before these fields existed keep their folder names
     assert profile_digest(PROFILES["quick"], "vision") == "1ec16f43"
@@ -165,7 +200,7 @@ def test_core_suites_are_zoo_v2_and_match_the_same_recipe_given_by_override():
     the same recipe, so seeds run either way are added to one results file."""
     for name in ("vision-core", "text-core"):
         s = get_suite(name)
-        assert s.profile.head == "prototype" and [st.name for st in s.settings] == ["2bd+4clean", "4bd+2clean"]
+        assert s.profile == "core" and suite_profile(s).head == "prototype" and [st.name for st in s.settings] == ["2bd+4clean", "4bd+2clean"]
         assert not s.defenses and s.eval_examples == 1000
         assert {"regmean", "adamerging_layer", "concrete_am_layer", "dam", "dam_reference"} <= {m[0] for m in s.methods}
         assert {a for st in s.settings for a in st.backdoored.values()} == {"badmerging", "badmerging_text"} - {
@@ -174,6 +209,14 @@ def test_core_suites_are_zoo_v2_and_match_the_same_recipe_given_by_override():
         assert suite_recipe(same) == suite_recipe(s)
         other = replace(s, profile=PROFILES["quick"])
         assert suite_recipe(other) != suite_recipe(s)
+        assert suite_recipe(s) == {"vision-core": "73c773cad696", "text-core": "cd3519f766d4"}[name]  # seeds kept
+    # the demo: 4 of vision-core's tasks and its models (zoo:vision/core/...), both BadMerging ones
+    demo, core = get_suite("vision-demo"), get_suite("vision-core")
+    assert suite_profile(demo) == suite_profile(core) and set(demo.needed_models()) < set(core.needed_models())
+    assert set(demo.settings[0].backdoored.items()) == set(core.settings[0].backdoored.items())
+    # its zoo folders: backdoored models in quick-cecdadf5-s<seed>, clean ones in quick-ed8a1a35-s<seed>
+    assert profile_digest(suite_profile(core), "vision") == "cecdadf5"
+    assert profile_digest(replace(suite_profile(core), attack_steps=None), "vision") == "ed8a1a35"
 
 
 def test_backdoor_knobs_share_the_clean_models_and_heads(tiny_vision, tmp_path):

@@ -160,7 +160,8 @@ def export_cmd(model: Annotated[str, typer.Argument(help="a zoo: reference or a 
 @one_line_errors
 def zoo_build(suite: Annotated[Optional[str], typer.Option(help="build every model a suite needs")] = None,
               backbone: Annotated[str, typer.Option(help="'vision', 'text' or a local HF folder")] = "vision",
-              profile: Annotated[str, typer.Option(help="quick or full")] = "quick",
+              profile: Annotated[str, typer.Option(help="quick, core (quick with CLIP-like heads, 120-step "
+                                                     "backdoors) or full")] = "quick",
               task: Annotated[Optional[list[str]], typer.Option(help="task(s) to build")] = None,
               attack: Annotated[Optional[str], typer.Option(help="attack to plant (default: clean)")] = None,
               seed: int = 0,
@@ -343,8 +344,10 @@ def methods_cmd(kind: Annotated[Optional[str], typer.Option(help="merge, data_dr
 def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-quick, text-quick, vision-full")],
               results_dir: Annotated[Path, typer.Option(help="where <suite>.json/.md/.png go")] = Path("benchmarks/results"),
               seeds: Annotated[str, typer.Option(help="seeds to run, e.g. 0,1,2 or 0-2: one zoo each; added to the "
-                                                 "seeds the results file already holds for the same suite recipe")] = "0",
-              fresh: Annotated[bool, typer.Option(help="drop the seeds the results file already holds")] = False,
+                                                 "seeds the results file already holds for the same suite recipe; a seed "
+                                                 "that stopped resumes at its first unfinished setting")] = "0",
+              fresh: Annotated[bool, typer.Option(help="drop the seeds the results file already holds (and start "
+                                                  "stopped ones over)")] = False,
               eval_examples: Annotated[Optional[int], typer.Option(help="test examples per task (default: the "
                                                                    "suite's; past the test split, held-apart "
                                                                    "examples where the data allow)")] = None,
@@ -399,9 +402,9 @@ def bench_cmd(suite: Annotated[str, typer.Option(help="suite name, e.g. vision-q
 @one_line_errors
 def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results go")] = Path("benchmarks/results"),
              out_dir: Annotated[Path, typer.Option("--out", help="where the demo's merged model goes")] = Path("out/demo-ties")) -> None:
-    """The offline demo: DINOv2-S fine-tuned on 6 real tasks, 2 with BadNets backdoors, merged by every
-    data-free method, AdaMerging and DAM (the `vision-demo` suite: the first setting of `vision-quick`, sharing
-    its models); then writes the TIES merge of that pool as transformers folders, one per task, to `--out`."""
+    """The offline demo: DINOv2-S fine-tuned on 4 real tasks, 2 with BadMerging backdoors, merged by Task
+    Arithmetic, TIES, AdaMerging and DAM (the `vision-demo` suite: 4 tasks of `vision-core`, sharing its
+    models); then writes the TIES merge of that pool as transformers folders, one per task, to `--out`."""
     from .api import merge_models
     from .bench.suites import get_suite
     from .config import MergeConfig
@@ -412,7 +415,7 @@ def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results g
     release_memory()  # the suite's models and merges are gone: return their memory before the TIES merge
     suite = get_suite("vision-demo")
     bd = suite.settings[0].backdoored
-    refs = [{"path": f"zoo:vision/quick/{t}" + (f"/{bd[t]}" if t in bd else ""), "task": t} for t in suite.tasks]
+    refs = [{"path": f"zoo:vision/{suite.profile}/{t}" + (f"/{bd[t]}" if t in bd else ""), "task": t} for t in suite.tasks]
     path = merge_models(MergeConfig(base_model="vision", models=refs, method="ties", output=str(out_dir),  # type: ignore[arg-type]
                                     parameters={"density": 0.2, "scaling": 1.0}))
     out.print(f"wrote the TIES merge to {path}/<task> (transformers folders); next: safemerge eval "

@@ -154,8 +154,6 @@ def _suites() -> dict[str, Suite]:
         for modality, tasks in (("vision", VISION_TASKS), ("text", TEXT_TASKS)):
             out[f"{modality}-{prof}"] = Suite(f"{modality}-{prof}", modality, prof, tasks, dam_settings(modality),
                                               all_methods(BUDGET[prof]), eval_examples=250 if prof == "quick" else None)
-    # the offline demo: the quick vision zoo's 2bd+4clean setting, data-free merges + AdaMerging and DAM
-    demo = [m for m in all_methods(BUDGET["quick"]) if m[0] in {l for l, _, _ in DATA_FREE} | {"adamerging_layer", "dam"}]
     for name in ("vision-quick", "text-quick", "vision-full", "text-full"):  # reference DAM: the main settings only
         for st in out[name].settings[2:]:
             if st.methods is None:
@@ -166,15 +164,20 @@ def _suites() -> dict[str, Suite]:
     # (BENCHMARKS.md, "Backdoors that survive merging")
     core = {"task_arithmetic", "ties", "fisher", "regmean", "adamerging_layer", "concrete_am_layer", "dam",
             "dam_reference"}
-    v2 = replace(PROFILES["quick"], head="prototype", attack_steps=120)
     for modality, tasks in (("vision", VISION_TASKS), ("text", TEXT_TASKS)):
         main = [replace(st, backdoored={t: MERGE_AWARE[modality] for t in st.backdoored}, defenses=False,
                         curves=False, methods=None) for st in dam_settings(modality)[:2]]
-        out[f"{modality}-core"] = Suite(f"{modality}-core", modality, v2, tasks, main,
+        out[f"{modality}-core"] = Suite(f"{modality}-core", modality, "core", tasks, main,
                                         [m for m in all_methods(BUDGET["core"]) if m[0] in core],
                                         defenses=[], eval_examples=1000)
-    out["vision-demo"] = Suite("vision-demo", "vision", "quick", VISION_TASKS,
-                               [Setting("2bd+4clean", out["vision-quick"].settings[0].backdoored)], demo,
+    # the offline demo, sized for 10 minutes from an empty cache: 4 of vision-core's tasks (its seed-0 models),
+    # the two backdoored by BadMerging, merged by TA, TIES, AdaMerging and DAM, 250 test examples per task
+    two = out["vision-core"].settings[0].backdoored
+    demo_tasks = [t for t in VISION_TASKS if t in two] + [t for t in VISION_TASKS if t not in two][:2]
+    out["vision-demo"] = Suite("vision-demo", "vision", "core", [t for t in VISION_TASKS if t in demo_tasks],
+                               [Setting("2bd+2clean", two)],
+                               [m for m in out["vision-core"].methods
+                                if m[0] in {"task_arithmetic", "ties", "adamerging_layer", "dam"}],
                                eval_examples=250)
     return out
 
@@ -284,6 +287,31 @@ def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool,
     return pool, tasks
 
 
+@dataclass
+class SettingModels:
+    """One setting of a suite on one seed's zoo: its models (built if missing), triggers and frozen heads."""
+
+    zoo: Zoo
+    setting: Setting
+    models: dict[tuple[str, str | None], ZooModel]
+    triggers: dict[str, Attack]  # backdoored task -> its model's trigger
+    heads: dict[str, torch.nn.Module]  # task -> the head every model of the task shares
+
+
+def setting_models(suite: Suite, setting: str, seed: int = 0, zoo_root: str | Path | None = None) -> SettingModels:
+    """The models of `setting` on the zoo of `seed` (clean ones for every task, the setting's backdoored ones)."""
+    st = next((s for s in suite.settings if s.name == setting), None)
+    if st is None:
+        raise SafeMergeError(f"unknown setting '{setting}' (known: {', '.join(s.name for s in suite.settings)})")
+    zoo = Zoo(suite.backbone, suite.profile, root=zoo_root, seed=seed)
+    needed = [(t, None) for t in suite.tasks] + list(st.backdoored.items())
+    for k in needed:
+        zoo.build(*k)
+    models = {k: zoo.load(*k) for k in needed}
+    triggers = {t: attack_of(models[(t, a)].manifest, models[(t, a)].path) for t, a in st.backdoored.items()}
+    return SettingModels(zoo, st, models, triggers, {t: models[(t, None)].heads[t] for t in suite.tasks})
+
+
 def _clean_subsets(zoo: Zoo, tasks: list[str], fraction: float = 0.05) -> list:
     """A small labeled clean split per task (the first `fraction` of its training data): what post-hoc
     defenses may use."""
@@ -363,8 +391,8 @@ def run_suite(suite: Suite | str, command: str | None = None, results_dir: str |
         raise SafeMergeError("bench: give at least one seed")
     out = Path(results_dir)
     recipe = suite_recipe(suite)
-    kept = {} if fresh else {k: v for k, v in previous_seeds(out / f"{suite.name}.json", recipe).items()
-                             if k not in seeds}
+    previous = {} if fresh else previous_seeds(out / f"{suite.name}.json", recipe)
+    kept = {k: v for k, v in previous.items() if k not in seeds}
     if kept:
         console.log(f"keeping seeds {', '.join(map(str, sorted(kept)))} of {out / (suite.name + '.json')}")
     done: dict[int, dict] = {}
@@ -373,17 +401,25 @@ def run_suite(suite: Suite | str, command: str | None = None, results_dir: str |
         def write(partial: dict, final: bool, seed: int = seed) -> dict:
             per_seed = {**kept, **done, seed: partial}
             return _write(suite, per_seed, command, out, recipe, final, seeds, seed)
-        results = _run_seed(suite, seed, zoo_root, progress, write)
+        resume = previous.get(seed) if previous.get(seed, {}).get("incomplete") else None
+        results = _run_seed(suite, seed, zoo_root, progress, write, resume)
         done[seed] = results["per_seed"][str(seed)]
         release_memory()
     return results
 
 
 def _run_seed(suite: Suite, seed: int, zoo_root: str | Path | None, progress: bool,
-              write: Callable[[dict, bool], dict]) -> dict:
+              write: Callable[[dict, bool], dict], resume: dict | None = None) -> dict:
     """One seed of a suite: its zoo, every setting and method; `write(per-seed results, final)` after each
-    setting (so a long run that stops keeps what it measured)."""
+    setting (so a long run that stops keeps what it measured). `resume`: this seed's results from a run that
+    stopped; its finished settings are kept and only the others run."""
     t_start = time.time()
+    settings_out: list[dict] = []
+    spent = {"zoo": 0.0, "merge_and_eval": 0.0, "total": 0.0}
+    if resume is not None:
+        settings_out = [st for st in resume["settings"] if st["name"] in {s.name for s in suite.settings}]
+        spent = {k: float(resume["seconds"].get(k, 0.0)) for k in spent}
+        console.log(f"[seed {seed}] resuming: keeping {', '.join(st['name'] for st in settings_out) or 'nothing'}")
     zoo = Zoo(suite.backbone, suite.profile, root=zoo_root, seed=seed)
     needed = suite.needed_models()
     for i, (task, attack) in enumerate(needed):
@@ -397,20 +433,27 @@ def _run_seed(suite: Suite, seed: int, zoo_root: str | Path | None, progress: bo
     results_models = [{"task": t, "attack": a, "acc": m.manifest["acc"], "asr": m.manifest["asr"],
                        "asr_trigger": m.manifest.get("asr_trigger")} for (t, a), m in models.items()]
     heads = {t: zoo.head_info(t) for t in suite.tasks} if suite_profile(suite).freeze_head else {}
-    settings_out: list[dict] = []
     t_eval = time.time()
 
     def seed_results(final: bool) -> dict:
+        order = [x.name for x in suite.settings]
         res = {"seed": seed, "backbone": zoo.backbone.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "device": device_description(), "models": results_models, "settings": settings_out,
+               "device": device_description(), "models": results_models,
+               "settings": sorted(settings_out, key=lambda st: order.index(st["name"])),
                "eval_examples": {t: len(ev.eval_split(t)) for t in suite.tasks}, "heads": heads,
-               "seconds": {"zoo": round(t_zoo, 1), "merge_and_eval": round(time.time() - t_eval, 1),
-                           "total": round(time.time() - t_start, 1)}}
+               "seconds": {"zoo": round(spent["zoo"] + t_zoo, 1),
+                           "merge_and_eval": round(spent["merge_and_eval"] + time.time() - t_eval, 1),
+                           "total": round(spent["total"] + time.time() - t_start, 1)}}
+        if resume is not None:
+            res["resumed"] = True  # its seconds add up the runs that made it
         if not final:
             res["incomplete"] = f"{len(settings_out)} of {len(suite.settings)} settings"
         return res
 
+    finished = {st["name"] for st in settings_out}
     for s in suite.settings:
+        if s.name in finished:
+            continue
         pool, pool_tasks = _pool_for(suite, s, zoo, models, progress)
         trig = {t: attacks[(t, s.backdoored[t])] if t in s.backdoored else None for t in suite.tasks}
         head_of = {t: models[(t, None)].heads[t] for t in suite.tasks}  # one head per task, shared by its models

@@ -80,6 +80,10 @@ PROFILES = {
     "full": Profile("full", resolution=56, max_length=48, n_train=6000, n_val=500, n_test=1000, steps=300,
                     trigger_iters=250, embedding_steps=150),
 }
+# zoo v2, the core suites' and the demo's: the quick sizes with CLIP-like prototype heads and backdoored models
+# fine-tuned for 120 steps. Its `name` stays "quick" (folders quick-<hash>): the name is part of the hash, and
+# the zoos and results of these suites were built under it
+PROFILES["core"] = replace(PROFILES["quick"], head="prototype", attack_steps=120)
 
 
 # What a task head reads: the encoder's pooler output (BERT's dense+tanh over CLS; DINOv2's layer-normed CLS),
