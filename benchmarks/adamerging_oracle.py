@@ -1,6 +1,7 @@
 """Why AdaMerging layer-wise trails RegMean: its entropy objective, or the layer-wise task-arithmetic family?
 
-    python benchmarks/adamerging_oracle.py --suite vision-core --seed 0   # -> benchmarks/results/adamerging-oracle-vision-core-s0.{json,md}
+    python benchmarks/adamerging_oracle.py --suite vision-core --seed 0   # -> benchmarks/results/adamerging-oracle-vision-core-2bd+4clean-s0.{json,md}
+    python benchmarks/adamerging_oracle.py --suite vision-core --summarize   # mean ± sd over the seeds written
 
 On the VALIDATION split of one core-suite setting, next to task arithmetic, RegMean and AdaMerging layer-wise
 (entropy on the unlabeled validation inputs, the suite's budget), it fits the same layer-wise coefficients with
@@ -13,6 +14,7 @@ AdaMerging minimises)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from safemerge.bench.report import summarize
+from safemerge.bench.report import mean_sd, summarize
 from safemerge.bench.suites import PoolEvaluator, _pool_for, device_description, get_suite, setting_models
 from safemerge.errors import SafeMergeError
 from safemerge.io import atomic_write_json, atomic_write_text
@@ -72,7 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--oracle-steps", type=int, default=60)
     ap.add_argument("--oracle-lr", type=float, default=1e-2)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--summarize", action="store_true",
+                    help="only print mean ± sd over the seed files already written for --suite / --setting")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize_seeds(Path(args.out), args.suite, args.setting)
     t_start = time.time()
     suite = get_suite(args.suite)
     try:
@@ -128,6 +134,23 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(out / f"{name}.json", result)
     atomic_write_text(out / f"{name}.md", markdown(result))
     return result
+
+
+def summarize_seeds(out: Path, suite: str, setting: str) -> dict:
+    """Mean ± sd of every row's ACC(all), ASR(b) and entropy over the seed files of one suite and setting."""
+    files = sorted(out.glob(f"adamerging-oracle-{suite}-{setting}-s*.json"))
+    if not files:
+        sys.exit(f"error: no adamerging-oracle-{suite}-{setting}-s*.json in {out}")
+    runs = [json.loads(f.read_text()) for f in files]
+    labels = list(runs[0]["summary"])
+    table = {label: {k: mean_sd([r["summary"][label][k] for r in runs]) for k in ("acc_all", "asr_b", "entropy")}
+             for label in labels}
+    seeds = [r["seed"] for r in runs]
+    print(f"{suite} {setting}, validation, seeds {seeds}: mean ± sd")
+    for label, v in table.items():
+        print(f"{label:22s} ACC(all) {v['acc_all'][0]:6.2f} ± {v['acc_all'][1] or 0:4.2f}  ASR(b) {v['asr_b'][0]:6.2f} ± "
+              f"{v['asr_b'][1] or 0:5.2f}  entropy {v['entropy'][0]:.3f} ± {v['entropy'][1] or 0:.3f}")
+    return {"seeds": seeds, "summary": table}
 
 
 def markdown(r: dict) -> str:

@@ -86,7 +86,8 @@ def setting_section(results: dict, setting: str) -> list[str]:
     gaps = twin_gaps(results, setting)
     if gaps:
         lines.append(f"- Backdoored model − clean twin, test ACC (per task, over seeds): "
-                     + ", ".join(f"{t} {pm(v)}" for t, v in twin_diffs(results, setting).items())
+                     + ", ".join(f"{t} {pm(v)} ({min(v):+.1f} … {max(v):+.1f})"
+                                 for t, v in twin_diffs(results, setting).items())
                      + f" → {'met' if all(abs(g[1]) <= 2 and abs(g[2]) <= 2 for g in gaps) else 'not met'} "
                      "(target: within 2 points; every seed)")
     return lines + [""]
@@ -110,6 +111,21 @@ def twin_gaps(results: dict, setting: str) -> list[tuple[str, float, float]]:
     return [(t, min(v), max(v)) for t, v in twin_diffs(results, setting).items()]
 
 
+def wide_table(results: dict[str, dict]) -> list[str]:
+    """ACC(all) and ASR(b), mean ± sd, one column pair per suite and setting."""
+    cols = [(name, st["name"]) for name, res in results.items() for st in res["settings"]]
+    per = {c: per_seed_summaries(results[c[0]], c[1]) for c in cols}
+    methods = list(dict.fromkeys(m for c in cols for s in per[c].values() for m in s))
+    lines = ["| method | " + " | ".join(f"{n.split('-')[0]} {st} ACC(all) | ASR(b)" for n, st in cols) + " |",
+             "|---|" + "---|---|" * len(cols)]
+    for m in methods:
+        cells = [pm([per[c][x][m][k] for x in sorted(per[c]) if m in per[c][x]]) for c in cols
+                 for k in ("acc_all", "asr_b")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    seeds = ", ".join(f"{n} {st}: {len(per[(n, st)])}" for n, st in cols)
+    return lines + ["", f"Seeds per column: {seeds}.", ""]
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="benchmarks/results")
@@ -119,11 +135,14 @@ def main(argv: list[str] | None = None) -> str:
     lines = ["# The core suites against issue 15's targets", "",
              "`python benchmarks/core_summary.py` from the results files below; every number is a mean ± sd over "
              "the seeds listed (sd omitted for one seed).", ""]
+    results = {}
     for name in args.suites.split(","):
         path = out / f"{name}.json"
         if not path.exists():
             sys.exit(f"error: {path}: no such results file (run: safemerge bench --suite {name} --seeds 0,1,2)")
-        res = json.loads(path.read_text())
+        results[name] = json.loads(path.read_text())
+    lines += ["ACC(all) and ASR(b) in %:", "", *wide_table(results)]
+    for name, res in results.items():
         lines += [f"## {name}: `{res['command']}`" + (f" (incomplete: {res['incomplete']})" if res.get("incomplete")
                                                       else ""), ""]
         for st in res["settings"]:
