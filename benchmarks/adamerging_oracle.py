@@ -59,8 +59,7 @@ def mean_entropy(ev: PoolEvaluator, state, head, task: str) -> float:
     sp = ev.eval_split(task)
     out = []
     for i in range(0, len(sp), 256):
-        x = sp.x[i:i + 256] if isinstance(sp.x, torch.Tensor) else sp.x[i:i + 256]
-        inputs = ev.encode(x)
+        inputs = ev.encode(sp.x[i:i + 256])
         out.append(entropy(head(ev._enc(**inputs), inputs)).item() * len(sp.y[i:i + 256]))
     return sum(out) / len(sp)
 

@@ -83,12 +83,11 @@ def setting_section(results: dict, setting: str) -> list[str]:
         best = max(base, key=lambda m: mean([per[x][m]["acc_all"] for x in seeds if m in per[x]]))
         lines.append(f"- DAM vs the best baseline by ACC(all) ({best}): ACC(all) {pm(diff(per, 'dam', best, 'acc_all'))}, "
                      f"ASR(b) {pm(diff(per, 'dam', best, 'asr_b'))}")
-    gaps = twin_gaps(results, setting)
-    if gaps:
+    twins = twin_diffs(results, setting)
+    if twins:
         lines.append(f"- Backdoored model − clean twin, test ACC (per task, over seeds): "
-                     + ", ".join(f"{t} {pm(v)} ({min(v):+.1f} … {max(v):+.1f})"
-                                 for t, v in twin_diffs(results, setting).items())
-                     + f" → {'met' if all(abs(g[1]) <= 2 and abs(g[2]) <= 2 for g in gaps) else 'not met'} "
+                     + ", ".join(f"{t} {pm(v)} ({min(v):+.1f} … {max(v):+.1f})" for t, v in twins.items())
+                     + f" → {'met' if all(abs(x) <= 2 for v in twins.values() for x in v) else 'not met'} "
                      "(target: within 2 points; every seed)")
     return lines + [""]
 
@@ -105,10 +104,6 @@ def twin_diffs(results: dict, setting: str) -> dict[str, list[float]]:
             if (t, a) in acc and (t, None) in acc:
                 out.setdefault(t, []).append(round(acc[(t, a)] - acc[(t, None)], 2))
     return out
-
-
-def twin_gaps(results: dict, setting: str) -> list[tuple[str, float, float]]:
-    return [(t, min(v), max(v)) for t, v in twin_diffs(results, setting).items()]
 
 
 def wide_table(results: dict[str, dict]) -> list[str]:
