@@ -53,6 +53,35 @@ def test_mask_and_lambda_receive_gradients_and_zero_mask_is_base(pool):
     assert all(torch.equal(p0[n], base[n].float()) for n in m.names)
 
 
+def test_merged_params_are_recomputed_in_backward_with_the_direct_gradients(pool):
+    """The merged encoder keeps no task-vector copies or parameter values of its own, and its checkpointed
+    construction gives the gradients of the direct formula base + mask * sum_i lambda_i * tau_i."""
+    bb, base, models, heads, xs = pool
+    enc = InputEncoder(bb)
+    m = MergedEncoder(bb.model, base, models, enc.modality)
+    assert all(p.device.type == "meta" for p in m.encoder.parameters())
+    assert all(p.device.type != "meta" for p in bb.model.parameters())  # the caller's encoder is untouched
+    mask = ConcreteMask({n: m.base[n].shape for n in m.names})
+    noise = mask.noise(torch.Generator().manual_seed(0))
+    x, head = enc(xs[0][:4]), as_head(heads[0], m.modality)
+    grads = []
+    for direct in (False, True):
+        lam = torch.full((2, len(m.names)), 0.3, requires_grad=True)
+        if direct:
+            params = {n: m.base[n] + mask.relaxed(n, noise[n]) * sum(lam[i, j] * (models[i][n] - base[n])
+                                                                      for i in range(2))
+                      for j, n in enumerate(m.names)}
+        else:
+            params = m.params(lam, lambda n: mask.relaxed(n, noise[n]))
+        entropy(m.logits(head, params, x)).backward()
+        grads.append([lam.grad.clone()] + [torch.zeros(p.shape) if p.grad is None else p.grad.clone()
+                                           for p in mask.parameters()])
+        for p in mask.parameters():
+            p.grad = None
+    assert grads[0][0].abs().sum() > 0 and sum(float(g.abs().sum()) for g in grads[0][1:]) > 0
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(*grads))
+
+
 def test_dam_runs_moves_mask_and_perturbation(pool):
     bb, base, models, heads, xs = pool
     enc = InputEncoder(bb)

@@ -65,7 +65,7 @@ def _config(tmp_path, base, models, **extra):
 
 
 def test_merge_and_eval_cli(vision_zoo, tiny_vision, tmp_path):
-    a, b = vision_zoo.build("digits", None), vision_zoo.build("mnist", None)
+    a, b = vision_zoo.build("digits", "trojvit"), vision_zoo.build("mnist", None)
     res = runner.invoke(app, ["merge", str(_config(tmp_path, tiny_vision, [a, b]))])
     assert res.exit_code == 0, res.output
     out = tmp_path / "merged"
@@ -88,6 +88,14 @@ def test_merge_and_eval_cli(vision_zoo, tiny_vision, tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert [r["task"] for r in rows] == ["digits"] and all(0 <= r["acc"] <= 100 for r in rows)
+    # the merged digits folder keeps its source's backdoor record: ASR is measured with the planted trigger
+    kept = json.loads((out / "digits" / "safemerge.json").read_text())
+    assert kept["source_attack"] == "trojvit" and kept["attack"] is None
+    assert torch.equal(load_state_dict(out / "digits" / "trigger.safetensors")["trigger"],
+                       load_state_dict(a / "trigger.safetensors")["trigger"])
+    assert rows[0]["trigger"].startswith("trojvit"), rows
+    clean = json.loads(runner.invoke(app, ["eval", str(out / "mnist"), "--json"]).stdout)
+    assert not (out / "mnist" / "trigger.safetensors").exists() and not clean[0]["trigger"].startswith("trojvit")
 
 
 def _assert_one_line_error(res, pattern):

@@ -197,14 +197,34 @@ def merge_models(cfg: MergeConfig) -> Path:
 
     with atomic_dir(out) as tmp:
         for f in loaded.folders:
-            save_task_folder(tmp / f.task, loaded.base, state, f.head, f.task, {**manifest, "tasks": [x.task for x in
-                             loaded.folders]}, labels=f.labels.get(f.task), card=card)
+            source, extra = _from_source(f)
+            save_task_folder(tmp / f.task, loaded.base, state, f.head, f.task, {**manifest, **source, "tasks": [
+                             x.task for x in loaded.folders]}, labels=f.labels.get(f.task), card=card, extra_files=extra)
         atomic_write_json(tmp / MANIFEST, {**manifest, "tasks": [f.task for f in loaded.folders]})
         (tmp / "README.md").write_text(card)
         tmp.chmod(0o755)
         for p in (tmp / MANIFEST, tmp / "README.md"):
             p.chmod(0o644)
     return out
+
+
+def _from_source(folder: TaskFolder) -> tuple[dict, dict | None]:
+    """What a merged task folder keeps of its source zoo model: the data recipe (`profile`, `seed`) and the
+    recorded backdoor (attack and learned trigger), so `eval` scores it on its task's test split at the
+    source's input size and measures ASR with the trigger planted in that task's model, not a default one."""
+    kept = {k: folder.manifest[k] for k in ("profile", "seed") if folder.manifest.get(k) is not None}
+    if not folder.manifest.get("attack"):
+        return kept, None
+    return {**kept, "source_attack": folder.manifest["attack"],
+            "source_attack_params": folder.manifest.get("attack_params", {})}, _trigger_files(folder.path)
+
+
+def _trigger_files(path: Path) -> dict[str, dict[str, torch.Tensor]] | None:
+    """A zoo model's learned trigger (`trigger.safetensors`), to carry into a folder written from it."""
+    from .io import load_state_dict
+
+    trig = path / "trigger.safetensors"
+    return {trig.name: load_state_dict(trig)} if path.is_dir() and trig.exists() else None
 
 
 def run_method(method: str, loaded: Loaded, datas: list[UserData | None], params: dict, seed: int = 0):
@@ -363,7 +383,10 @@ def _evaluate_on_zoo_data(path, profile: str | None, attack: str | None, tasks: 
     own = Profile(**mp) if isinstance(mp, dict) and set(mp) <= {f.name for f in fields(Profile)} else None
     zoo = Zoo(str(spec), profile or own or "quick", seed=int(zm.manifest.get("seed") or 0))
     ev = PoolEvaluator(zoo)
-    own = attack_of(zm.manifest, zm.path)
+    # a merged folder has no attack of its own: it keeps the one planted in its task's source model
+    own = attack_of(zm.manifest, zm.path) or attack_of(
+        {"attack": zm.manifest.get("source_attack"), "attack_params": zm.manifest.get("source_attack_params", {})},
+        zm.path)
     rows = []
     for t in tasks or known:
         if t not in zm.heads:
@@ -454,7 +477,6 @@ def purify_model(model: str, out: str, method: str = "fine-mixing", clean_fracti
     the same head, the source's manifest (so `eval` still measures a zoo model's trigger) with a `purified`
     block. With `data` (clean labeled examples of the task) all of it is used: 30% held out to judge the
     keep ratio. `options` go to `safety.purify.purify_state`."""
-    from .io import load_state_dict
     from .safety.purify import purify_state
 
     s = load_suspect(model, base, profile, data)
@@ -462,8 +484,7 @@ def purify_model(model: str, out: str, method: str = "fine-mixing", clean_fracti
     manifest = {**s.manifest, "purified": {**summary, "source": str(s.path)},
                 "base_model": base_spec_of(load_model_ref(str(s.path)), base), "base_fingerprint": fingerprint(s.base),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    trig = s.path / "trigger.safetensors"
-    extra = {"trigger.safetensors": load_state_dict(trig)} if trig.exists() else None
+    extra = _trigger_files(s.path)
     folder = load_task_folder(s.path)
     path = save_task_folder(out, s.backbone, state, s.head, s.task, manifest, labels=folder.labels.get(s.task),
                             extra_files=extra)
@@ -478,7 +499,6 @@ def export_model(model: str, out: str | Path, data_out: str | Path | None = None
     """Write a zoo (or safemerge) model as a plain transformers classification folder, and optionally its
     task's `split` as JSONL (text) or an image folder (vision): what a user of another tool would have."""
     from .data import save_image_folder, save_jsonl
-    from .io import load_state_dict
 
     folder = load_model_ref(str(model))
     spec = base_spec_of(folder, base)
@@ -493,8 +513,7 @@ def export_model(model: str, out: str | Path, data_out: str | Path | None = None
         side = int(prof["resolution"])
         loaded.base.processor = ViTImageProcessor(size={"height": side, "width": side}, image_mean=list(
             loaded.base.image_mean), image_std=list(loaded.base.image_std))
-    trig = f.path / "trigger.safetensors" if f.path.is_dir() else None
-    extra = {"trigger.safetensors": load_state_dict(trig)} if trig is not None and trig.exists() else None
+    extra = _trigger_files(f.path)
     manifest = {k: v for k, v in f.manifest.items() if k not in ("format", "created")}
     path = save_task_folder(out, loaded.base, f.encoder_state, f.head, f.task,
                             {**manifest, "exported_from": str(f.path), "base_model": spec},

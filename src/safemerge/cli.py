@@ -410,7 +410,7 @@ def demo_cmd(results_dir: Annotated[Path, typer.Option(help="where the results g
     from .config import MergeConfig
 
     bench_cmd("vision-demo", results_dir)
-    from .bench.suites import release_memory
+    from .memory import release_memory
 
     release_memory()  # the suite's models and merges are gone: return their memory before the TIES merge
     suite = get_suite("vision-demo")

@@ -9,8 +9,6 @@ can be completed across runs, one seed at a time); the file's rows are the mean 
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import hashlib
 import json
 import os
@@ -27,6 +25,7 @@ from .attacks import ATTACKS, Attack
 from .tasks import get_task
 from ..io import atomic_write_json, atomic_write_text
 from ..errors import SafeMergeError
+from ..memory import release_memory
 from ..evaluate import acc_asr, accuracy
 from ..merging.methods import merge, weight_average
 from ..model import TaskModel
@@ -320,16 +319,6 @@ def _clean_subsets(zoo: Zoo, tasks: list[str], fraction: float = 0.05) -> list:
         train = zoo.data(t).train
         out.append(train.subset(list(range(max(8, int(fraction * len(train)))))))
     return out
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS (glibc keeps freed blocks of large state dicts
-    otherwise, so the process's peak RSS ratchets up across models and methods)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def suite_profile(suite: Suite) -> Profile:

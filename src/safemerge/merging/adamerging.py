@@ -9,11 +9,12 @@ test inputs of that task (a test-time method, as in the paper). The merged forwa
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import SafeMergeError
@@ -22,34 +23,49 @@ from ..model import Head, InputEncoder, as_head
 StateDict = Mapping[str, torch.Tensor]
 
 
+MaskSource = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
+
+
 class MergedEncoder:
-    """An encoder whose parameters are theta_0 + sum_i lambda_i * (mask * tau_i), differentiable in lambda."""
+    """An encoder whose parameters are theta_0 + sum_i lambda_i * (mask * tau_i), differentiable in lambda.
+
+    Memory: it keeps references to the base and the models (no task-vector copies) and an encoder shell whose
+    parameters live on the meta device; when gradients are on, each merged tensor is built under activation
+    checkpointing, so a step's autograd graph holds the merged parameters, not the task vectors, masks and
+    intermediate sums behind them (they are recomputed, tensor by tensor, in the backward pass)."""
 
     def __init__(self, encoder: nn.Module, base: StateDict, models: Sequence[StateDict], modality: str):
-        self.encoder = copy.deepcopy(encoder).eval()
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
+        self.encoder = _shell(encoder)
         self.modality = modality
         self.names = [n for n, _ in self.encoder.named_parameters()]
         missing = [n for n in self.names if n not in base or any(n not in m for m in models)]
         if missing:
             raise SafeMergeError(f"merged encoder: tensor '{missing[0]}' missing from the base or a model")
         self.base = {n: base[n].float() for n in self.names}
-        self.tvs = [{n: m[n].float() - self.base[n] for n in self.names} for m in models]
+        self.models = [{n: m[n].float() for n in self.names} for m in models]
         self.buffers = {k: v for k, v in base.items() if k not in self.base}
 
     @property
     def n_tasks(self) -> int:
-        return len(self.tvs)
+        return len(self.models)
 
-    def params(self, lambdas: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """lambdas: [n_tasks] (task-wise) or [n_tasks, n_tensors] (layer-wise)."""
+    def task_vector(self, i: int, name: str) -> torch.Tensor:
+        return self.models[i][name] - self.base[name]
+
+    def params(self, lambdas: torch.Tensor, masks: MaskSource | None = None) -> dict[str, torch.Tensor]:
+        """lambdas: [n_tasks] (task-wise) or [n_tasks, n_tensors] (layer-wise); masks: a tensor per parameter
+        name, or a function of the name that computes it (then its graph, too, is recomputed in backward)."""
         lam = lambdas if lambdas.ndim == 2 else lambdas[:, None].expand(-1, len(self.names))
-        out = {}
-        for j, n in enumerate(self.names):
-            delta = sum(lam[i, j] * self.tvs[i][n] for i in range(self.n_tasks))
-            out[n] = self.base[n] + (masks[n] * delta if masks is not None else delta)
-        return out
+        if not torch.is_grad_enabled():
+            return {n: self._param(lam, j, n, masks) for j, n in enumerate(self.names)}
+        return {n: checkpoint(self._param, lam, j, n, masks, use_reentrant=False, preserve_rng_state=False)
+                for j, n in enumerate(self.names)}
+
+    def _param(self, lam: torch.Tensor, j: int, n: str, masks: MaskSource | None) -> torch.Tensor:
+        delta = sum(lam[i, j] * self.task_vector(i, n) for i in range(self.n_tasks))
+        if masks is None:
+            return self.base[n] + delta
+        return self.base[n] + (masks(n) if callable(masks) else masks[n]) * delta
 
     def output(self, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]):
         """The encoder's output under `params` (a functional forward: gradients reach the params)."""
@@ -61,6 +77,14 @@ class MergedEncoder:
     def state_dict(self, params: Mapping[str, torch.Tensor], like: StateDict) -> dict[str, torch.Tensor]:
         """A plain state dict (detached, in the dtypes of `like`) of merged parameters."""
         return {k: (params[k].detach() if k in params else v).to(v.dtype).clone() for k, v in like.items()}
+
+
+def _shell(encoder: nn.Module) -> nn.Module:
+    """A copy of `encoder` in eval mode whose parameters are storage-less (meta device): a functional forward
+    supplies every parameter, so copying their values would only cost memory. Buffers are copied."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in encoder.parameters()}
+    return copy.deepcopy(encoder, memo).eval()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

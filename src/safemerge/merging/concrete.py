@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .adamerging import BatchSampler, MergedEncoder, adamerging_lambdas, check_pool, entropy, frozen_heads
 from ..errors import SafeMergeError
+from ..memory import large_blocks_mapped, release_memory
 from ..model import Head, InputEncoder
 from ..perturb import perturbed_inputs, project, word_embedding_name
 
@@ -69,17 +70,25 @@ class ConcreteMask:
         (m / mean(m)), so the mask selects a subspace without shrinking the update."""
         if kind not in MASK_KINDS:
             raise SafeMergeError(f"concrete mask: kind must be one of {', '.join(MASK_KINDS)}, not '{kind}'")
+        if kind == "relaxed":
+            noise = self.noise(generator)
+            return {n: self.relaxed(n, noise[n], rescale) for n in self.logits}
         out = {}
         for n, x in self.logits.items():
-            if kind == "relaxed":
-                noise = torch.rand(x.shape, generator=generator).clamp_(1e-6, 1 - 1e-6).logit_()  # logistic
-                m = torch.sigmoid((noise + x) / self.temperature)
-            elif kind == "hard":
-                m = torch.bernoulli(torch.sigmoid(x.detach()), generator=generator)
-            else:
-                m = (x.detach() >= 0).float()
+            m = torch.bernoulli(torch.sigmoid(x.detach()), generator=generator) if kind == "hard" else (
+                (x.detach() >= 0).float())
             out[n] = m / m.mean().clamp_min(1e-8) if rescale else m
         return out
+
+    def noise(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The relaxed sample's randomness: logistic noise log u - log(1-u), u ~ U(0, 1), per tensor."""
+        return {n: torch.rand(x.shape, generator=generator).clamp_(1e-6, 1 - 1e-6).logit_()
+                for n, x in self.logits.items()}
+
+    def relaxed(self, name: str, noise: torch.Tensor, rescale: bool = True) -> torch.Tensor:
+        """The relaxed mask of tensor `name` under drawn `noise` (differentiable in its logits)."""
+        m = torch.sigmoid((noise + self.logits[name]) / self.temperature)
+        return m / m.mean().clamp_min(1e-8) if rescale else m
 
     def density(self) -> float:
         """Share of entries the mask keeps with probability >= 0.5."""
@@ -174,104 +183,109 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     n_updates = 0
 
     t0 = time.perf_counter()
-    for step in tqdm(range(mask_steps), desc=f"{who} mask ({granularity})", disable=not progress, leave=False):
-        samples = [m.sample(g_mask) for m in mask_sets]
-        # 1. inner lambda step: reset to init, one Adam step on the clean entropy
-        if lam_opt is not None:
-            if inner == "exact":
-                lam_grad = None
+    with large_blocks_mapped():  # each step allocates and frees parameter-sized tensors: keep the heap lean
+        for step in tqdm(range(mask_steps), desc=f"{who} mask ({granularity})", disable=not progress, leave=False):
+            noises = [m.noise(g_mask) for m in mask_sets]  # the step's relaxed samples, computed per tensor when used
+            # 1. inner lambda step: reset to init, one Adam step on the clean entropy
+            if lam_opt is not None:
+                if inner == "exact":
+                    lam_grad = None
+                    with torch.no_grad():
+                        lam.fill_(init)
+                    params = merged.params(lam, _relaxed(mask_sets, noises, detach=(True, True)))
+                    loss = sum(entropy(merged.logits(heads[i], params, inputs_for(sample(i), params, None)))
+                               for i in range(T))
+                    lam_grad = torch.autograd.grad(loss, [lam])[0]
                 with torch.no_grad():
                     lam.fill_(init)
-                det = _combine(samples, detach=(True, True))
-                params = merged.params(lam, det)
-                loss = sum(entropy(merged.logits(heads[i], params, inputs_for(sample(i), params, None)))
-                           for i in range(T))
-                lam_grad = torch.autograd.grad(loss, [lam])[0]
-            with torch.no_grad():
-                lam.fill_(init)
-            if lam_grad is not None:
-                lam.grad = lam_grad
-                lam_opt.step()
-                lam.grad = None
-                if clamp:
-                    with torch.no_grad():
-                        lam.clamp_(0.0, 1.0)
-        lam_now = lam if (lam_opt is not None and inner == "amortized") else lam.detach()
-        if reference:  # 2. the reference's perturbation step: its own batch, merged weights detached
-            with torch.no_grad():
-                p_det = merged.params(lam_now.detach(), _combine(samples, detach=(True, True)))
-            loss_adv = torch.zeros(())
-            for i in range(T):
-                x = adv_sample(i)
-                n = len(x[next(iter(x))])
-                out = merged.logits(heads[i], p_det, both_for(x, p_det, deltas[i], clamp01=False))
-                loss_adv = loss_adv - F.cross_entropy(out[n:], out[:n].argmax(-1).detach())
-            adv_opt.zero_grad()
-            deltas.grad = torch.autograd.grad(loss_adv, [deltas])[0]
-            adv_opt.step()
-            n_updates += 1
-            with torch.no_grad():
+                if lam_grad is not None:
+                    lam.grad = lam_grad
+                    lam_opt.step()
+                    lam.grad = None
+                    if clamp:
+                        with torch.no_grad():
+                            lam.clamp_(0.0, 1.0)
+            lam_now = lam if (lam_opt is not None and inner == "amortized") else lam.detach()
+            if reference:  # 2. the reference's perturbation step: its own batch, merged weights detached
+                with torch.no_grad():
+                    p_det = merged.params(lam_now.detach(), _relaxed(mask_sets, noises, detach=(True, True)))
+                loss_adv = torch.zeros(())
                 for i in range(T):
-                    deltas[i] = project(deltas[i], perturb_norm, bound)
-        # 2. + 3. the clean batch and perturbed copies of its first rows: mask loss and perturbation loss
-        loss_mask: torch.Tensor = torch.zeros(())
-        loss_adv: torch.Tensor = torch.zeros(())
-        if masks == "single" or not adversarial:
-            p_clean = p_adv = merged.params(lam_now, _combine(samples, detach=(False, False)))
-        else:
-            p_clean = merged.params(lam_now, _combine(samples, detach=(False, True)))
-            p_adv = merged.params(lam_now, _combine(samples, detach=(True, False)))
-        for i in range(T):
-            x = sample(i)
-            if not adversarial:
-                loss_mask = loss_mask + entropy(merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None)))
-                continue
-            if reference:  # 3. the reference's mask step: the whole batch and its clamped perturbed copy
-                n = len(x[next(iter(x))])
-                d = deltas[i].detach()
-                if p_clean is p_adv:
-                    out = merged.logits(heads[i], p_clean, both_for(x, p_clean, d, clamp01=True))
-                    clean, pert = out[:n], out[n:]
+                    x = adv_sample(i)
+                    n = len(x[next(iter(x))])
+                    out = merged.logits(heads[i], p_det, both_for(x, p_det, deltas[i], clamp01=False))
+                    loss_adv = loss_adv - F.cross_entropy(out[n:], out[:n].argmax(-1).detach())
+                adv_opt.zero_grad()
+                deltas.grad = torch.autograd.grad(loss_adv, [deltas])[0]
+                adv_opt.step()
+                n_updates += 1
+                with torch.no_grad():
+                    for i in range(T):
+                        deltas[i] = project(deltas[i], perturb_norm, bound)
+            # 2. + 3. the clean batch and perturbed copies of its first rows: mask loss and perturbation loss
+            loss_mask: torch.Tensor = torch.zeros(())
+            loss_adv: torch.Tensor = torch.zeros(())
+            if masks == "single" or not adversarial:
+                p_clean = p_adv = merged.params(lam_now, _relaxed(mask_sets, noises, detach=(False, False)))
+            else:
+                p_clean = merged.params(lam_now, _relaxed(mask_sets, noises, detach=(False, True)))
+                p_adv = merged.params(lam_now, _relaxed(mask_sets, noises, detach=(True, False)))
+            for i in range(T):
+                x = sample(i)
+                if not adversarial:
+                    loss_mask = loss_mask + entropy(merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None)))
+                    continue
+                if reference:  # 3. the reference's mask step: the whole batch and its clamped perturbed copy
+                    n = len(x[next(iter(x))])
+                    d = deltas[i].detach()
+                    if p_clean is p_adv:
+                        out = merged.logits(heads[i], p_clean, both_for(x, p_clean, d, clamp01=True))
+                        clean, pert = out[:n], out[n:]
+                    else:
+                        clean = merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None))
+                        pert = merged.logits(heads[i], p_adv, both_for(x, p_adv, d, clamp01=True))[n:]
+                    loss_mask = loss_mask + clean_weight * entropy(clean) + lambda_adv * entropy(pert)
+                    continue
+                if p_clean is p_adv:  # one forward pass over the clean batch and its perturbed rows
+                    both = {k: torch.cat([v, v[:n_adv]]) for k, v in x.items()}
+                    rows = torch.zeros(len(both[next(iter(both))]))
+                    rows[-n_adv:] = 1.0
+                    delta = deltas[i].unsqueeze(0) * rows.view(-1, *([1] * deltas[i].dim()))
+                    out = merged.logits(heads[i], p_clean, inputs_for(both, p_clean, delta))
+                    clean, pert = out[:-n_adv], out[-n_adv:]
                 else:
                     clean = merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None))
-                    pert = merged.logits(heads[i], p_adv, both_for(x, p_adv, d, clamp01=True))[n:]
+                    pert = merged.logits(heads[i], p_adv, inputs_for(_head_rows(x, n_adv), p_adv, deltas[i]))
                 loss_mask = loss_mask + clean_weight * entropy(clean) + lambda_adv * entropy(pert)
-                continue
-            if p_clean is p_adv:  # one forward pass over the clean batch and its perturbed rows
-                both = {k: torch.cat([v, v[:n_adv]]) for k, v in x.items()}
-                rows = torch.zeros(len(both[next(iter(both))]))
-                rows[-n_adv:] = 1.0
-                delta = deltas[i].unsqueeze(0) * rows.view(-1, *([1] * deltas[i].dim()))
-                out = merged.logits(heads[i], p_clean, inputs_for(both, p_clean, delta))
-                clean, pert = out[:-n_adv], out[-n_adv:]
-            else:
-                clean = merged.logits(heads[i], p_clean, inputs_for(x, p_clean, None))
-                pert = merged.logits(heads[i], p_adv, inputs_for(_head_rows(x, n_adv), p_adv, deltas[i]))
-            loss_mask = loss_mask + clean_weight * entropy(clean) + lambda_adv * entropy(pert)
-            loss_adv = loss_adv - F.cross_entropy(pert, clean[:n_adv].argmax(-1).detach())
-        update_delta = adversarial and not reference and step % perturb_every == 0
-        if update_delta:  # perturbation: ascend the CE to the own predictions (inputs only: no weight grads)
-            adv_opt.zero_grad()
-            deltas.grad = torch.autograd.grad(loss_adv, [deltas], retain_graph=True)[0]
-        learn = [p for m in mask_sets for p in m.parameters()]
-        with_lam = lam_opt is not None and inner == "amortized"
-        grads = torch.autograd.grad(loss_mask, learn + ([lam] if with_lam else []), allow_unused=True)
-        for p, g in zip(learn, grads):
-            p.grad = g
-        if with_lam:
-            lam_grad = grads[-1]
-        mask_opt.step()
-        mask_opt.zero_grad()
-        if update_delta:
-            adv_opt.step()
-            n_updates += 1
-            with torch.no_grad():
-                for i in range(T):
-                    deltas[i] = project(deltas[i], perturb_norm, bound)
+                loss_adv = loss_adv - F.cross_entropy(pert, clean[:n_adv].argmax(-1).detach())
+            update_delta = adversarial and not reference and step % perturb_every == 0
+            if update_delta:  # perturbation: ascend the CE to the own predictions (inputs only: no weight grads)
+                adv_opt.zero_grad()
+                deltas.grad = torch.autograd.grad(loss_adv, [deltas], retain_graph=True)[0]
+            learn = [p for m in mask_sets for p in m.parameters()]
+            with_lam = lam_opt is not None and inner == "amortized"
+            grads = torch.autograd.grad(loss_mask, learn + ([lam] if with_lam else []), allow_unused=True)
+            for p, g in zip(learn, grads):
+                p.grad = g
+            if with_lam:
+                lam_grad = grads[-1]
+            mask_opt.step()
+            mask_opt.zero_grad()
+            if update_delta:
+                adv_opt.step()
+                n_updates += 1
+                with torch.no_grad():
+                    for i in range(T):
+                        deltas[i] = project(deltas[i], perturb_norm, bound)
     t_mask = time.perf_counter() - t0
     # freeze the mask, then AdaMerging under it (Concrete TA keeps its fixed lambda)
     with torch.no_grad():
-        frozen = _combine([m.sample(g_mask, kind=final_mask) for m in mask_sets], detach=(True, True))
+        frozen = _combine([m.sample(g_mask, kind=final_mask) for m in mask_sets])
+    density = [m.density() for m in mask_sets]
+    # the logits, their Adam state and the last step's tensors are not needed any more
+    del mask_sets, mask_opt
+    noises = p_clean = p_adv = params = p_det = out = clean = pert = loss_mask = loss_adv = None  # noqa: F841
+    release_memory()
     t1 = time.perf_counter()
     if fixed_lambda is None and adamerging_steps > 0:
         lambdas = adamerging_lambdas(merged, heads, sample, granularity, adamerging_steps, adamerging_lr, init,
@@ -279,7 +293,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     else:
         lambdas = torch.full(lam_shape, init if fixed_lambda is None else fixed_lambda)
     t_am = time.perf_counter() - t1
-    info = {"lambdas": lambdas, "mask_density": [m.density() for m in mask_sets],
+    info = {"lambdas": lambdas, "mask_density": density,
             "seconds": {"mask": round(t_mask, 2), "adamerging": round(t_am, 2)},
             "seconds_per_step": {"mask": t_mask / max(1, mask_steps), "adamerging": t_am / max(1, adamerging_steps)}}
     with torch.no_grad():
@@ -332,12 +346,25 @@ def _entropies(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _combine(samples: list[dict[str, torch.Tensor]], detach: tuple[bool, bool]) -> dict[str, torch.Tensor]:
-    """One mask, or the product of two (each factor optionally detached, so a loss trains only the other)."""
+def _relaxed(mask_sets: Sequence[ConcreteMask], noises: Sequence[Mapping[str, torch.Tensor]],
+             detach: tuple[bool, bool]):
+    """The step's relaxed mask as a function of the tensor name (one mask, or the product of two, each factor
+    optionally detached), so `MergedEncoder.params` can recompute it in the backward pass."""
+    def mask(n: str) -> torch.Tensor:
+        parts = []
+        for m, z, d in zip(mask_sets, noises, detach):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not d):
+                parts.append(m.relaxed(n, z[n]))
+        return parts[0] if len(parts) == 1 else parts[0] * parts[1]
+    return mask
+
+
+def _combine(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One frozen mask, or the product of two."""
     if len(samples) == 1:
-        return {n: m.detach() if detach[0] else m for n, m in samples[0].items()}
+        return samples[0]
     a, b = samples
-    return {n: (a[n].detach() if detach[0] else a[n]) * (b[n].detach() if detach[1] else b[n]) for n in a}
+    return {n: a[n] * b[n] for n in a}
 
 
 def concrete_task_arithmetic(encoder, base, models, heads, inputs, encode, *, scaling: float = 0.3,
