@@ -4,7 +4,8 @@
     python benchmarks/dam_cost.py --backbone vision --steps 30   # -> benchmarks/results/dam-cost-vision.{json,md}
 
 Rows: AdaMerging layer-wise; Concrete AM (mask loop); DAM as shipped (amortized inner step, perturbed copies of
-half of each batch); DAM as the reference loop runs it (a separate inner pass, the whole batch perturbed)."""
+a quarter of each batch); DAM as the reference loop runs it (a separate inner pass, the whole batch perturbed);
+each with `low_memory=True` (the methods' default) and `False` (`--memory`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--memory", default="both", choices=["both", "low", "fast"],
+                    help="low_memory=True (the default of the methods), False, or both, one after the other")
     args = ap.parse_args(argv)
     suite = get_suite(f"{args.backbone}-quick")
     zoo = Zoo(suite.backbone, suite.profile)
@@ -46,19 +49,24 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"method": label, "seconds_per_step": round(sec, 4)})
         print(f"{label:40s} {sec:.3f} s/step", flush=True)
 
-    merged = MergedEncoder(pool.encoder, pool.base, pool.models, pool.encode.modality)
-    heads = frozen_heads(pool.heads)
-    timed("adamerging_layer", lambda n: adamerging_lambdas(
-        merged, heads, BatchSampler(pool.test_inputs, pool.encode, 16, 0), "layer", n, progress=False))
-    timed("concrete_am_layer (mask loop)", lambda n: concrete_merge(
-        *args_tt, mask_steps=n, adamerging_steps=0, progress=False))
-    timed("dam (mask loop, as shipped)", lambda n: concrete_merge(
-        *args_tt, adversarial=True, mask_steps=n, adamerging_steps=0, progress=False))
-    timed("dam (mask loop, reference: exact inner, whole batch perturbed)", lambda n: concrete_merge(
-        *args_tt, adversarial=True, inner="exact", adv_batch_size=16, perturb_every=1, mask_steps=n, adamerging_steps=0,
-        progress=False))
-    ref = rows[0]["seconds_per_step"]
-    for r in rows:
+    modes = {"both": (True, False), "low": (True,), "fast": (False,)}[args.memory]
+    for low in modes:
+        tag = " [low_memory]" if low else " [fast]"
+        merged = MergedEncoder(pool.encoder, pool.base, pool.models, pool.encode.modality, low_memory=low)
+        heads = frozen_heads(pool.heads)
+        timed("adamerging_layer" + tag, lambda n: adamerging_lambdas(
+            merged, heads, BatchSampler(pool.test_inputs, pool.encode, 16, 0), "layer", n, progress=False))
+        del merged
+        timed("concrete_am_layer (mask loop)" + tag, lambda n: concrete_merge(
+            *args_tt, mask_steps=n, adamerging_steps=0, progress=False, low_memory=low))
+        timed("dam (mask loop, as shipped)" + tag, lambda n: concrete_merge(
+            *args_tt, adversarial=True, mask_steps=n, adamerging_steps=0, progress=False, low_memory=low))
+        timed("dam (mask loop, reference: exact inner, whole batch perturbed)" + tag, lambda n: concrete_merge(
+            *args_tt, adversarial=True, inner="exact", adv_batch_size=16, perturb_every=1, mask_steps=n,
+            adamerging_steps=0, progress=False, low_memory=low))
+    for r in rows:  # against AdaMerging layer-wise in the same memory mode
+        ref = next(x["seconds_per_step"] for x in rows if x["method"].startswith("adamerging_layer")
+                   and x["method"].endswith(r["method"][r["method"].rindex(" ["):]))
         r["ratio_to_adamerging_layer"] = round(r["seconds_per_step"] / ref, 2)
     result = {"command": "python benchmarks/dam_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(out / f"dam-cost-{args.backbone}.json", result)
     md = [f"# DAM cost per step ({zoo.backbone.name}, 6 tasks, batch 16 per task)", "",
           f"`{result['command']}` on {result['device']}, {result['created']}.", "",
-          "| loop | s / step | x AdaMerging layer-wise |", "|---|---|---|"]
+          "| loop [memory mode] | s / step | x AdaMerging layer-wise (same mode) |", "|---|---|---|"]
     md += [f"| {r['method']} | {r['seconds_per_step']:.3f} | {r['ratio_to_adamerging_layer']:.2f} |" for r in rows]
     atomic_write_text(out / f"dam-cost-{args.backbone}.md", "\n".join(md) + "\n")
     return result

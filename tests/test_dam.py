@@ -82,6 +82,16 @@ def test_merged_params_are_recomputed_in_backward_with_the_direct_gradients(pool
     assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(*grads))
 
 
+def test_low_memory_changes_nothing_but_memory(pool):
+    bb, base, models, heads, xs = pool
+    enc = InputEncoder(bb)
+    kw = dict(mask_steps=3, adamerging_steps=2, lr=0.1, adv_lr=0.1, perturb_every=1, progress=False, seed=1)
+    a, ia = dam(bb.model, base, models, heads, xs, enc, low_memory=True, **kw)
+    b, ib = dam(bb.model, base, models, heads, xs, enc, low_memory=False, **kw)
+    assert all(torch.equal(a[k], b[k]) for k in a) and torch.equal(ia["perturbations"], ib["perturbations"])
+    assert not all(torch.equal(a[k], base[k]) for k in a)
+
+
 def test_dam_runs_moves_mask_and_perturbation(pool):
     bb, base, models, heads, xs = pool
     enc = InputEncoder(bb)

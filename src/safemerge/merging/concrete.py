@@ -31,6 +31,7 @@ merged model: flip rate of its predictions and entropy change, on x + delta agai
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -113,7 +114,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
                    perturb_norm: Literal["l1", "l2", "linf"] = "l1", perturb_bound: float | None = None,
                    final_mask: Literal["relaxed", "hard", "threshold"] = "relaxed",
                    effect_examples: int = 64, clamp: bool = True, seed: int = 0,
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                   progress: bool = True, low_memory: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The shared loop of Concrete TA / Concrete AdaMerging / DAM; returns (merged state dict, info).
 
     fixed_lambda: Concrete TA (lambda constant, no inner step, no AdaMerging stage).
@@ -130,6 +131,9 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     effect_examples: inputs per task on which the final perturbation's effect is measured.
     final_mask: how the mask is frozen after training: "relaxed" (one relaxed sample, the reference's
         'continuous'), "hard" (a Bernoulli sample) or "threshold" (sigmoid(x) >= 0.5).
+    low_memory: no task-vector copies, merged tensors recomputed in backward (`MergedEncoder`), and large blocks
+        mmap-ed in the mask loop (`memory.large_blocks_mapped`): about 1 GB less on DINOv2-S with 4 tasks, slower
+        steps (BENCHMARKS.md). The numbers are the same either way.
     String choices are Literal-typed: the registry's options models (pool.py) validate them before a run.
     """
     who = "dam" if adversarial else "concrete merging"
@@ -137,7 +141,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     reference = adversarial and perturbation == "reference"
     if perturb_bound is None:
         perturb_bound = 0.0 if reference else AMORTIZED_BOUND
-    merged = MergedEncoder(encoder, base, models, encode.modality)
+    merged = MergedEncoder(encoder, base, models, encode.modality, low_memory)
     heads = frozen_heads(heads, encode.modality)
     sample = BatchSampler(inputs, encode, batch_size, seed)
     g_mask = torch.Generator().manual_seed(seed + 1)
@@ -183,7 +187,7 @@ def concrete_merge(encoder: nn.Module, base: StateDict, models: Sequence[StateDi
     n_updates = 0
 
     t0 = time.perf_counter()
-    with large_blocks_mapped():  # each step allocates and frees parameter-sized tensors: keep the heap lean
+    with large_blocks_mapped() if low_memory else nullcontext():  # each step allocates and frees large tensors
         for step in tqdm(range(mask_steps), desc=f"{who} mask ({granularity})", disable=not progress, leave=False):
             noises = [m.noise(g_mask) for m in mask_sets]  # the step's relaxed samples, computed per tensor when used
             # 1. inner lambda step: reset to init, one Adam step on the clean entropy

@@ -66,10 +66,15 @@ class RegMeanOptions(Options):
     n_examples: int = Field(256, ge=1)
 
 
+LOW_MEMORY = Field(True, description="recompute merged tensors in backward instead of keeping task vectors and "
+                  "their graph: about 1 GB less on DINOv2-S with 4 tasks, slower steps, the same numbers")
+
+
 class AdaMergingOptions(Options):
     steps: int = Field(500, ge=0)
     lr: float = 1e-3
     batch_size: int = Field(16, ge=1)
+    low_memory: bool = LOW_MEMORY
 
 
 class ConcreteTAOptions(Options):
@@ -82,6 +87,7 @@ class ConcreteTAOptions(Options):
     batch_size: int = Field(16, ge=1)
     masks: Literal["single", "two"] = "single"
     final_mask: Literal["relaxed", "hard", "threshold"] = "relaxed"
+    low_memory: bool = LOW_MEMORY
 
 
 class ConcreteAMOptions(Options):
@@ -99,6 +105,7 @@ class ConcreteAMOptions(Options):
     batch_size: int = Field(16, ge=1)
     final_mask: Literal["relaxed", "hard", "threshold"] = "relaxed"
     clamp: bool = True
+    low_memory: bool = LOW_MEMORY
 
 
 class DamOptions(ConcreteAMOptions):
@@ -133,16 +140,16 @@ def _regmean(p: Pool, alpha: float = 0.9, n_examples: int = 256) -> Result:
 
 
 @register("adamerging_task", AdaMergingOptions)
-def _am_task(p: Pool, steps: int = 500, lr: float = 1e-3, batch_size: int = 16) -> Result:
+def _am_task(p: Pool, steps: int = 500, lr: float = 1e-3, batch_size: int = 16, low_memory: bool = True) -> Result:
     sd, lam = adamerging(*_test_time(p), granularity="task", steps=steps, lr=lr, batch_size=batch_size, seed=p.seed,
-                         progress=p.progress)
+                         progress=p.progress, low_memory=low_memory)
     return sd, {"lambdas": lam}
 
 
 @register("adamerging_layer", AdaMergingOptions)
-def _am_layer(p: Pool, steps: int = 500, lr: float = 1e-3, batch_size: int = 16) -> Result:
+def _am_layer(p: Pool, steps: int = 500, lr: float = 1e-3, batch_size: int = 16, low_memory: bool = True) -> Result:
     sd, lam = adamerging(*_test_time(p), granularity="layer", steps=steps, lr=lr, batch_size=batch_size,
-                         seed=p.seed, progress=p.progress)
+                         seed=p.seed, progress=p.progress, low_memory=low_memory)
     return sd, {"lambdas": lam}
 
 
