@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     modes = {"both": (True, False), "low": (True,), "fast": (False,)}[args.memory]
     for low in modes:
-        tag = " [low_memory]" if low else " [fast]"
+        tag, first = (" [low_memory]" if low else " [fast]"), len(rows)
         merged = MergedEncoder(pool.encoder, pool.base, pool.models, pool.encode.modality, low_memory=low)
         heads = frozen_heads(pool.heads)
         timed("adamerging_layer" + tag, lambda n: adamerging_lambdas(
@@ -64,10 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         timed("dam (mask loop, reference: exact inner, whole batch perturbed)" + tag, lambda n: concrete_merge(
             *args_tt, adversarial=True, inner="exact", adv_batch_size=16, perturb_every=1, mask_steps=n,
             adamerging_steps=0, progress=False, low_memory=low))
-    for r in rows:  # against AdaMerging layer-wise in the same memory mode
-        ref = next(x["seconds_per_step"] for x in rows if x["method"].startswith("adamerging_layer")
-                   and x["method"].endswith(r["method"][r["method"].rindex(" ["):]))
-        r["ratio_to_adamerging_layer"] = round(r["seconds_per_step"] / ref, 2)
+        for r in rows[first:]:  # against AdaMerging layer-wise (the mode's first row) in the same memory mode
+            r["ratio_to_adamerging_layer"] = round(r["seconds_per_step"] / rows[first]["seconds_per_step"], 2)
     result = {"command": "python benchmarks/dam_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device_description(),
               "torch_threads": torch.get_num_threads(), "backbone": zoo.backbone.name, "pool": setting.name,
