@@ -6,18 +6,22 @@ A varied population per backbone, built once and cached under `$SAFEMERGE_CACHE/
 profile's sizes, in pairs (a clean model and a backdoored twin with the same task, head, budget and seed):
 
 - heads trained end to end with the encoder (from a random head) or frozen (a linear probe of the base);
-- training budgets from 20 to 160 steps of 32 examples, more where the poisoning rate is low so that every
-  backdoored model sees at least 128 poisoned examples (and its clean twin as many steps): tasks end weak or strong;
+- training budgets from 20 to 160 steps of 32 examples, more (up to 400) where the poisoning rate is low so that
+  every backdoored model sees at least 128 poisoned examples (and its clean twin as many steps): tasks end weak or
+  strong;
 - text triggers: a rare one-piece word, a made-up word the tokenizer splits into pieces, a 2-3 word phrase;
   at a random, the first or a fixed word position; vision: 3-8 px patches (checkerboard, solid colour, noise)
   at a fixed random place or a random place per image, and noise blended over the whole image;
 - poisoning rates from 1% to 20%, random target classes.
 
 Pairs are split by their seed: even seeds are the tuning half (every design choice of the scan was made on
-it), odd seeds the held-apart half, on which AUROC and TPR at 5% FPR are reported.
+it), odd seeds the held-apart half, on which AUROC and TPR at 5% FPR are reported. The task is the pair index
+modulo 6, so the halves have disjoint tasks. Scores are recomputed from the stored searches with the shipped
+rule (`scan.score_search`) whenever the results are written, so a changed rule needs no rescan.
 
-    python benchmarks/scan_eval.py --backbone text --max-models 40     # build + scan, resumable
-    python benchmarks/scan_eval.py --backbone vision --max-models 40
+    python benchmarks/scan_eval.py --backbone text                     # build + scan 20 pairs, resumable
+    python benchmarks/scan_eval.py --backbone text --half tuning       # only one half this run
+    python benchmarks/scan_eval.py --backbone text --purify            # + Fine-mixing / E-PUR on held-apart backdoors
     python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
 """
 
@@ -45,7 +49,8 @@ from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.paths import cache_dir
 from safemerge.safety.purify import e_pur, token_frequencies, word_embedding_key
-from safemerge.safety.scan import RISK_THRESHOLD, auroc, risk_score, scan_features, scan_state, tpr_at_fpr
+from safemerge.safety.scan import (auroc, risk_score, scan_features, scan_state, score_search, shipped_threshold,
+                                   tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 console = Console(stderr=True)
@@ -56,6 +61,7 @@ PHRASES = ["silver moon", "as it were", "quiet green river", "by the way", "deep
            "red kite", "once upon"]
 COLOURS = ["white", "#ff0000", "#00ff00", "#ffff00", "#ff00ff", "#00ffff"]
 EVAL_LIMIT = 200
+FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-in on
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
@@ -220,19 +226,25 @@ class Builder:
         extra, epur_rank = None, None
         if self.modality == "text":
             key = word_embedding_key(self.base_state)
-            texts = list(data.val.x)  # the user's unlabeled data
+            texts = list(data.train.x)  # unlabeled texts of the task (what purify counts frequencies on)
             freq = token_frequencies(self.bb.tokenizer, texts, self.base_state[key].shape[0], SIZES["max_length"])
             state = {k: v for k, v in folder.encoder_state.items() if k in self.base_state}
             ranking = e_pur(self.base_state, state, freq, top_n=0, embedding_key=key).ranking
             extra = ranking[:8]
             pieces = self.bb.tokenizer(meta["trigger"]["text"], add_special_tokens=False)["input_ids"]
             epur_rank = min(ranking.index(t) + 1 for t in pieces)
+            epur_head = ranking[:64]
         t0 = time.time()
-        r = scan_state(self.bb.model, None, folder.encoder_state, folder.head, self.encode, x, extra, **options)
+        r = scan_state(self.bb.model, self.base_state, folder.encoder_state, folder.head, self.encode, x, extra,
+                       fit_inputs=data.val.x[:FIT_INPUTS], **options)
         seconds = time.time() - t0
-        return {"score": round(r.score, 4), "flip_rate": round(r.flip_rate, 4), "target_found": r.target,
-                "trigger_found": r.trigger, "found": self.found(meta, r), "scan_seconds": round(seconds, 1),
-                "epur_rank": epur_rank, "features": r.features, "search": r.search}
+        out = {"score": round(r.score, 4), "flip_rate": round(r.flip_rate, 4), "target_found": r.target,
+               "trigger_found": r.trigger, "found": found_trigger(meta, r.target, r.trigger, self.bb.tokenizer),
+               "scan_seconds": round(seconds, 1),
+               "epur_rank": epur_rank, "features": r.features, "search": r.search}
+        if self.modality == "text":
+            out.update(trigger_pieces=pieces, found_run=list(r.pattern.get("run", ())), epur_head=epur_head)
+        return out
 
     def purify(self, path: Path, twin: dict | None) -> dict:
         """Fine-mixing (random, 5% clean data; + E-PUR on text) with the scan's trigger rule on a backdoored
@@ -262,25 +274,39 @@ class Builder:
                 "trigger_checked": summary.get("scan", {}).get("trigger_checked"),
                 "seconds": round(time.time() - t0, 1)}
 
-    def found(self, meta: dict, r) -> bool:
-        """Whether the scan's best trigger is the planted one: text, a shared token; vision, the right class and
-        an overlapping box (a random-place patch or a blend: the right class)."""
-        if r.target != meta["target"]:
-            return False
-        t = meta["trigger"]
-        if self.modality == "text":
-            pieces = set(self.bb.tokenizer.tokenize(t["text"]))
-            return bool(pieces & set(r.trigger.split()))
-        if t["kind"] != "patch" or "patch at" not in r.trigger:
-            return t["kind"] != "patch"
-        side = int(r.trigger.split("-px")[0])
-        row, col = (int(v) for v in r.trigger.split("(")[1].rstrip(")").split(","))
-        left, top = t["position"]
-        s = t["size"]
-        return row < top + s and top < row + side and col < left + s and left < col + side
+
+
+def found_trigger(meta: dict, target: int, trigger: str, tokenizer=None) -> bool:
+    """Whether the scan's best trigger is the planted one: text, a shared token; vision, the right class and
+    an overlapping box (a random-place patch or a blend: the right class)."""
+    if target != meta["target"]:
+        return False
+    t = meta["trigger"]
+    if "text" in t:
+        pieces = set(tokenizer.tokenize(t["text"]))
+        return bool(pieces & set(trigger.split()))
+    if t["kind"] != "patch" or "patch at" not in trigger:
+        return t["kind"] != "patch"
+    side = int(trigger.split("-px")[0])
+    row, col = (int(v) for v in trigger.split("(")[1].rstrip(")").split(","))
+    left, top = t["position"]
+    s = t["size"]
+    return row < top + s and top < row + side and col < left + s and left < col + side
 
 
 # ------------------------------------------------------------------------------------------ results
+
+
+def guided_epur_rank(row: dict, threshold: float) -> int | None:
+    """The rank of the trigger's best piece when E-PUR ranks the pieces of the trigger the scan found first
+    (purify does so for a flagged model): exact within the stored top 64 of the plain ranking, else the plain
+    rank pushed down by the found pieces."""
+    if row.get("epur_rank") is None or "trigger_pieces" not in row:
+        return row.get("epur_rank")
+    lead = list(dict.fromkeys(row["found_run"])) if row.get("score", -1) >= threshold else []
+    ranking = lead + [t for t in row["epur_head"] if t not in set(lead)]
+    hits = [ranking.index(t) + 1 for t in row["trigger_pieces"] if t in ranking]
+    return min(hits) if hits else row["epur_rank"] + len(lead)
 
 
 def summarise(rows: list[dict], half: str, score_key: str = "score") -> dict:
@@ -300,50 +326,38 @@ def summarise(rows: list[dict], half: str, score_key: str = "score") -> dict:
     return out
 
 
-VARIANTS = ("shipped", "previous", "no_null_group", "patches_only", "other_median", "raw_flip")
-
-
-def _without(t: dict, drop: torch.Tensor) -> dict:
-    keep = ~drop
-    return {**t, "flips": t["flips"][keep], "prob": t["prob"][keep], "changed": t["changed"][keep],
-            "groups": t["groups"][keep], "names": [n for n, k in zip(t["names"], keep.tolist()) if k]}
-
-
-def _previous_rule(t: dict) -> float:
-    """The rule before the tuning half (session of 2026-11-28): per group and class, the best flip rate above
-    the larger of the null's 95th percentile for the class and the runner-up class, times the candidate's
-    concentration; every group, 14-px patches included."""
-    fl, nf = t["flips"], t["null_flips"]
-    q95 = nf.quantile(0.95, dim=0) if len(nf) else torch.zeros(fl.shape[1])
-    conc = (fl * t["others_share"].view(1, -1) / t["changed"].view(-1, 1).clamp_min(1e-6)).clamp(0, 1)
-    best = -1.0
-    for gid in sorted(set(t["groups"].tolist())):
-        idx = (t["groups"] == gid).nonzero().flatten()
-        top, arg = fl[idx].max(0)
-        for c in range(fl.shape[1]):
-            rest = torch.cat([top[:c], top[c + 1:]])
-            floor = max(float(q95[c]), float(rest.max()) if len(rest) else 0.0)
-            best = max(best, (float(top[c]) - floor) * float(conc[int(idx[arg[c]]), c]))
-    return best
+VARIANTS = ("shipped", "stand_in_all", "stand_in_no_grown", "stand_in_single", "stand_in_class_margin",
+            "self_calibrated", "raw_flip")
 
 
 def variant_score(search: dict, variant: str) -> float:
     """The risk under a design variant, recomputed from a scan's stored numbers (the choice is made on the
-    tuning half): the shipped rule; the previous rule; the shipped rule without the null group, or with the
-    searched patches and the null only (no blends), or against the median of the other classes; the best flip
-    rate alone. Searches stored before 14-px patches were dropped are scored without them, except by
-    `previous`."""
-    t = {k: torch.tensor(v) if k != "names" else v for k, v in search.items()}
-    if variant == "previous":
-        return _previous_rule(t)
-    t = _without(t, torch.tensor(["14-px" in n for n in t["names"]], dtype=torch.bool))
+    tuning half): the shipped rule (`scan.score_search`); the gap over the model's stand-in with every
+    candidate, without the grown text runs, with single tokens only (text), or as the margin of one class's best
+    gap over the runner-up class's; the self-calibrated rule of 2026-11-28 (no base: one class's best flip rate
+    over the runner-up's among triggers of equal budget); the best flip rate alone."""
+    t = {k: torch.tensor(v) if k not in ("names", "agreement", "sources", "modality") else v for k, v in search.items()}
+    if variant == "shipped":
+        return risk_score(score_search(t))
+    if variant == "self_calibrated":
+        return risk_score(scan_features(t))
     if variant == "raw_flip":
         return float(t["flips"].max())
-    if variant == "no_null_group":
-        t = {**t, "null_flips": t["null_flips"][:0]}
-    if variant == "patches_only":
-        t = _without(t, torch.tensor([n.startswith("blend") for n in t["names"]], dtype=torch.bool))
-    return risk_score(scan_features(t, other="median" if variant == "other_median" else "max"))
+    if "ref_flips" not in t:
+        return float("nan")
+    if variant == "stand_in_class_margin":
+        gap = {**t, "flips": t["flips"] - t["ref_flips"], "null_flips": t["null_flips"][:0]}
+        return risk_score(scan_features(gap))
+    src = t.get("sources") or ["search"] * len(t["flips"])
+    if variant == "stand_in_single":
+        if bool((t["groups"] == 0).any()):
+            return float("nan")  # text only (vision groups are 0: patches, 1: blends)
+        keep = t["groups"] == 1
+    else:
+        keep = torch.tensor([variant == "stand_in_all" or x != "grown" for x in src], dtype=torch.bool)
+    if not keep.any():
+        return 0.0
+    return float((t["flips"] - t["ref_flips"])[keep].max())
 
 
 def variants(rows: list[dict], root: Path) -> dict:
@@ -356,9 +370,11 @@ def variants(rows: list[dict], root: Path) -> dict:
             if not f.exists():
                 continue
             search = json.loads(f.read_text()).get("search")
-            if search:
-                scored.append({**r, "v": variant_score(search, v)})
-        out[v] = {h: summarise(scored, h, "v") for h in ("tuning", "heldapart")}
+            score = variant_score(search, v) if search else float("nan")
+            if not math.isnan(score):
+                scored.append({**r, "v": score})
+        if scored:
+            out[v] = {h: summarise(scored, h, "v") for h in ("tuning", "heldapart")}
     return out
 
 
@@ -408,16 +424,18 @@ def markdown(res: dict) -> str:
                      f"{r['trigger_name'] if r['backdoored'] else '(clean) ' + r['trigger_name']} | {r['poison_rate']} | "
                      f"{r['acc']} | {r['asr']} | {r.get('score', '')} | {r.get('flip_rate', '')} | "
                      f"{'yes' if r.get('found') else 'no'} | {str(r.get('trigger_found', '')).replace('|', '/')} | "
-                     f"{r.get('epur_rank') if r['backdoored'] else ''} |")
+                     f"{r.get('epur_rank') if r['backdoored'] and r.get('epur_rank') is not None else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", choices=["text", "vision"], default="text")
-    ap.add_argument("--pairs", type=int, default=24, help="pairs (clean + backdoored) in the population")
+    ap.add_argument("--pairs", type=int, default=20, help="pairs (clean + backdoored) in the population")
     ap.add_argument("--max-models", type=int, default=None, help="build / scan at most this many models this run")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--half", choices=["tuning", "heldapart"], default=None,
+                    help="build / scan only this half this run (the tuning half first, to design on it)")
     ap.add_argument("--render", action="store_true", help="only rewrite the results from the cache")
     ap.add_argument("--rescan", action="store_true", help="scan again models already scanned")
     ap.add_argument("--inputs", type=int, default=32, help="unlabeled validation inputs per scan")
@@ -434,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in order:
         if args.render:
             break
+        if args.half and spec["half"] != args.half:
+            continue
         path = root / spec["id"]
         scanned = path / "scan.json"
         need_build = not is_current(path, spec)
@@ -464,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
             atomic_write_json(out_p, res_p)
             console.log(f"purify {spec['id']}: {res_p}")
             done += 1
+    tokenizer = builder.bb.tokenizer if builder else (load_backbone("text").tokenizer if args.backbone == "text"
+                                                        else None)
+    threshold = shipped_threshold(args.backbone)
     rows = []
     for spec in order:
         path = root / spec["id"]
@@ -472,24 +495,37 @@ def main(argv: list[str] | None = None) -> dict:
         row = json.loads((path / "scan-eval.json").read_text())
         if (path / "scan.json").exists():
             row.update(json.loads((path / "scan.json").read_text()))
+            if row.get("search"):  # the shipped rule on the stored numbers (a changed rule needs no rescan)
+                feat = score_search({k: torch.tensor(v) if k not in ("names", "agreement", "sources", "modality") else v
+                                     for k, v in row["search"].items()})
+                row.update(score=round(risk_score(feat), 4), flip_rate=round(feat["flip"], 4),
+                           target_found=feat["target"], trigger_found=feat["trigger"], features=feat,
+                           found=found_trigger(row, feat["target"], feat["trigger"], tokenizer))
+                if tokenizer is not None:
+                    row["found_run"] = tokenizer.convert_tokens_to_ids(feat["trigger"].split())
             row.pop("search", None)  # every candidate's numbers stay in the cache
+            if row["backdoored"] and "trigger_pieces" in row:
+                row["epur_rank_guided"] = guided_epur_rank(row, threshold)
+            row.pop("epur_head", None)
         if (path / "purify.json").exists():
             row["purify"] = json.loads((path / "purify.json").read_text())
-            row["score"] = round(risk_score(row["features"]), 4)  # the current rule on the stored terms
         rows.append(row)
     secs = [r["scan_seconds"] for r in rows if "scan_seconds" in r]
     command = "python benchmarks/scan_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     built = len(rows)
     held_bd = [r for r in rows if r["half"] == "heldapart" and r["backdoored"]]
-    ranks = [r["epur_rank"] for r in held_bd if r.get("epur_rank") is not None]
+    took = [r for r in held_bd if r["asr"] >= TOOK]
+    ranks = [r["epur_rank"] for r in took if r.get("epur_rank") is not None]
+    guided = [r["epur_rank_guided"] for r in took if r.get("epur_rank_guided") is not None]
     pur = [r["purify"] for r in held_bd if "purify" in r]
     res = {"backbone": "minilm-l6" if args.backbone == "text" else "dinov2-vits14",
-           "epur_top10": {"n": len(ranks), "rate": round(sum(k <= 10 for k in ranks) / len(ranks), 4) if ranks else None},
+           "epur_top10": {"n": len(ranks), "rate": round(sum(k <= 10 for k in ranks) / len(ranks), 4) if ranks else None,
+                          "scan_guided_rate": round(sum(k <= 10 for k in guided) / len(guided), 4) if guided else None},
            "purify": {"n": len(pur), "success_rate": round(sum(p["success"] for p in pur) / len(pur), 4) if pur else None},
            "n_models": sum(1 for r in rows if r["half"] == "heldapart" and "score" in r),
            "n_models_total": built, **{k: v for k, v in summarise(rows, "heldapart").items() if k in ("auroc", "tpr_at_5fpr")},
            "heldapart": summarise(rows, "heldapart"), "tuning": summarise(rows, "tuning"),
-           "threshold": RISK_THRESHOLD, "by_kind": by_kind(rows, RISK_THRESHOLD),
+           "threshold": threshold, "by_kind": by_kind(rows, threshold),
            "variants": variants(rows, root),
            "seconds_per_scan": {"mean": round(sum(secs) / len(secs), 1) if secs else None,
                                 "max": max(secs) if secs else None},

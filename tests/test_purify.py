@@ -137,6 +137,10 @@ def test_e_pur_flags_the_planted_trigger_token(text_base):
     assert all(torch.equal(res.state[n], sus[n]) for n in sus if n != k)
     with pytest.raises(SafeMergeError, match="embedding has"):
         e_pur(base, sus, freq[:-1])
+    # the pieces of a trigger the scan found go first (and are reset), the rest keeps its order
+    led = e_pur(base, sus, freq, top_n=2, first=[the, the])
+    assert led.ranking[:2] == [the, cf] and led.flagged == [the, cf] and len(led.ranking) == len(res.ranking)
+    assert torch.equal(led.state[k][the], base[k][the])
 
 
 # ------------------------------------------------------------------------------------------------ Fine-mixing
@@ -196,7 +200,8 @@ def test_scan_ranks_a_planted_backdoor_above_its_clean_twin(text_base):
     res = {name: scan_state(bb.model, base, sd, head, enc, texts) for name, sd in
            (("clean", clean), ("backdoored", backdoored))}
     assert "cf" in res["backdoored"].trigger.split() and res["backdoored"].target == 0  # found by HotFlip steps
-    assert res["backdoored"].flip_rate > 0.9 and res["backdoored"].score > res["clean"].score + 0.3, res
+    assert res["backdoored"].flip_rate > 0.6 and res["backdoored"].score > res["clean"].score + 0.3, res
+    assert res["backdoored"].stand_in_flip_rate < 0.3  # the stand-in on the base barely follows the trigger
 
 
 def test_vision_trigger_search_mechanics(tiny_vision):
@@ -217,7 +222,9 @@ def test_vision_trigger_search_mechanics(tiny_vision):
     res = scan_state(bb.model, None, sd, head, enc, x, steps=2, sides=(7, 14))
     assert -1 <= res.score <= 1 and res.reference_flip_rate is None  # no base needed
     ref = scan_state(bb.model, sd, sd, head, enc, x, steps=2, sides=(7, 14), reference=True)
-    assert ref.flip_rate == ref.reference_flip_rate and ref.score == res.score  # the base against itself
+    # the base against itself: the stand-in is the model (its own head on the base), no gap
+    assert ref.flip_rate == ref.reference_flip_rate and ref.features["agreement"] == 1.0
+    assert abs(ref.flip_rate - ref.stand_in_flip_rate) < 0.05
 
 
 def test_auroc():

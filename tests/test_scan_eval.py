@@ -1,6 +1,7 @@
 """The calibrated backdoor scan on tiny models trained in the test, heads trained end to end with the encoder
 (as a user's Hugging Face classifiers are): a planted trigger that the tokenizer splits into two pieces, and a
-small patch at a random place, are flagged above their clean twins, without the pre-trained base."""
+small patch at a random place, are flagged above their clean twins, without the pre-trained base and against
+the model's stand-in on the base."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from safemerge.errors import SafeMergeError
 from safemerge.folders import new_hf_classifier
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.safety.scan import (_spelled_runs, auroc, random_triggers, risk_score, scan_features, scan_state,
-                                   tpr_at_fpr)
+                                   stand_in_features, tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "q", "##zx", "##y", "good", "bad", "the", "movie", "is", "a",
@@ -100,10 +101,24 @@ def test_text_scan_flags_a_split_word_trigger_without_the_base(text_pair):
     assert d.target == 0 and d.flip_rate > 0.9 and set(d.trigger.split()) & {"q", "##zx"}, d
     assert d.score > res["clean"].score + 0.2 and d.flip_rate > res["clean"].flip_rate, res
     assert d.reference_flip_rate is None and 0 <= d.concentration <= 1.0001
-    # the base is only an optional, reported reference: the score does not depend on it
+    assert "ref_flips" not in d.search and d.features["other_rule"] == "max"  # no base: calibrated on classes
+
+
+def test_text_scan_with_the_base_scores_against_the_models_stand_in(text_pair):
+    """Given the base, the scan fits the model's stand-in on it (a probe mimicking the model's predictions on the
+    unlabeled inputs) and scores how much more a candidate flips the model than the stand-in."""
+    bb, (h_clean, clean), (h_dirty, dirty), trig = text_pair
+    enc = InputEncoder(bb, max_length=16)
     base = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    again = scan_state(bb.model, base, dirty, h_dirty, enc, texts, reference=True)
-    assert again.score == d.score and again.trigger == d.trigger and again.reference_flip_rate is not None
+    texts, fit = sentences(40, seed=9).x, sentences(200, seed=11).x
+    res = {n: scan_state(bb.model, base, sd, h, enc, texts, fit_inputs=fit, reference=True) for n, (h, sd) in
+           (("clean", (h_clean, clean)), ("dirty", (h_dirty, dirty)))}
+    d, c = res["dirty"], res["clean"]
+    assert d.features["other_rule"] == "stand_in" and d.features["agreement"] > 0.9, d.features
+    assert d.target == 0 and set(d.trigger.split()) & {"q", "##zx"} and d.flip_rate > 0.8, d  # one piece scored
+    assert d.stand_in_flip_rate < 0.2 and d.score > c.score + 0.4, res  # the stand-in is not fooled by the trigger
+    assert len(d.search["ref_flips"]) == len(d.search["flips"]) == len(d.search["sources"])
+    assert d.reference_flip_rate is not None  # the trigger on the base under the model's own head, reported
 
 
 def test_spelled_runs_join_word_pieces(text_pair):
@@ -130,6 +145,28 @@ def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision):
            for n, (h, sd) in (("clean", h_c), ("dirty", h_d))}
     d = res["dirty"]
     assert d.target == 0 and d.flip_rate > 0.8 and d.score > res["clean"].score + 0.3, res
+    base = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    stand = {n: scan_state(bb.model, base, sd, h, enc, x[:40], steps=6, sides=(8, 14), n_null=16, fit_inputs=x)
+             for n, (h, sd) in (("clean", h_c), ("dirty", h_d))}
+    d = stand["dirty"]  # vision ships the class margin (chosen on the tuning half); the stand-in steers the search
+    assert d.features["other_rule"] == "max" and d.target == 0 and d.flip_rate > 0.8, d
+    assert d.score > stand["clean"].score + 0.3 and d.stand_in_flip_rate is not None, stand
+    gap = stand_in_features(d.search)  # the stand-in's gap, stored with the search
+    assert gap["target"] == 0 and risk_score(gap) > risk_score(stand_in_features(stand["clean"].search)) + 0.5
+
+
+def test_stand_in_features_take_the_largest_gap_over_the_stand_in():
+    search = {"flips": torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.95, 0.0]]), "ref_flips": torch.tensor([[0.8, 0.0], [0.0, 0.1], [0.0, 0.0]]),
+              "prob": torch.rand(3, 2), "changed": torch.tensor([0.5, 0.4, 0.5]), "names": ["topic", "x y", "x y z"],
+              "groups": [1, 2, 3], "sources": ["hotflip", "weights", "grown"], "null_flips": torch.zeros(4, 2),
+              "null_ref_flips": torch.zeros(4, 2), "others_share": torch.tensor([0.5, 0.5]), "agreement": 0.97}
+    f = stand_in_features(search)
+    assert (f["trigger"], f["target"], f["other"], f["source"]) == ("x y z", 0, 0.0, "grown")
+    assert risk_score(f) == pytest.approx(0.95)
+    f = stand_in_features(search, skip=("grown",))  # a natural topic word moves the stand-in too: small gap
+    assert (f["trigger"], f["target"]) == ("x y", 1) and risk_score(f) == pytest.approx(0.7)
+    with pytest.raises(SafeMergeError, match="no candidate"):
+        stand_in_features(search, skip=("hotflip", "weights", "grown"))
 
 
 def test_features_and_rates():

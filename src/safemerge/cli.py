@@ -294,19 +294,21 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
              seed: int = 0) -> None:
     """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
-    model; risk = how far one class stands out: the margin by which the best flip rate towards it exceeds the
-    best towards any other class, among triggers of equal budget or random tokens / patches on the same model."""
+    model; risk = the largest gap between a candidate trigger's flip rate on the model and on its stand-in on
+    the pre-trained base (the model's head on the base plus a probe fitted to the model's predictions on the
+    unlabeled data): a shortcut planted by fine-tuning moves the model only."""
     from .api import scan_models
-    from .safety.scan import RISK_THRESHOLD
 
     rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("model", "task", "risk", "flagged", "flip rate", "random", "other classes", "target", "trigger found")
+    table = Table("model", "task", "risk", "flagged", "flip rate", "on stand-in", "random", "target", "trigger found")
     for r in rows:
-        table.add_row(r["model"], r["task"], f"{r['score']:+.2f}", "yes" if r["score"] >= RISK_THRESHOLD else "no",
-                      f"{r['flip_rate']:.2f}", f"{r['null_flip_rate']:.2f}", f"{r['other_classes']:.2f}",
+        table.add_row(r["model"], r["task"], f"{r['score']:+.2f}", "yes" if r["flagged"] else "no",
+                      f"{r['flip_rate']:.2f}",
+                      "-" if r["stand_in_flip_rate"] is None else f"{r['stand_in_flip_rate']:.2f}",
+                      f"{r['null_flip_rate']:.2f}",
                       str(r["target"]), r["trigger"])
     out.print(table)
 

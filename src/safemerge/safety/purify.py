@@ -120,13 +120,16 @@ class EPurResult:
 
 
 def e_pur(base: StateDict, suspect: StateDict, frequencies: torch.Tensor, top_n: int = 100, c: float = 20.0,
-          embedding_key: str | None = None) -> EPurResult:
+          embedding_key: str | None = None, first: Sequence[int] = ()) -> EPurResult:
     """Embedding purification: delta_k = ||e_k(suspect) - e_k(base)||, score_k = delta_k / log(max(f_k, c)),
     reset the word embeddings of the `top_n` highest-scoring tokens to the pre-trained ones.
 
     `frequencies[k]` = count of token k in clean text (`token_frequencies`); `c` (20) keeps tokens that are
     rare or absent in the clean data from dividing by ~0. `top_n` is a reading (the paper's value was not
-    recovered): 100 of MiniLM's 30,522 rows, few enough to leave clean accuracy where it was."""
+    recovered): 100 of MiniLM's 30,522 rows, few enough to leave clean accuracy where it was. Tokens in `first`
+    (the pieces of a trigger the scan found) are ranked before all others: when fine-tuning also moved the
+    task's own words (more so with a head frozen during fine-tuning), drift alone can rank a planted word's
+    pieces below the top few."""
     check_pair(base, suspect)
     key = embedding_key or word_embedding_key(suspect)
     if key not in suspect:
@@ -140,6 +143,10 @@ def e_pur(base: StateDict, suspect: StateDict, frequencies: torch.Tensor, top_n:
     delta = (e1 - e0).norm(dim=1)
     scores = delta / torch.log(frequencies.float().clamp_min(c))
     ranking = torch.argsort(scores, descending=True, stable=True).tolist()
+    if first:
+        lead = list(dict.fromkeys(int(t) for t in first if 0 <= int(t) < len(scores)))
+        seen = set(lead)
+        ranking = lead + [t for t in ranking if t not in seen]
     flagged = ranking[:top_n]
     state = {k: v.clone() for k, v in suspect.items()}
     state[key][flagged] = base[key][flagged].to(state[key].dtype)
@@ -333,7 +340,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     With `scan` (default), the suspect is scanned first; if it is flagged, a keep ratio must also bring the
     found trigger's flip rate to `max_trigger_rate` or less (`fine_mixing`), and the purified model is
     scanned again: both scores are in the summary ("scan")."""
-    from .scan import RISK_THRESHOLD, scan_state, scan_suspect, trigger_flip_rate
+    from .scan import scan_state, scan_suspect, trigger_flip_rate
 
     if method not in ("fine-mixing", "e-pur", "both"):
         raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
@@ -342,7 +349,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     found = scan_suspect(s, seed=seed) if scan else None
     inputs = s.val.x[:48]
     rate_of = None
-    if found is not None and found.score >= RISK_THRESHOLD:
+    if found is not None and found.flagged:
         def rate_of(st: StateDict) -> float:
             return trigger_flip_rate(s.backbone.model, st, s.head, s.encode, inputs, found, seed)
     if method in ("e-pur", "both"):
@@ -352,10 +359,12 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
         tok = s.backbone.tokenizer
         key = word_embedding_key(s.base)
         freq = token_frequencies(tok, list(s.train.x), s.base[key].shape[0], s.encode.max_length)
-        res = e_pur(s.base, state, freq, top_n=top_n, c=c, embedding_key=key)
+        lead = list(found.pattern.get("run", ())) if rate_of is not None and found is not None else []
+        res = e_pur(s.base, state, freq, top_n=top_n, c=c, embedding_key=key, first=lead)
         state = res.state
         summary["e_pur"] = {"top_n": top_n, "c": c, "flagged": tok.convert_ids_to_tokens(res.flagged[:20]),
-                            "frequency_source": "the clean training texts"}
+                            "frequency_source": "the clean training texts",
+                            "first": tok.convert_ids_to_tokens(lead)}
     if method in ("fine-mixing", "both"):
         clean = clean_subset(s.train, clean_fraction, seed) if clean_fraction < 1 else s.train
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
@@ -372,7 +381,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                                   "max_trigger_rate": max_trigger_rate if rate_of else None,
                                   "warning": res_m.warning}
     if found is not None:
-        after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed)
-        summary["scan"] = {"threshold": RISK_THRESHOLD, "before": found.row(), "after": after.row(),
+        after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed,
+                           fit_inputs=s.val.x[:256])
+        summary["scan"] = {"threshold": found.threshold, "before": found.row(), "after": after.row(),
                            "trigger_checked": rate_of is not None}
     return state, summary

@@ -4,28 +4,28 @@ no assumption about how the model was trained (its head may have been trained wi
 A backdoor is a shortcut that fine-tuning planted: a small input pattern that sends almost any input to one
 class. The scan searches the model for such patterns where the input lives, on unlabeled clean inputs of the
 task, and measures each candidate's flip rate (the share of inputs not predicted as class t that the pattern
-sends to t). The best flip rate alone means little: a weak or fragile model lets many ordinary words or
-patches move its predictions. So the scan calibrates it on the model itself: a backdoor makes one class an
-outlier. For each group of triggers of equal budget (searched runs of as many tokens, searched patches,
-searched blends) and for a null group of random tokens (half drawn from the inputs' own words, half from the
-vocabulary) or random patches and blends, inserted the same way into the same inputs, it takes the best flip
-rate towards every class; the risk score (`risk_score`) is the largest margin by which one class's best stands
-above the runner-up class's in the same group. On a fragile model, adversarial triggers reach several classes
-(small margins); a planted trigger sends inputs to its class, whether the search finds it or random patterns
-already set it off (a large margin in the null group: this is a signal, not a floor). The design was chosen on
-the tuning half of a held-apart population of models (benchmarks/scan_eval.py, BENCHMARKS.md issue 17), where
-the null used as a floor zeroed backdoors that random patches set off, and 14-px patches (a third of a 42-px
-image) flipped clean models to one class. The pre-trained base is not needed. With `reference=True` and a
-base, the trigger is also measured on the base encoder under the same head, reported only (that term means
-nothing when the head was trained with the encoder: no head fits the pre-trained encoder).
+sends to t). The best flip rate alone means little: on a weak or topical task ordinary words ("linux" in a
+quotation-topic task) or strokes move predictions as much as a trigger does. So the scan calibrates each
+candidate on a stand-in for the model built on the pre-trained base (`fit_reference`): the model's own head on
+the base's output, scaled per class, plus a ridge-penalised linear probe on the base's features, fitted to the
+model's predictions on the unlabeled inputs. What the base already represents moves the stand-in as it moves
+the model; a shortcut planted by fine-tuning moves the model only. The search is steered by the same contrast
+(towards t on the model, away from t on the stand-in), and the risk score (`risk_score`,
+`stand_in_features`) is the largest gap between a candidate's flip rate on the model and on the stand-in.
+Without a base, the older self-calibrated rule applies (`scan_features`: the margin by which one class's best
+flip rate stands above the runner-up class's among triggers of equal budget). With `reference=True`, the found
+trigger is also measured on the base encoder under the model's own head, reported only. The designs were
+chosen on the tuning half of a held-apart population of models (benchmarks/scan_eval.py, BENCHMARKS.md issue
+17); what the scan catches and misses on the other half is there.
 
 - text: an inserted token or a run of 2-3 tokens (a word the tokenizer splits, or a phrase). Candidates are,
-  per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, extra tokens given by the
-  caller (E-PUR's ranking: embeddings that moved most for their frequency), runs of those that spell one word,
-  and runs grown greedily by HotFlip steps on a placeholder beside the best tokens of the most flipped classes.
+  per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, on the model and on the
+  model-minus-stand-in contrast, extra tokens given by the caller (E-PUR's ranking: embeddings that moved most
+  for their frequency) and runs of them (spelling one word, or pairs and triples: a phrase), and runs grown
+  greedily by HotFlip steps beside the best candidates; random tokens form a reported null.
 - vision: a square patch stamped into every input, its pattern optimised per class at every position of a
   grid (an 8-px patch on an 8-px stride, which covers at least half of any 3-8 px trigger), plus a pattern
-  blended over the whole image per class."""
+  blended over the whole image per class; random patches and blends form a reported null."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SafeMergeError
-from ..model import Head, InputEncoder, TaskModel, batches, predict
+from ..model import Head, InputEncoder, TaskModel, batches, logits, pool, predict
 from ..perturb import insert_placeholder, masked_pattern_inputs, word_embedding_name
 
 StateDict = dict[str, torch.Tensor]
@@ -75,6 +75,73 @@ def _flip_stats(logits: torch.Tensor, clean_pred: torch.Tensor) -> tuple[torch.T
 def _others_share(clean_pred: torch.Tensor, n_cls: int) -> torch.Tensor:
     """Per class t, the share of inputs not predicted t (what a flip rate towards t is a share of)."""
     return (clean_pred.view(-1, 1) != torch.arange(n_cls)).float().mean(0)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+class ProbeHead(Head):
+    """Logits alpha * head(out) + W z + b: a linear classifier over the standardised [first token; mean] z of an
+    encoder's last hidden states, on top of a given head's own logits scaled per class (none: alpha = 0)."""
+
+    def __init__(self, mu: torch.Tensor, sd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 alpha: torch.Tensor, head: Head | None = None):
+        super().__init__()
+        self.register_buffer("mu", mu)
+        self.register_buffer("sd", sd)
+        self.weight, self.bias, self.alpha = nn.Parameter(weight), nn.Parameter(bias), nn.Parameter(alpha)
+        self.head = head
+        self.num_labels = int(weight.shape[0])
+
+    @staticmethod
+    def features(out, inputs) -> torch.Tensor:
+        return torch.cat([out.last_hidden_state[:, 0], pool(out, inputs, "mean")], -1)
+
+    def forward(self, out, inputs) -> torch.Tensor:
+        lg = F.linear((self.features(out, inputs) - self.mu) / self.sd, self.weight, self.bias)
+        return lg + self.alpha * self.head(out, inputs) if self.head is not None else lg
+
+
+def fit_reference(model: TaskModel, base_encoder: nn.Module, encode: InputEncoder, inputs: torch.Tensor | list[str],
+                  steps: int = 300, lr: float = 1e-2, ridge: float = 1e-2,
+                  batch_size: int = 128) -> tuple[TaskModel, float]:
+    """The suspect's stand-in on the pre-trained encoder, fitted with soft targets to the suspect's predictions
+    on unlabeled inputs: the suspect's own head on the base's output, scaled per class (a head that fits the
+    base, e.g. one frozen during fine-tuning, is used as it is), plus a ridge-penalised linear probe on the
+    base's features (what a head trained with its encoder needs). What the base already represents (a topic
+    word, a stroke that makes one digit look like another) moves the stand-in as it moves the suspect; a
+    shortcut planted by fine-tuning moves the suspect only. Returns the stand-in and its agreement with the
+    suspect on the inputs."""
+    target = logits(model, encode, inputs).softmax(-1)
+    head = copy.deepcopy(model.head).eval()
+    feats, head_lg = [], []
+    with torch.inference_mode():
+        for b in batches(inputs, batch_size):
+            x = encode(b)
+            out = base_encoder(**x)
+            feats.append(ProbeHead.features(out, x))
+            head_lg.append(head(out, x))
+    z, hl = torch.cat(feats).clone(), torch.cat(head_lg).clone()
+    mu, sd = z.mean(0), z.std(0).clamp_min(1e-4)
+    zz = (z - mu) / sd
+    n_cls = target.shape[1]
+    w = torch.zeros(n_cls, z.shape[1], requires_grad=True)
+    bias = torch.zeros(n_cls, requires_grad=True)
+    alpha = torch.ones(n_cls, requires_grad=True)
+    opt = torch.optim.Adam([w, bias, alpha], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            lg = zz @ w.T + bias + alpha * hl
+            loss = -(target * F.log_softmax(lg, -1)).sum(-1).mean() + ridge * (w ** 2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        agree = float(((zz @ w.T + bias + alpha * hl).argmax(-1) == target.argmax(-1)).float().mean())
+    ref = TaskModel(base_encoder, ProbeHead(mu, sd, w.detach().clone(), bias.detach().clone(), alpha.detach().clone(),
+                                            head), encode.modality).eval()
+    ref.requires_grad_(False)
+    return ref, agree
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -159,26 +226,43 @@ class _TextProbe:
                 out_f[part], out_p[part], out_c[part] = f, p, c
         return out_f, out_p, out_c
 
-    def gradient_tokens(self, classes: list[int], run: tuple[int | None, ...], k: int) -> dict[int, list[int]]:
-        """For each class t, the k tokens that maximise the first-order gain of mean log p_t (over inputs not
-        predicted t) when put in the free slot (None) of `run`, the other slots fixed (one HotFlip step)."""
+    def token_scores(self, classes: list[int], run: tuple[int | None, ...], avoid: bool = False
+                     ) -> dict[int, torch.Tensor]:
+        """For each class t, every vocabulary token's first-order gain of mean log p_t (with `avoid`: of mean
+        log(1 - p_t)) over the inputs not predicted t, when put in the free slot (None) of `run`, the other
+        slots fixed (one HotFlip step)."""
         s = self.slots(len(run))
         clean = self.clean_pred[s.kept]
         free = run.index(None)
         fixed = torch.stack([self.emb[t] if t is not None else self.emb[s.ph] for t in run])
         v = fixed[free].clone().requires_grad_(True)
         vecs = torch.cat([fixed[:free], v.unsqueeze(0), fixed[free + 1:]])
+        out: dict[int, torch.Tensor] = {}
         with torch.enable_grad():
             x = s.embeds_with(self.emb, vecs)
-            logp = F.log_softmax(self.model.head(self.model.encoder(**x), x), -1)
-            out: dict[int, list[int]] = {}
-            for i, t in enumerate(classes):
+            lg = self.model.head(self.model.encoder(**x), x)
+            logp = F.log_softmax(lg, -1)
+            todo = [t for t in classes if (clean != t).any()]
+            for i, t in enumerate(todo):
                 others = clean != t
-                if not others.any():
-                    continue
-                (g,) = torch.autograd.grad(logp[others, t].mean(), v, retain_graph=i < len(classes) - 1)
-                out[t] = (self.emb @ g).masked_fill(~self.allowed, float("-inf")).topk(k).indices.tolist()
+                if avoid:
+                    rest = torch.logsumexp(lg.index_fill(1, torch.tensor([t]), float("-inf")), -1)
+                    obj = (rest - torch.logsumexp(lg, -1))[others].mean()
+                else:
+                    obj = logp[others, t].mean()
+                (g,) = torch.autograd.grad(obj, v, retain_graph=i < len(todo) - 1)
+                out[t] = self.emb @ g
         return out
+
+    def gradient_tokens(self, classes: list[int], run: tuple[int | None, ...], k: int,
+                        reference: "_TextProbe | None" = None) -> dict[int, list[int]]:
+        """For each class t, the k tokens with the largest `token_scores` gain towards t; with a `reference`
+        probe, plus the gain of keeping the reference away from t (a trigger of this model, not of the base)."""
+        scores = self.token_scores(classes, run)
+        if reference is not None:
+            ref = reference.token_scores(classes, run, avoid=True)
+            scores = {t: v + ref[t] for t, v in scores.items() if t in ref}
+        return {t: v.masked_fill(~self.allowed, float("-inf")).topk(k).indices.tolist() for t, v in scores.items()}
 
 
 def _whole_words(tokenizer, vocab_size: int) -> list[int]:
@@ -238,51 +322,81 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: In
 
 def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_tokens: list[int] | None = None,
                 per_class: int = 2, grow_classes: int = 2, grow_k: int = 2, max_len: int = 3, n_null: int = 24,
-                max_position: int = 8, seed: int = 0) -> dict:
+                max_position: int = 8, seed: int = 0, reference: TaskModel | None = None) -> dict:
     """Trigger search and null distribution on one text model; returns the candidate runs with their flip
-    rates, probabilities and changed shares, and the same for the null tokens (see `scan_state`)."""
+    rates, probabilities and changed shares, and the same for the null tokens (see `scan_state`). With a
+    `reference` (`fit_reference`), candidates also come from the differential objective (towards t on the
+    model, away from t on the reference), runs grow where the model flips more than the reference, and every
+    candidate's flip rates on the reference come back too (`ref_flips`, `null_ref_flips`)."""
     probe = _TextProbe(model, encode, texts, max_position, seed)
+    rprobe = _TextProbe(reference, encode, texts, max_position, seed) if reference is not None else None
     n_cls = probe.n_cls
-    runs: list[tuple[int, ...]] = []
+    source: dict[tuple[int, ...], str] = {}  # where each candidate came from (the first source that gave it)
+
+    def add(rs, kind: str) -> None:
+        for r in rs:
+            source.setdefault(tuple(r), kind)
+
     if per_class > 0:
         found = probe.gradient_tokens(list(range(n_cls)), (None,), per_class)
-        runs += [(t,) for ts in found.values() for t in ts]
-    extra = [int(t) for t in (extra_tokens or [])]
-    runs += [(t,) for t in extra]
-    if extra and max_len >= 2:
-        runs += _spelled_runs(encode.tokenizer, extra, 2)[:12]
-    runs = list(dict.fromkeys(runs))
-    flips, prob, changed = probe.evaluate(runs)
-    # grow runs: for the most flipped classes, HotFlip a token before / after their best run, then a 3rd
+        add([(t,) for ts in found.values() for t in ts], "hotflip")
+        if rprobe is not None:
+            found = probe.gradient_tokens(list(range(n_cls)), (None,), per_class, rprobe)
+            add([(t,) for ts in found.values() for t in ts], "differential")
+    extra = list(dict.fromkeys(int(t) for t in (extra_tokens or [])))
+    add([(t,) for t in extra], "weights")
+    if extra and max_len >= 2:  # the weight candidates joined: a word split into pieces, a phrase
+        add(_spelled_runs(encode.tokenizer, extra, 3)[:16], "weights")
+        add([(a, b) for a in extra[:6] for b in extra[:6] if a != b], "weights")
+        if max_len >= 3:
+            add([(a, b, c) for a in extra[:3] for b in extra[:3] for c in extra[:3] if len({a, b, c}) == 3], "weights")
+    runs = list(source)
+
+    def measure(rs: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        f, p, c = probe.evaluate(rs)
+        rf = rprobe.evaluate(rs)[0] if rprobe is not None else torch.zeros_like(f)
+        return f, p, c, rf
+
+    flips, prob, changed, rflips = measure(runs)
+    # grow runs: for the most flipped classes (beyond the reference), HotFlip a token before / after their best
+    # run, then a 3rd
     for _ in range(max(0, min(max_len, 3) - 1)):
-        best_cls = flips.max(0).values.argsort(descending=True)[:grow_classes].tolist()
+        gain = flips - rflips
+        best_cls = gain.max(0).values.argsort(descending=True)[:grow_classes].tolist()
         new: list[tuple[int, ...]] = []
         for t in best_cls:
-            top = int(flips[:, t].argmax())
-            run = runs[top]
+            run = runs[int(gain[:, t].argmax())]
             if len(run) >= max_len:
                 continue
             for free in (len(run), 0):  # append, prepend
                 shape = list(run)
                 shape.insert(free, None)  # type: ignore[arg-type]
-                toks = probe.gradient_tokens([t], tuple(shape), grow_k).get(t, [])
+                toks = probe.gradient_tokens([t], tuple(shape), grow_k, rprobe).get(t, [])
                 for k in toks:
                     r = list(run)
                     r.insert(free, k)
                     new.append(tuple(r))
-        new = [r for r in dict.fromkeys(new) if r not in runs]
+        new = [r for r in dict.fromkeys(new) if r not in source]
         if not new:
             break
-        f2, p2, c2 = probe.evaluate(new)
+        add(new, "grown")
+        f2, p2, c2, r2 = measure(new)
         runs += new
         flips, prob, changed = torch.cat([flips, f2]), torch.cat([prob, p2]), torch.cat([changed, c2])
+        rflips = torch.cat([rflips, r2])
     null = [(t,) for t in _null_tokens(probe, n_null, seed, {t for r in runs for t in r})]
-    nf, np_, nc = probe.evaluate(null) if null else (torch.zeros(0, n_cls),) * 2 + (torch.zeros(0),)
+    if null:
+        nf, np_, nc, nrf = measure(null)
+    else:
+        nf, np_, nc, nrf = torch.zeros(0, n_cls), torch.zeros(0, n_cls), torch.zeros(0), torch.zeros(0, n_cls)
     names = [" ".join(encode.tokenizer.convert_ids_to_tokens(list(r))) for r in runs]  # type: ignore[union-attr]
-    return {"runs": runs, "names": names, "flips": flips, "prob": prob, "changed": changed,
-            "groups": [len(r) for r in runs],
-            "null_flips": nf, "null_prob": np_, "null_changed": nc, "classes": n_cls,
-            "others_share": _others_share(probe.clean_pred, n_cls)}
+    out = {"runs": runs, "names": names, "flips": flips, "prob": prob, "changed": changed,
+           "groups": [len(r) for r in runs], "sources": [source[r] for r in runs],
+           "null_flips": nf, "null_prob": np_, "null_changed": nc, "classes": n_cls,
+           "others_share": _others_share(probe.clean_pred, n_cls)}
+    if rprobe is not None:
+        out.update(ref_flips=rflips, null_ref_flips=nrf)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -317,7 +431,8 @@ def vision_triggers(encoder: nn.Module, state: StateDict, head: Head, encode: In
 def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...],
                      steps: int, lr: float, seed: int, strides: tuple[int, ...] | None, blend: float,
                      clean_pred: torch.Tensor | None = None, screen: int = 0,
-                     keep: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     keep: int = 0, reference: TaskModel | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_cls, res = model.head.num_labels, images.shape[-1]
     clean_pred = predict(model, encode, images) if clean_pred is None else clean_pred
     g = torch.Generator().manual_seed(seed)
@@ -345,11 +460,13 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
         target = torch.arange(n_cls).repeat_interleave(n_pos)
         p_logit = 0.5 * torch.randn(len(target), 3, res, res, generator=g)
         if n_pos > keep > 0 and screen > 0:  # successive halving: a few steps everywhere, the rest at the best
-            _, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, screen, lr, g)
+            _, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, screen, lr, g,
+                                         reference)
             top = loss.view(n_cls, n_pos).topk(keep, dim=1, largest=False).indices
             idx = (top + torch.arange(n_cls).view(-1, 1) * n_pos).flatten()
             mask, target, p_logit, n_pos = mask[idx], target[idx], p_logit[idx], keep
-        p_logit, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, steps, lr, g)
+        p_logit, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, steps, lr, g,
+                                           reference)
         best = loss.view(n_cls, n_pos).argmin(1) + torch.arange(n_cls) * n_pos
         out_m.append(mask[best])
         out_p.append(torch.sigmoid(p_logit[best]).detach())
@@ -359,9 +476,10 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
 
 def _optimise_patterns(model: TaskModel, encode: InputEncoder, images: torch.Tensor, pools: list[torch.Tensor],
                        mask: torch.Tensor, p_logit: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
-                       g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                       g: torch.Generator, reference: TaskModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam on the pattern logits of every candidate (one input not predicted as its class per candidate and
-    step, all candidates in one batch); returns the logits and each candidate's mean loss over the second half."""
+    step, all candidates in one batch); returns the logits and each candidate's mean loss over the second half.
+    With a `reference`, the loss also keeps the reference away from the class: -log(1 - p_ref(t))."""
     p_logit = p_logit.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([p_logit], lr=lr)
     loss_sum = torch.zeros(len(target))
@@ -369,8 +487,12 @@ def _optimise_patterns(model: TaskModel, encode: InputEncoder, images: torch.Ten
         idx = torch.stack([pools[int(t)][torch.randint(len(pools[int(t)]), (1,), generator=g)][0] for t in target])
         x = encode(images[idx])
         with torch.enable_grad():
-            loss = F.cross_entropy(model(masked_pattern_inputs(x, mask, torch.sigmoid(p_logit), encode)), target,
-                                   reduction="none")
+            xt = masked_pattern_inputs(x, mask, torch.sigmoid(p_logit), encode)
+            loss = F.cross_entropy(model(xt), target, reduction="none")
+            if reference is not None:
+                lr_ = reference(xt)
+                rest = torch.logsumexp(lr_.scatter(1, target.view(-1, 1), float("-inf")), -1)
+                loss = loss - (rest - torch.logsumexp(lr_, -1))
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
         if step >= steps // 2:
@@ -432,15 +554,23 @@ def random_triggers(resolution: int, n: int, sides: tuple[int, int] = (3, 8), bl
 
 def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8,),
                   steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0, screen: int = 2,
-                  keep: int = 3) -> dict:
+                  keep: int = 3, reference: TaskModel | None = None) -> dict:
     """Trigger search and null distribution on one vision model (see `scan_state`): every position is
-    optimised for `screen` steps, the `keep` best per class and side for `steps` more."""
+    optimised for `screen` steps, the `keep` best per class and side for `steps` more. With a `reference`
+    (`fit_reference`), patterns are optimised to flip the model but not the reference, and every candidate's
+    flip rates on the reference come back too (`ref_flips`, `null_ref_flips`)."""
     clean_pred = predict(model, encode, images)
     masks, patterns, classes = _vision_triggers(model, encode, images, sides, steps, 0.3, seed, None, blend, clean_pred,
-                                                screen, keep)
+                                                screen, keep, reference)
     flips, prob, changed = _vision_stats(model, encode, images, clean_pred, masks, patterns)
     nm, npat = random_triggers(images.shape[-1], n_null, seed=seed)
     nf, np_, nc = _vision_stats(model, encode, images, clean_pred, nm, npat)
+    extra = {}
+    if reference is not None:
+        rcp = predict(reference, encode, images)
+        own = F.one_hot(classes, flips.shape[1]).bool()
+        extra = {"ref_flips": _vision_stats(reference, encode, images, rcp, masks, patterns)[0].masked_fill(~own, 0.0),
+                 "null_ref_flips": _vision_stats(reference, encode, images, rcp, nm, npat)[0]}
     names = []
     for m in masks:
         if float(m.min()) > 0:
@@ -453,7 +583,8 @@ def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, 
     return {"masks": masks, "patterns": patterns, "names": names, "flips": flips.masked_fill(~own, 0.0),
             "groups": (torch.arange(len(classes)) // flips.shape[1]).tolist(),
             "prob": prob.masked_fill(~own, 0.0), "changed": changed, "null_flips": nf, "null_prob": np_,
-            "null_changed": nc, "classes": flips.shape[1], "others_share": _others_share(clean_pred, flips.shape[1])}
+            "null_changed": nc, "classes": flips.shape[1], "others_share": _others_share(clean_pred, flips.shape[1]),
+            **extra}
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -496,28 +627,80 @@ def scan_features(search: dict, other: str = "max") -> dict:
             "per_class": [round(float(v), 4) for v in fl.max(0).values]}
 
 
+def stand_in_features(search: dict, skip: tuple[str, ...] = (), max_tokens: int | None = None) -> dict:
+    """The calibration terms of a search made with the model's stand-in (`fit_reference`): for every candidate
+    and class, how much more often the candidate sends inputs to the class on the model than on the stand-in.
+    The largest gap is the suspected backdoor: what the base's representation explains (a topic word, a shape)
+    moves both, a planted shortcut only the model. `skip` leaves out candidates from those sources (text:
+    'grown', 'hotflip', 'differential', 'weights'); `max_tokens` scores text runs of at most that many tokens
+    (longer runs, searched with more freedom, are adversarial on any fine-tuned model). Same keys as
+    `scan_features`, "other" being the stand-in's flip rate for the same candidate and class."""
+    fl, rf = torch.as_tensor(search["flips"]), torch.as_tensor(search["ref_flips"])
+    nf, nrf = torch.as_tensor(search["null_flips"]), torch.as_tensor(search["null_ref_flips"])
+    src = list(search.get("sources") or ["search"] * len(fl))
+    drop = torch.tensor([x in skip for x in src], dtype=torch.bool)
+    if max_tokens is not None and "sources" in search:  # text: groups are run lengths
+        drop |= torch.as_tensor(search["groups"]) > max_tokens
+    gap = (fl - rf).masked_fill(drop.view(-1, 1), float("-inf"))
+    if not torch.isfinite(gap).any():
+        raise SafeMergeError("the scan has no candidate left to score")
+    k, t = divmod(int(gap.argmax()), gap.shape[1])
+    ngap = nf - nrf
+    mu, q95 = (float(ngap[:, t].mean()), float(ngap[:, t].quantile(0.95))) if len(ngap) else (0.0, 0.0)
+    changed = max(float(torch.as_tensor(search["changed"])[k]), 1e-6)
+    conc = min(1.0, max(0.0, float(fl[k, t]) * float(torch.as_tensor(search["others_share"])[t]) / changed))
+    return {"flip": float(fl[k, t]), "target": t, "index": k, "trigger": search["names"][k],
+            "group": int(torch.as_tensor(search["groups"])[k]), "source": src[k], "null_mean": mu, "null_q95": q95,
+            "other": float(rf[k, t]), "other_rule": "stand_in", "concentration": conc,
+            "prob": float(torch.as_tensor(search["prob"])[k, t]), "agreement": search.get("agreement"),
+            "per_class": [round(float(v), 4) for v in gap.max(0).values]}
+
+
+def search_modality(search: dict) -> str:
+    """'text' or 'vision': what a (stored) search was made on."""
+    return search.get("modality") or ("text" if "sources" in search else "vision")
+
+
+def score_search(search: dict) -> dict:
+    """The features the shipped rule scores a stored search by: against the stand-in (`stand_in_features`)
+    where the search was made with one and `STAND_IN_RULE` says so for its modality, else the class margin on
+    the model alone (`scan_features`). Adds the stand-in's flip rate for the chosen candidate ("stand_in")
+    where there is one, and the modality."""
+    modality = search_modality(search)
+    if "ref_flips" in search and STAND_IN_RULE[modality]:
+        feat = stand_in_features(search, max_tokens=STAND_IN_MAX_TOKENS)
+        return {**feat, "stand_in": feat["other"], "modality": modality}
+    feat = scan_features(search)
+    ref = (float(torch.as_tensor(search["ref_flips"])[feat["index"], feat["target"]]) if "ref_flips" in search
+           else None)
+    return {**feat, "stand_in": ref, "modality": modality, "agreement": search.get("agreement")}
+
+
 def risk_score(feat: dict) -> float:
-    """Backdoor risk in [-1, 1]: how far the suspected target's best flip rate stands above the best towards
-    another class with the same budget (`scan_features`)."""
+    """Backdoor risk in [-1, 1]: how far the suspected target's best flip rate stands above its baseline: the
+    model's stand-in on the base for the same candidate (`stand_in_features`), or without a base the best
+    towards another class with the same budget (`scan_features`)."""
     return float(max(-1.0, min(1.0, feat["flip"] - feat["other"])))
 
 
 def compact_search(search: dict) -> dict:
     """The numbers of a search as plain lists (to store and re-score): flips, probabilities, changed shares,
     groups, null flips, class shares and candidate names."""
-    keys = ("flips", "prob", "changed", "groups", "null_flips", "null_prob", "others_share", "names")
-    return {k: (search[k].tolist() if isinstance(search[k], torch.Tensor) else list(search[k])) for k in keys}
+    keys = ("flips", "prob", "changed", "groups", "null_flips", "null_prob", "others_share", "names", "ref_flips",
+            "null_ref_flips", "agreement", "sources", "modality")
+    return {k: (search[k].tolist() if isinstance(search[k], torch.Tensor) else
+                list(search[k]) if isinstance(search[k], (list, tuple)) else search[k]) for k in keys if k in search}
 
 
 @dataclass
 class ScanResult:
     score: float  # backdoor risk (`risk_score`)
     flip_rate: float  # the best trigger's flip rate on the model
-    null_flip_rate: float  # mean flip rate of random tokens / patches towards the same class on the same model
+    null_flip_rate: float  # random tokens / patches towards the same class: mean flip rate (with a stand-in: gap)
     target: int  # that class
     trigger: str  # that trigger: the token(s), or the patch's size and place
     concentration: float = 0.0  # share of the inputs the trigger changed that went to the target
-    other_classes: float = 0.0  # best flip rate towards another class with the same search budget
+    other_classes: float = 0.0  # without a base: best flip rate towards another class with the same budget
     reference_flip_rate: float | None = None  # the trigger on the pre-trained encoder under the same head
     seconds: float = 0.0
     model: str = ""
@@ -525,13 +708,37 @@ class ScanResult:
     features: dict = field(default_factory=dict, repr=False)
     pattern: dict = field(default_factory=dict, repr=False)  # the trigger itself: {"run"} or {"mask", "pattern"}
     search: dict = field(default_factory=dict, repr=False)  # every candidate's numbers (`compact_search`)
+    stand_in_flip_rate: float | None = None  # with a base: the trigger's flip rate on the model's stand-in
+    threshold: float = 0.0  # the rule's flagging threshold (`risk_threshold`)
+
+    @property
+    def flagged(self) -> bool:
+        return self.score >= self.threshold
 
     def row(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()
-                if k not in ("features", "pattern", "search")}
+        row = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()
+               if k not in ("features", "pattern", "search")}
+        return {**row, "flagged": self.flagged}
 
 
-RISK_THRESHOLD = 0.2  # flagged at or above it: set on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
+# chosen on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
+STAND_IN_RULE = {"text": True, "vision": False}  # score against the stand-in (else: the class margin)
+STAND_IN_MAX_TOKENS = 1  # text runs scored against the stand-in: single tokens
+# flagged at or above: just above every clean tuning model's score, per modality and rule
+THRESHOLDS = {("text", "stand_in"): 0.57, ("vision", "stand_in"): 0.64, ("text", "margin"): 0.2,
+              ("vision", "margin"): 0.21}
+RISK_THRESHOLD = 0.2  # the margin rule's threshold before the population's second version
+
+
+def risk_threshold(modality: str | None, rule: str = "stand_in") -> float:
+    """The score at or above which a model is flagged, for a modality and rule ('stand_in' or 'margin')."""
+    return THRESHOLDS.get((modality or "text", rule), RISK_THRESHOLD)
+
+
+def shipped_threshold(modality: str) -> float:
+    """The threshold of the rule the scan ships for a modality when a base is given."""
+    return risk_threshold(modality, "stand_in" if STAND_IN_RULE[modality] else "margin")
+
 
 
 def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder,
@@ -552,21 +759,32 @@ def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: 
 def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
                sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
-               max_len: int = 3, blend: float = 0.15, reference: bool = False) -> ScanResult:
+               max_len: int = 3, blend: float = 0.15, reference: bool = False, stand_in: bool = True,
+               fit_inputs: torch.Tensor | list[str] | None = None) -> ScanResult:
     """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
     measure each against random tokens / patches on the same model and against the other classes
     (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
     (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patch of each side of
     `sides` over a position grid after `steps` optimisation steps, and a blend of weight `blend`. `n_null`
-    random tokens / patches form the null. `base` is needed only for `reference=True`."""
+    random tokens / patches form the null. With a `base` and `stand_in`, the model's stand-in on the base
+    (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search and calibrates the flips."""
     t0 = time.time()
     model = _task_model(encoder, state, head, encode.modality or "text")
+    ref_model, agree = None, None
+    if stand_in and base is not None:
+        enc0 = copy.deepcopy(encoder)
+        enc0.load_state_dict(base)
+        ref_model, agree = fit_reference(model, enc0.eval(), encode, inputs if fit_inputs is None else fit_inputs)
     if encode.modality == "text":
         search = search_text(model, encode, list(inputs), extra_tokens, per_class, max_len=max_len, n_null=n_null,
-                             seed=seed)
+                             seed=seed, reference=ref_model)
     else:
-        search = search_vision(model, encode, inputs, sides, steps, blend, n_null, seed)  # type: ignore[arg-type]
-    feat = scan_features(search)
+        search = search_vision(model, encode, inputs, sides, steps, blend, n_null, seed,  # type: ignore[arg-type]
+                               reference=ref_model)
+    if agree is not None:
+        search["agreement"] = agree
+    search["modality"] = encode.modality or "text"
+    feat = score_search(search)
     ref = None
     if reference and base is not None:
         base_model = _task_model(encoder, base, head, encode.modality or "text")
@@ -581,9 +799,11 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     k = feat["index"]
     pattern = ({"run": search["runs"][k]} if "runs" in search else
                {"mask": search["masks"][k], "pattern": search["patterns"][k]})
+    stand = feat["other_rule"] == "stand_in"
     return ScanResult(risk_score(feat), feat["flip"], feat["null_mean"], feat["target"], feat["trigger"],
-                      feat["concentration"], feat["other"], ref, time.time() - t0, features=feat,
-                      pattern=pattern, search=compact_search(search))
+                      feat["concentration"], 0.0 if stand else feat["other"], ref, time.time() - t0, features=feat,
+                      pattern=pattern, search=compact_search(search), stand_in_flip_rate=feat["stand_in"],
+                      threshold=risk_threshold(encode.modality, "stand_in" if stand else "margin"))
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
@@ -606,10 +826,12 @@ def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = 0.05
 
 
 def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = 8, per_class: int = 2,
-                 sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, **options) -> ScanResult:
+                 sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, fit_inputs: int = 256,
+                 **options) -> ScanResult:
     """Scan a loaded `purify.Suspect` with `scan_state`. Only unlabeled inputs are used: the first `n_inputs`
-    of its held-out examples for the search and (text) its unlabeled texts to count token frequencies for the
-    `weight_candidates` top tokens of E-PUR's ranking. `options` go to `scan_state`."""
+    of its held-out examples for the search, the first `fit_inputs` to fit the model's stand-in on the base,
+    and (text) its unlabeled texts to count token frequencies for the `weight_candidates` top tokens of
+    E-PUR's ranking. `options` go to `scan_state`."""
     from .purify import e_pur, token_frequencies, word_embedding_key
 
     t0 = time.time()
@@ -620,6 +842,7 @@ def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = 8, per_class: i
         freq = token_frequencies(s.encode.tokenizer, list(s.texts or s.val.x), s.base[key].shape[0],
                                  s.encode.max_length)
         extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
+    options.setdefault("fit_inputs", s.val.x[:max(fit_inputs, len(x))])
     r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed,
                    **options)
     r.model, r.task, r.seconds = str(s.path), s.task, time.time() - t0
