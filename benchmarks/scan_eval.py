@@ -304,7 +304,8 @@ def guided_epur_rank(row: dict, threshold: float) -> int | None:
     if row.get("epur_rank") is None or "trigger_pieces" not in row:
         return row.get("epur_rank")
     lead = list(dict.fromkeys(row["found_run"])) if row.get("score", -1) >= threshold else []
-    ranking = lead + [t for t in row["epur_head"] if t not in set(lead)]
+    seen = set(lead)
+    ranking = lead + [t for t in row["epur_head"] if t not in seen]
     hits = [ranking.index(t) + 1 for t in row["trigger_pieces"] if t in ranking]
     return min(hits) if hits else row["epur_rank"] + len(lead)
 

@@ -260,9 +260,16 @@ class _TextProbe:
         probe, plus the gain of keeping the reference away from t (a trigger of this model, not of the base)."""
         scores = self.token_scores(classes, run)
         if reference is not None:
-            ref = reference.token_scores(classes, run, avoid=True)
-            scores = {t: v + ref[t] for t, v in scores.items() if t in ref}
+            scores = _plus(scores, reference.token_scores(classes, run, avoid=True))
+        return self.top_tokens(scores, k)
+
+    def top_tokens(self, scores: dict[int, torch.Tensor], k: int) -> dict[int, list[int]]:
+        """Per class, the k allowed tokens of highest score."""
         return {t: v.masked_fill(~self.allowed, float("-inf")).topk(k).indices.tolist() for t, v in scores.items()}
+
+
+def _plus(scores: dict[int, torch.Tensor], ref: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {t: v + ref[t] for t, v in scores.items() if t in ref}
 
 
 def _whole_words(tokenizer, vocab_size: int) -> list[int]:
@@ -338,11 +345,11 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
             source.setdefault(tuple(r), kind)
 
     if per_class > 0:
-        found = probe.gradient_tokens(list(range(n_cls)), (None,), per_class)
-        add([(t,) for ts in found.values() for t in ts], "hotflip")
+        own = probe.token_scores(list(range(n_cls)), (None,))  # one gradient pass serves both sources
+        add([(t,) for ts in probe.top_tokens(own, per_class).values() for t in ts], "hotflip")
         if rprobe is not None:
-            found = probe.gradient_tokens(list(range(n_cls)), (None,), per_class, rprobe)
-            add([(t,) for ts in found.values() for t in ts], "differential")
+            both = _plus(own, rprobe.token_scores(list(range(n_cls)), (None,), avoid=True))
+            add([(t,) for ts in probe.top_tokens(both, per_class).values() for t in ts], "differential")
     extra = list(dict.fromkeys(int(t) for t in (extra_tokens or [])))
     add([(t,) for t in extra], "weights")
     if extra and max_len >= 2:  # the weight candidates joined: a word split into pieces, a phrase
