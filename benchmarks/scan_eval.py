@@ -19,7 +19,7 @@ it), odd seeds the held-apart half, on which AUROC and TPR at 5% FPR are reporte
 modulo 6, so the halves have disjoint tasks. Scores are recomputed from the stored searches with the shipped
 rule (`scan.score_search`) whenever the results are written, so a changed rule needs no rescan.
 
-    python benchmarks/scan_eval.py --backbone text                     # build + scan 20 pairs, resumable
+    python benchmarks/scan_eval.py --backbone text                     # build + scan the population (text 40 pairs, vision 20), resumable
     python benchmarks/scan_eval.py --backbone text --half tuning       # only one half this run
     python benchmarks/scan_eval.py --backbone text --purify            # + Fine-mixing / E-PUR on held-apart backdoors
     python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
@@ -49,8 +49,8 @@ from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.paths import cache_dir
 from safemerge.safety.purify import e_pur, token_frequencies, word_embedding_key
-from safemerge.safety.scan import (auroc, risk_score, scan_features, scan_state, score_search, shipped_threshold,
-                                   tpr_at_fpr)
+from safemerge.safety.scan import (WEIGHT_CANDIDATES, auroc, risk_score, scan_features, scan_state, score_search,
+                                   shipped_threshold, stand_in_features, tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 console = Console(stderr=True)
@@ -65,6 +65,7 @@ FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
+PAIRS = {"text": 40, "vision": 20}  # text: 20 pairs more (20-39) built after the 2026-11-29 designs, to check them
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
 
 
@@ -148,6 +149,7 @@ class Builder:
         self.encode = InputEncoder(self.bb, max_length=SIZES["max_length"])
         self._data: dict = {}
         self.base_state = {k: v.detach().clone() for k, v in self.bb.model.state_dict().items()}
+        self.weight_candidates = WEIGHT_CANDIDATES
 
     def data(self, task: str):
         if task not in self._data:
@@ -230,7 +232,7 @@ class Builder:
             freq = token_frequencies(self.bb.tokenizer, texts, self.base_state[key].shape[0], SIZES["max_length"])
             state = {k: v for k, v in folder.encoder_state.items() if k in self.base_state}
             ranking = e_pur(self.base_state, state, freq, top_n=0, embedding_key=key).ranking
-            extra = ranking[:8]
+            extra = ranking[:self.weight_candidates]
             pieces = self.bb.tokenizer(meta["trigger"]["text"], add_special_tokens=False)["input_ids"]
             epur_rank = min(ranking.index(t) + 1 for t in pieces)
             epur_head = ranking[:64]
@@ -241,7 +243,8 @@ class Builder:
         out = {"score": round(r.score, 4), "flip_rate": round(r.flip_rate, 4), "target_found": r.target,
                "trigger_found": r.trigger, "found": found_trigger(meta, r.target, r.trigger, self.bb.tokenizer),
                "scan_seconds": round(seconds, 1),
-               "epur_rank": epur_rank, "features": r.features, "search": r.search}
+               "epur_rank": epur_rank, "features": r.features, "search": r.search,
+               "weight_candidates": self.weight_candidates if self.modality == "text" else None}
         if self.modality == "text":
             out.update(trigger_pieces=pieces, found_run=list(r.pattern.get("run", ())), epur_head=epur_head)
         return out
@@ -327,33 +330,47 @@ def summarise(rows: list[dict], half: str, score_key: str = "score") -> dict:
     return out
 
 
-VARIANTS = ("shipped", "stand_in_all", "stand_in_no_grown", "stand_in_single", "stand_in_class_margin",
-            "self_calibrated", "raw_flip")
+VARIANTS = ("shipped", "single_tokens", "words", "narrow_weights", "stand_in_no_grown", "stand_in_all",
+            "stand_in_class_margin", "self_calibrated", "raw_flip")
+NARROW_WEIGHTS = 8  # E-PUR's top tokens tried as single candidates before 2026-11-29's second session
 
 
-def variant_score(search: dict, variant: str) -> float:
+def stored_search(search: dict) -> dict:
+    """A search as stored in scan.json, its numbers back as tensors."""
+    return {k: torch.tensor(v) if k not in ("names", "agreement", "sources", "modality") else v
+            for k, v in search.items()}
+
+
+def variant_score(search: dict, variant: str, row: dict | None = None, tokenizer=None) -> float:
     """The risk under a design variant, recomputed from a scan's stored numbers (the choice is made on the
-    tuning half): the shipped rule (`scan.score_search`); the gap over the model's stand-in with every
-    candidate, without the grown text runs, with single tokens only (text), or as the margin of one class's best
-    gap over the runner-up class's; the self-calibrated rule of 2026-11-28 (no base: one class's best flip rate
-    over the runner-up's among triggers of equal budget); the best flip rate alone."""
-    t = {k: torch.tensor(v) if k not in ("names", "agreement", "sources", "modality") else v for k, v in search.items()}
+    tuning half): the shipped rule (`scan.score_search`); the gap over the model's stand-in with single tokens
+    (text), single tokens and runs that spell one word (text), single tokens with only E-PUR's top 8 as weight
+    candidates (text: the rule before the candidates were widened to `WEIGHT_CANDIDATES`), every candidate but
+    the grown runs, every candidate, or as the margin of one class's best gap over the runner-up class's; the
+    self-calibrated rule of 2026-11-28 (no base: one class's best flip rate over the runner-up's among triggers
+    of equal budget); the best flip rate alone."""
+    t = stored_search(search)
+    text = "sources" in t
     if variant == "shipped":
         return risk_score(score_search(t))
     if variant == "self_calibrated":
         return risk_score(scan_features(t))
     if variant == "raw_flip":
         return float(t["flips"].max())
-    if "ref_flips" not in t:
+    if "ref_flips" not in t or (variant in ("single_tokens", "words", "narrow_weights") and not text):
         return float("nan")
     if variant == "stand_in_class_margin":
         gap = {**t, "flips": t["flips"] - t["ref_flips"], "null_flips": t["null_flips"][:0]}
         return risk_score(scan_features(gap))
+    if variant in ("single_tokens", "words"):
+        return risk_score(stand_in_features(t, max_tokens=1, words=variant == "words"))
     src = t.get("sources") or ["search"] * len(t["flips"])
-    if variant == "stand_in_single":
-        if bool((t["groups"] == 0).any()):
-            return float("nan")  # text only (vision groups are 0: patches, 1: blends)
-        keep = t["groups"] == 1
+    if variant == "narrow_weights":
+        if row is None or "epur_head" not in row or tokenizer is None:
+            return float("nan")
+        narrow = set(tokenizer.convert_ids_to_tokens(row["epur_head"][:NARROW_WEIGHTS]))
+        keep = torch.tensor([g == 1 and (x != "weights" or n in narrow)
+                             for g, x, n in zip(t["groups"].tolist(), src, t["names"])], dtype=torch.bool)
     else:
         keep = torch.tensor([variant == "stand_in_all" or x != "grown" for x in src], dtype=torch.bool)
     if not keep.any():
@@ -361,7 +378,18 @@ def variant_score(search: dict, variant: str) -> float:
     return float((t["flips"] - t["ref_flips"])[keep].max())
 
 
-def variants(rows: list[dict], root: Path) -> dict:
+HALVES = ("tuning", "heldapart", "heldapart_fresh")
+
+
+def half_rows(rows: list[dict], half: str, fresh_from: int) -> list[dict]:
+    """The rows of a half; 'heldapart_fresh': held-apart pairs from `fresh_from` on (built after the last design
+    change, never looked at before it)."""
+    if half == "heldapart_fresh":
+        return [{**r, "half": half} for r in rows if r["half"] == "heldapart" and r["pair"] >= fresh_from]
+    return rows
+
+
+def variants(rows: list[dict], root: Path, fresh_from: int, tokenizer=None) -> dict:
     """AUROC / TPR@5%FPR of every design variant, per half, from the cached searches."""
     out: dict = {}
     for v in VARIANTS:
@@ -370,12 +398,13 @@ def variants(rows: list[dict], root: Path) -> dict:
             f = root / r["id"] / "scan.json"
             if not f.exists():
                 continue
-            search = json.loads(f.read_text()).get("search")
-            score = variant_score(search, v) if search else float("nan")
+            stored = json.loads(f.read_text())
+            search = stored.get("search")
+            score = variant_score(search, v, stored, tokenizer) if search else float("nan")
             if not math.isnan(score):
                 scored.append({**r, "v": score})
         if scored:
-            out[v] = {h: summarise(scored, h, "v") for h in ("tuning", "heldapart")}
+            out[v] = {h: summarise(half_rows(scored, h, fresh_from), h, "v") for h in HALVES}
     return out
 
 
@@ -395,7 +424,7 @@ def by_kind(rows: list[dict], threshold: float) -> dict:
 
 
 def markdown(res: dict) -> str:
-    h, t = res["heldapart"], res["tuning"]
+    h, t, f = res["heldapart"], res["tuning"], res.get("heldapart_fresh")
     lines = [f"# Scan on held-apart models: {res['backbone']}", "",
              f"`{res['command']}` on {res['device']}. {res['n_models']} held-apart models scanned, {res['n_models_total']} built ({res['note']}).", "",
              f"Positives are the backdoored models whose backdoor took (ASR >= {TOOK:g}% on their trigger); "
@@ -404,14 +433,19 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|---|---|",
              *[f"| {name} | {d['n']} | {d.get('n_clean', 0)} | {d.get('n_backdoored', 0)} ({d.get('n_took', 0)}) | "
                f"{d['auroc']} | {d['tpr_at_5fpr']} | {d.get('auroc_all')} | {d.get('tpr_at_5fpr_all')} |"
-               for name, d in (("held-apart", h), ("tuning", t))],
+               for name, d in (("held-apart", h), (f"held-apart, pairs {res.get('fresh_from')}+ only", f),
+                               ("tuning", t)) if d and d["n"]],
+             *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the last design change "
+                "(nothing was looked at on them before it)."] if f and f["n"] else []),
              "", f"Seconds per scan: mean {res['seconds_per_scan']['mean']}, max {res['seconds_per_scan']['max']}. "
              f"E-PUR puts a piece of the trigger in its top 10: {res['epur_top10']}. "
              f"Fine-mixing (+ E-PUR on text) success: {res['purify']}.", "",
              "Design variants (recomputed from the stored searches; chosen on the tuning half):", "",
-             "| variant | tuning AUROC | tuning TPR@5%FPR | held-apart AUROC | held-apart TPR@5%FPR |", "|---|---|---|---|---|",
+             "| variant | tuning AUROC | tuning TPR@5%FPR | held-apart AUROC | held-apart TPR@5%FPR | fresh AUROC | "
+             "fresh TPR@5%FPR |", "|---|---|---|---|---|---|---|",
              *[f"| {v} | {d['tuning']['auroc']} | {d['tuning']['tpr_at_5fpr']} | {d['heldapart']['auroc']} | "
-               f"{d['heldapart']['tpr_at_5fpr']} |" for v, d in res.get("variants", {}).items()],
+               f"{d['heldapart']['tpr_at_5fpr']} | {d.get('heldapart_fresh', {}).get('auroc')} | "
+               f"{d.get('heldapart_fresh', {}).get('tpr_at_5fpr')} |" for v, d in res.get("variants", {}).items()],
              "",
              f"Flagged at the shipped threshold {res['threshold']} (held-apart), by kind:", "",
              "| kind | head | backdoored flagged | clean flagged |", "|---|---|---|---|",
@@ -432,7 +466,8 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", choices=["text", "vision"], default="text")
-    ap.add_argument("--pairs", type=int, default=20, help="pairs (clean + backdoored) in the population")
+    ap.add_argument("--pairs", type=int, default=None,
+                    help=f"pairs (clean + backdoored) in the population (default: {PAIRS})")
     ap.add_argument("--max-models", type=int, default=None, help="build / scan at most this many models this run")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--half", choices=["tuning", "heldapart"], default=None,
@@ -440,14 +475,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--render", action="store_true", help="only rewrite the results from the cache")
     ap.add_argument("--rescan", action="store_true", help="scan again models already scanned")
     ap.add_argument("--inputs", type=int, default=32, help="unlabeled validation inputs per scan")
+    ap.add_argument("--fresh-from", type=int, default=20,
+                    help="pairs from this one on were built after the last design change (reported apart)")
+    ap.add_argument("--weight-candidates", type=int, default=WEIGHT_CANDIDATES,
+                    help="text: E-PUR's top tokens tried as single-token candidates")
     ap.add_argument("--purify", action="store_true", help="also purify the held-apart backdoored models (slow)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    args.pairs = args.pairs or PAIRS[args.backbone]
     root = cache_dir() / "scan-eval" / args.backbone
     root.mkdir(parents=True, exist_ok=True)
     specs = population(args.backbone, args.pairs)
     order = sorted(specs, key=lambda s: (s["pair"], s["backdoored"]))
     builder = None if args.render else Builder(args.backbone, root)
+    if builder is not None:
+        builder.weight_candidates = args.weight_candidates
     done = 0
     t0 = time.time()
     for spec in order:
@@ -497,8 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
         if (path / "scan.json").exists():
             row.update(json.loads((path / "scan.json").read_text()))
             if row.get("search"):  # the shipped rule on the stored numbers (a changed rule needs no rescan)
-                feat = score_search({k: torch.tensor(v) if k not in ("names", "agreement", "sources", "modality") else v
-                                     for k, v in row["search"].items()})
+                feat = score_search(stored_search(row["search"]))
                 row.update(score=round(risk_score(feat), 4), flip_rate=round(feat["flip"], 4),
                            target_found=feat["target"], trigger_found=feat["trigger"], features=feat,
                            found=found_trigger(row, feat["target"], feat["trigger"], tokenizer))
@@ -526,8 +567,10 @@ def main(argv: list[str] | None = None) -> dict:
            "n_models": sum(1 for r in rows if r["half"] == "heldapart" and "score" in r),
            "n_models_total": built, **{k: v for k, v in summarise(rows, "heldapart").items() if k in ("auroc", "tpr_at_5fpr")},
            "heldapart": summarise(rows, "heldapart"), "tuning": summarise(rows, "tuning"),
+           "heldapart_fresh": summarise(half_rows(rows, "heldapart_fresh", args.fresh_from), "heldapart_fresh"),
+           "fresh_from": args.fresh_from,
            "threshold": threshold, "by_kind": by_kind(rows, threshold),
-           "variants": variants(rows, root),
+           "variants": variants(rows, root, args.fresh_from, tokenizer),
            "seconds_per_scan": {"mean": round(sum(secs) / len(secs), 1) if secs else None,
                                 "max": max(secs) if secs else None},
            "note": f"{built} of {len(specs)} planned; pairs split by seed, even = tuning, odd = held-apart",

@@ -169,6 +169,28 @@ def test_stand_in_features_take_the_largest_gap_over_the_stand_in():
         stand_in_features(search, skip=("hotflip", "weights", "grown"))
 
 
+def test_stand_in_features_score_split_words_with_words():
+    """A word the tokenizer split ('x ##q') counts as one word: scored with `words`, not with single tokens
+    alone; a phrase of two words stays out; stored searches without the flag fall back on '##' pieces."""
+    search = {"flips": torch.tensor([[0.3, 0.0], [0.9, 0.0], [0.0, 0.95]]), "ref_flips": torch.zeros(3, 2),
+              "prob": torch.rand(3, 2), "changed": torch.tensor([0.5, 0.5, 0.5]), "names": ["x", "x ##q", "red kite"],
+              "groups": [1, 2, 2], "sources": ["weights"] * 3, "words": [False, True, False],
+              "null_flips": torch.zeros(4, 2), "null_ref_flips": torch.zeros(4, 2), "others_share": torch.tensor([0.5, 0.5])}
+    assert stand_in_features(search, max_tokens=1)["trigger"] == "x"
+    f = stand_in_features(search, max_tokens=1, words=True)
+    assert (f["trigger"], f["target"]) == ("x ##q", 0) and risk_score(f) == pytest.approx(0.9)
+    legacy = {k: v for k, v in search.items() if k != "words"}
+    assert stand_in_features(legacy, max_tokens=1, words=True)["trigger"] == "x ##q"
+
+
+def test_one_word_runs_follow_the_tokenizer(tmp_path):
+    from safemerge.safety.scan import _one_word
+
+    tok = load_backbone(str(wordpiece_bert(tmp_path / "bert"))).tokenizer
+    ids = tok.convert_tokens_to_ids(["q", "##zx", "good", "bad"])
+    assert _one_word(tok, (ids[0], ids[1])) and not _one_word(tok, (ids[2], ids[3])) and not _one_word(tok, (ids[0],))
+
+
 def test_features_and_rates():
     search = {"flips": torch.tensor([[0.9, 0.1], [0.2, 0.3]]), "prob": torch.rand(2, 2),
               "changed": torch.tensor([0.5, 0.3]), "names": ["a", "b"], "groups": [1, 1], "null_flips": torch.tensor([[0.1, 0.2]] * 4),

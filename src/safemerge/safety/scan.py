@@ -284,10 +284,11 @@ def _null_tokens(probe: _TextProbe, n: int, seed: int, exclude: set[int] = froze
     """`n` random tokens: half drawn from the inputs' own tokens (natural words of the task), half from the
     vocabulary's plain words, seeded; the `exclude`d ones (the search's candidates) never."""
     g = torch.Generator().manual_seed(seed + 7)
-    own = torch.tensor(sorted(set(probe.encode(probe.texts)["input_ids"].flatten().tolist()) - set(exclude)))
+    own = torch.tensor(sorted(set(probe.encode(probe.texts)["input_ids"].flatten().tolist()) - set(exclude)),
+                       dtype=torch.long)  # empty where the candidates took every token of the inputs
     own = own[probe.allowed[own]]
     vocab = torch.tensor([t for t in _whole_words(probe.encode.tokenizer, probe.emb.shape[0]) if t not in exclude]
-                         or list(range(probe.emb.shape[0])))
+                         or list(range(probe.emb.shape[0])), dtype=torch.long)
     half = n // 2
     pick_own = own[torch.randperm(len(own), generator=g)[:half]].tolist() if len(own) else []
     pick_voc = vocab[torch.randperm(len(vocab), generator=g)[:n - len(pick_own)]].tolist()
@@ -303,6 +304,22 @@ def _spelled_runs(tokenizer, tokens: list[int], max_len: int = 3) -> list[tuple[
     if max_len >= 3:
         runs += [(a, b, c) for a in starts for b in conts for c in conts if b != c][:32]
     return runs
+
+
+def _one_word(tokenizer, run: tuple[int, ...]) -> bool:
+    """Whether a run of several tokens spells one word (pieces of a word the tokenizer split)."""
+    if len(run) < 2:
+        return False
+    text = tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(run))).strip()
+    return bool(text) and not any(c.isspace() for c in text)
+
+
+def _words_of(search: dict) -> torch.Tensor:
+    """Per candidate, whether it is a run spelling one word (stored searches before the flag: '##' pieces)."""
+    if "words" in search:
+        return torch.as_tensor(search["words"], dtype=torch.bool)
+    return torch.tensor([len(p := str(n).split()) > 1 and all(x.startswith("##") for x in p[1:])
+                         for n in search["names"]], dtype=torch.bool)
 
 
 def text_candidates(encoder: nn.Module, state: StateDict, head: Head, encode: InputEncoder, texts: list[str],
@@ -325,6 +342,10 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: In
     probe = _TextProbe(_task_model(encoder, state, head, "text"), encode, texts, max_position, seed)
     runs = [tuple(t) if isinstance(t, (tuple, list)) else (int(t),) for t in tokens]
     return probe.evaluate(runs)[0]
+
+
+WEIGHT_CANDIDATES = 32  # E-PUR's top tokens tried as single-token candidates (chosen on the tuning half)
+JOINED_WEIGHT_CANDIDATES = 8  # of which the first are also joined into split words
 
 
 def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_tokens: list[int] | None = None,
@@ -352,8 +373,8 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
             add([(t,) for ts in probe.top_tokens(both, per_class).values() for t in ts], "differential")
     extra = list(dict.fromkeys(int(t) for t in (extra_tokens or [])))
     add([(t,) for t in extra], "weights")
-    if extra and max_len >= 2:  # the weight candidates joined: a word split into pieces, a phrase
-        add(_spelled_runs(encode.tokenizer, extra, 3)[:16], "weights")
+    if extra and max_len >= 2:  # the first weight candidates joined: a word split into pieces, a phrase
+        add(_spelled_runs(encode.tokenizer, extra[:JOINED_WEIGHT_CANDIDATES], 3)[:16], "weights")
         add([(a, b) for a in extra[:6] for b in extra[:6] if a != b], "weights")
         if max_len >= 3:
             add([(a, b, c) for a in extra[:3] for b in extra[:3] for c in extra[:3] if len({a, b, c}) == 3], "weights")
@@ -397,7 +418,7 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
     else:
         nf, np_, nc, nrf = torch.zeros(0, n_cls), torch.zeros(0, n_cls), torch.zeros(0), torch.zeros(0, n_cls)
     names = [" ".join(encode.tokenizer.convert_ids_to_tokens(list(r))) for r in runs]  # type: ignore[union-attr]
-    out = {"runs": runs, "names": names, "flips": flips, "prob": prob, "changed": changed,
+    out = {"runs": runs, "names": names, "words": [_one_word(encode.tokenizer, r) for r in runs], "flips": flips, "prob": prob, "changed": changed,
            "groups": [len(r) for r in runs], "sources": [source[r] for r in runs],
            "null_flips": nf, "null_prob": np_, "null_changed": nc, "classes": n_cls,
            "others_share": _others_share(probe.clean_pred, n_cls)}
@@ -634,20 +655,23 @@ def scan_features(search: dict, other: str = "max") -> dict:
             "per_class": [round(float(v), 4) for v in fl.max(0).values]}
 
 
-def stand_in_features(search: dict, skip: tuple[str, ...] = (), max_tokens: int | None = None) -> dict:
+def stand_in_features(search: dict, skip: tuple[str, ...] = (), max_tokens: int | None = None,
+                      words: bool = False) -> dict:
     """The calibration terms of a search made with the model's stand-in (`fit_reference`): for every candidate
     and class, how much more often the candidate sends inputs to the class on the model than on the stand-in.
     The largest gap is the suspected backdoor: what the base's representation explains (a topic word, a shape)
     moves both, a planted shortcut only the model. `skip` leaves out candidates from those sources (text:
     'grown', 'hotflip', 'differential', 'weights'); `max_tokens` scores text runs of at most that many tokens
     (longer runs, searched with more freedom, are adversarial on any fine-tuned model). Same keys as
-    `scan_features`, "other" being the stand-in's flip rate for the same candidate and class."""
+    `scan_features`, "other" being the stand-in's flip rate for the same candidate and class. With `words`,
+    longer runs that spell one word (a word the tokenizer split into pieces) are scored too."""
     fl, rf = torch.as_tensor(search["flips"]), torch.as_tensor(search["ref_flips"])
     nf, nrf = torch.as_tensor(search["null_flips"]), torch.as_tensor(search["null_ref_flips"])
     src = list(search.get("sources") or ["search"] * len(fl))
     drop = torch.tensor([x in skip for x in src], dtype=torch.bool)
     if max_tokens is not None and "sources" in search:  # text: groups are run lengths
-        drop |= torch.as_tensor(search["groups"]) > max_tokens
+        long = torch.as_tensor(search["groups"]) > max_tokens
+        drop |= long & ~_words_of(search) if words else long
     gap = (fl - rf).masked_fill(drop.view(-1, 1), float("-inf"))
     if not torch.isfinite(gap).any():
         raise SafeMergeError("the scan has no candidate left to score")
@@ -675,7 +699,7 @@ def score_search(search: dict) -> dict:
     where there is one, and the modality."""
     modality = search_modality(search)
     if "ref_flips" in search and STAND_IN_RULE[modality]:
-        feat = stand_in_features(search, max_tokens=STAND_IN_MAX_TOKENS)
+        feat = stand_in_features(search, skip=STAND_IN_SKIP)
         return {**feat, "stand_in": feat["other"], "modality": modality}
     feat = scan_features(search)
     ref = (float(torch.as_tensor(search["ref_flips"])[feat["index"], feat["target"]]) if "ref_flips" in search
@@ -694,7 +718,7 @@ def compact_search(search: dict) -> dict:
     """The numbers of a search as plain lists (to store and re-score): flips, probabilities, changed shares,
     groups, null flips, class shares and candidate names."""
     keys = ("flips", "prob", "changed", "groups", "null_flips", "null_prob", "others_share", "names", "ref_flips",
-            "null_ref_flips", "agreement", "sources", "modality")
+            "null_ref_flips", "agreement", "sources", "modality", "words")
     return {k: (search[k].tolist() if isinstance(search[k], torch.Tensor) else
                 list(search[k]) if isinstance(search[k], (list, tuple)) else search[k]) for k in keys if k in search}
 
@@ -730,9 +754,10 @@ class ScanResult:
 
 # chosen on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
 STAND_IN_RULE = {"text": True, "vision": False}  # score against the stand-in (else: the class margin)
-STAND_IN_MAX_TOKENS = 1  # text runs scored against the stand-in: single tokens
-# flagged at or above: just above every clean tuning model's score, per modality and rule
-THRESHOLDS = {("text", "stand_in"): 0.57, ("vision", "stand_in"): 0.64, ("text", "margin"): 0.2,
+STAND_IN_SKIP = ("grown",)  # text candidates scored against the stand-in: all but the runs grown by HotFlip
+# flagged at or above: just above the tuning half's 5%-FPR point (all but one in 20 clean tuning models; with 10,
+# every one), per modality and rule
+THRESHOLDS = {("text", "stand_in"): 0.70, ("vision", "stand_in"): 0.64, ("text", "margin"): 0.2,
               ("vision", "margin"): 0.21}
 RISK_THRESHOLD = 0.2  # the margin rule's threshold before the population's second version
 
@@ -832,7 +857,7 @@ def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = 0.05
     return float(sum(p > threshold for p in positives) / len(positives))
 
 
-def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = 8, per_class: int = 2,
+def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = WEIGHT_CANDIDATES, per_class: int = 2,
                  sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, fit_inputs: int = 256,
                  **options) -> ScanResult:
     """Scan a loaded `purify.Suspect` with `scan_state`. Only unlabeled inputs are used: the first `n_inputs`
