@@ -344,7 +344,7 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: In
     return probe.evaluate(runs)[0]
 
 
-WEIGHT_CANDIDATES = 32  # E-PUR's top tokens tried as single-token candidates (chosen on the tuning half)
+WEIGHT_CANDIDATES = 32  # E-PUR's top tokens tried as single-token candidates (frozen heads rank triggers 18-26th)
 JOINED_WEIGHT_CANDIDATES = 8  # of which the first are also joined into split words
 
 
@@ -418,8 +418,8 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
     else:
         nf, np_, nc, nrf = torch.zeros(0, n_cls), torch.zeros(0, n_cls), torch.zeros(0), torch.zeros(0, n_cls)
     names = [" ".join(encode.tokenizer.convert_ids_to_tokens(list(r))) for r in runs]  # type: ignore[union-attr]
-    out = {"runs": runs, "names": names, "words": [_one_word(encode.tokenizer, r) for r in runs], "flips": flips, "prob": prob, "changed": changed,
-           "groups": [len(r) for r in runs], "sources": [source[r] for r in runs],
+    out = {"runs": runs, "names": names, "words": [_one_word(encode.tokenizer, r) for r in runs], "flips": flips,
+           "prob": prob, "changed": changed, "groups": [len(r) for r in runs], "sources": [source[r] for r in runs],
            "null_flips": nf, "null_prob": np_, "null_changed": nc, "classes": n_cls,
            "others_share": _others_share(probe.clean_pred, n_cls)}
     if rprobe is not None:
