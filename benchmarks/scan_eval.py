@@ -142,14 +142,14 @@ def is_current(path: Path, spec: dict) -> bool:
 
 
 class Builder:
-    def __init__(self, backbone: str, root: Path):
+    def __init__(self, backbone: str, root: Path, weight_candidates: int = WEIGHT_CANDIDATES):
         self.modality = backbone
         self.bb = load_backbone(backbone, pooler=True)
         self.root = root
         self.encode = InputEncoder(self.bb, max_length=SIZES["max_length"])
         self._data: dict = {}
         self.base_state = {k: v.detach().clone() for k, v in self.bb.model.state_dict().items()}
-        self.weight_candidates = WEIGHT_CANDIDATES
+        self.weight_candidates = weight_candidates
 
     def data(self, task: str):
         if task not in self._data:
@@ -436,7 +436,7 @@ def markdown(res: dict) -> str:
                for name, d in (("held-apart", h), (f"held-apart, pairs {res.get('fresh_from')}+ only", f),
                                ("tuning", t)) if d and d["n"]],
              *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the last design change "
-                "(nothing was looked at on them before it)."] if f and f["n"] else []),
+                "(the rule was chosen on the tuning half only)."] if f and f["n"] else []),
              "", f"Seconds per scan: mean {res['seconds_per_scan']['mean']}, max {res['seconds_per_scan']['max']}. "
              f"E-PUR puts a piece of the trigger in its top 10: {res['epur_top10']}. "
              f"Fine-mixing (+ E-PUR on text) success: {res['purify']}.", "",
@@ -487,9 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     specs = population(args.backbone, args.pairs)
     order = sorted(specs, key=lambda s: (s["pair"], s["backdoored"]))
-    builder = None if args.render else Builder(args.backbone, root)
-    if builder is not None:
-        builder.weight_candidates = args.weight_candidates
+    builder = None if args.render else Builder(args.backbone, root, args.weight_candidates)
     done = 0
     t0 = time.time()
     for spec in order:
