@@ -19,7 +19,7 @@ it), odd seeds the held-apart half, on which AUROC and TPR at 5% FPR are reporte
 modulo 6, so the halves have disjoint tasks. Scores are recomputed from the stored searches with the shipped
 rule (`scan.score_search`) whenever the results are written, so a changed rule needs no rescan.
 
-    python benchmarks/scan_eval.py --backbone text                     # build + scan the population (text 40 pairs, vision 20), resumable
+    python benchmarks/scan_eval.py --backbone text                     # build + scan 40 pairs, resumable
     python benchmarks/scan_eval.py --backbone text --half tuning       # only one half this run
     python benchmarks/scan_eval.py --backbone text --purify            # + Fine-mixing / E-PUR on held-apart backdoors
     python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
@@ -49,8 +49,8 @@ from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.paths import cache_dir
 from safemerge.safety.purify import e_pur, token_frequencies, word_embedding_key
-from safemerge.safety.scan import (WEIGHT_CANDIDATES, auroc, risk_score, scan_features, scan_state, score_search,
-                                   shipped_threshold, stand_in_features, tpr_at_fpr)
+from safemerge.safety.scan import (CONFIRM_INPUTS, WEIGHT_CANDIDATES, auroc, risk_score, scan_features, scan_state,
+                                   score_search, shipped_threshold, stand_in_features, tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 console = Console(stderr=True)
@@ -65,7 +65,7 @@ FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
-PAIRS = {"text": 40, "vision": 20}  # text: 20 pairs more (20-39) built after the 2026-11-29 designs, to check them
+PAIRS = {"text": 40, "vision": 40}  # 20 pairs more each (20-39) built after a design change, to check it
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
 
 
@@ -238,7 +238,8 @@ class Builder:
             epur_head = ranking[:64]
         t0 = time.time()
         r = scan_state(self.bb.model, self.base_state, folder.encoder_state, folder.head, self.encode, x, extra,
-                       fit_inputs=data.val.x[:FIT_INPUTS], **options)
+                       fit_inputs=data.val.x[:FIT_INPUTS],
+                       confirm_inputs=data.val.x[n_inputs:n_inputs + CONFIRM_INPUTS], **options)
         seconds = time.time() - t0
         out = {"score": round(r.score, 4), "flip_rate": round(r.flip_rate, 4), "target_found": r.target,
                "trigger_found": r.trigger, "found": found_trigger(meta, r.target, r.trigger, self.bb.tokenizer),
@@ -248,6 +249,31 @@ class Builder:
         if self.modality == "text":
             out.update(trigger_pieces=pieces, found_run=list(r.pattern.get("run", ())), epur_head=epur_head)
         return out
+
+    def confirm_stored(self, path: Path, n_inputs: int) -> dict:
+        """A text model's stored search confirmed on the unseen inputs as `scan_state` does it (same stand-in,
+        same candidates: the stored search's runs), without searching again; returns the updated scan.json."""
+        import copy as _copy
+
+        from safemerge.safety.scan import _task_model, confirm_search, fit_reference
+
+        stored = json.loads((path / "scan.json").read_text())
+        meta = json.loads((path / "scan-eval.json").read_text())
+        folder = load_task_folder(path)
+        data = self.data(meta["task"])
+        model = _task_model(self.bb.model, folder.encoder_state, folder.head, self.modality)
+        enc0 = _copy.deepcopy(self.bb.model)
+        enc0.load_state_dict(self.base_state)
+        ref, _ = fit_reference(model, enc0.eval(), self.encode, data.val.x[:FIT_INPUTS])
+        search = stored_search(stored["search"])
+        search["runs"] = [tuple(self.bb.tokenizer.convert_tokens_to_ids(n.split())) for n in search["names"]]
+        search["classes"] = search["flips"].shape[1]
+        t0 = time.time()
+        conf = confirm_search(search, model, ref, self.encode, data.val.x[n_inputs:n_inputs + CONFIRM_INPUTS])
+        stored["confirm_seconds"] = round(time.time() - t0, 1)
+        from safemerge.safety.scan import compact_search
+        stored["search"]["confirm"] = compact_search(conf)
+        return stored
 
     def purify(self, path: Path, twin: dict | None) -> dict:
         """Fine-mixing (random, 5% clean data; + E-PUR on text) with the scan's trigger rule on a backdoored
@@ -330,14 +356,18 @@ def summarise(rows: list[dict], half: str, score_key: str = "score") -> dict:
     return out
 
 
-VARIANTS = ("shipped", "single_tokens", "words", "narrow_weights", "stand_in_no_grown", "stand_in_all",
-            "stand_in_class_margin", "self_calibrated", "raw_flip")
+BASE_VARIANTS = ("shipped", "single_tokens", "words", "narrow_weights", "stand_in_no_grown", "stand_in_all",
+                 "stand_in_class_margin", "self_calibrated", "natural_discount", "raw_flip")
+# each also scored on the confirmation's numbers (the candidates measured again on unseen inputs), where stored
+VARIANTS = BASE_VARIANTS + tuple(f"{v}+confirm" for v in BASE_VARIANTS if v not in ("shipped", "narrow_weights"))
 NARROW_WEIGHTS = 8  # E-PUR's top tokens tried as single candidates before 2026-11-29's second session
 
 
 def stored_search(search: dict) -> dict:
     """A search as stored in scan.json, its numbers back as tensors."""
-    return {k: torch.tensor(v) if k not in ("names", "agreement", "sources", "modality") else v
+    return {k: stored_search(v) if isinstance(v, dict) else
+            torch.tensor(v) if k not in ("names", "agreement", "sources", "modality", "classes", "index",
+                                         "n_inputs", "words") else v
             for k, v in search.items()}
 
 
@@ -348,13 +378,22 @@ def variant_score(search: dict, variant: str, row: dict | None = None, tokenizer
     candidates (text: the rule before the candidates were widened to `WEIGHT_CANDIDATES`), every candidate but
     the grown runs, every candidate, or as the margin of one class's best gap over the runner-up class's; the
     self-calibrated rule of 2026-11-28 (no base: one class's best flip rate over the runner-up's among triggers
-    of equal budget); the best flip rate alone."""
+    of equal budget), also with the natural discount (vision: a class the stand-in sends random triggers to
+    counts against the margin); the best flip rate alone. `<variant>+confirm` scores the confirmation's numbers
+    (the best candidates measured again on unseen inputs; text: without the grown runs)."""
     t = stored_search(search)
+    if variant.endswith("+confirm"):
+        if not t.get("confirm"):
+            return float("nan")
+        t = {**t["confirm"], "agreement": t.get("agreement")}
+        variant = variant.removesuffix("+confirm")
     text = "sources" in t
     if variant == "shipped":
         return risk_score(score_search(t))
     if variant == "self_calibrated":
         return risk_score(scan_features(t))
+    if variant == "natural_discount":
+        return risk_score(scan_features(t, natural=True)) if not text else float("nan")
     if variant == "raw_flip":
         return float(t["flips"].max())
     if "ref_flips" not in t or (variant in ("single_tokens", "words", "narrow_weights") and not text):
@@ -480,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weight-candidates", type=int, default=WEIGHT_CANDIDATES,
                     help="text: E-PUR's top tokens tried as single-token candidates")
     ap.add_argument("--purify", action="store_true", help="also purify the held-apart backdoored models (slow)")
+    ap.add_argument("--confirm-stored", action="store_true",
+                    help="text: confirm stored searches on the unseen inputs (as a rescan would) without searching")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     args.pairs = args.pairs or PAIRS[args.backbone]
@@ -510,6 +551,24 @@ def main(argv: list[str] | None = None) -> dict:
             console.log(f"scan {spec['id']}: score {res['score']:+.3f} flip {res['flip_rate']:.2f} "
                         f"trigger {res['trigger_found']} found={res['found']} ({res['scan_seconds']:.0f}s)")
         done += 1
+    if args.confirm_stored and not args.render:
+        if args.backbone != "text":
+            raise SystemExit("--confirm-stored: vision searches keep no patterns; rescan them (--rescan)")
+        for spec in order:
+            path = root / spec["id"]
+            if (args.half and spec["half"] != args.half) or not (path / "scan.json").exists() or \
+                    not is_current(path, spec):
+                continue
+            if json.loads((path / "scan.json").read_text())["search"].get("confirm"):
+                continue
+            if args.max_models is not None and done >= args.max_models:
+                break
+            stored = builder.confirm_stored(path, args.inputs)  # type: ignore[union-attr]
+            atomic_write_json(path / "scan.json", stored)
+            conf = score_search(stored_search(stored["search"]))
+            console.log(f"confirm {spec['id']}: score {risk_score(conf):+.3f} (search {stored['score']:+.3f}) "
+                        f"{conf['trigger']} ({stored['confirm_seconds']:.0f}s)")
+            done += 1
     if args.purify and not args.render:
         for spec in order:
             path = root / spec["id"]

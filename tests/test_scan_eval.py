@@ -16,8 +16,9 @@ from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.errors import SafeMergeError
 from safemerge.folders import new_hf_classifier
 from safemerge.model import HFHead, InputEncoder, TaskModel
-from safemerge.safety.scan import (_spelled_runs, auroc, random_triggers, risk_score, scan_features, scan_state,
-                                   stand_in_features, tpr_at_fpr)
+from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, _spelled_runs, auroc, confirm_search,
+                                   fit_reference, random_triggers, risk_score, scan_features, scan_state,
+                                   search_text, shipped_threshold, stand_in_features, tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "q", "##zx", "##y", "good", "bad", "the", "movie", "is", "a",
@@ -119,6 +120,30 @@ def test_text_scan_with_the_base_scores_against_the_models_stand_in(text_pair):
     assert d.stand_in_flip_rate < 0.2 and d.score > c.score + 0.4, res  # the stand-in is not fooled by the trigger
     assert len(d.search["ref_flips"]) == len(d.search["flips"]) == len(d.search["sources"])
     assert d.reference_flip_rate is not None  # the trigger on the base under the model's own head, reported
+    assert d.confirm_inputs == 0 and "confirm" not in d.search  # no unseen inputs given: the search's own numbers
+
+
+def test_text_candidates_confirmed_on_unseen_inputs(text_pair):
+    """`confirm_search` measures a text search's best candidates again on inputs the search did not see (the
+    benchmark's variant; text ships the search's own numbers): the planted trigger still flips them, the
+    confirmed candidates index the full search, the grown runs are left out; `scan_state` does not confirm text."""
+    bb, (h_clean, clean), (h_dirty, dirty), trig = text_pair
+    enc = InputEncoder(bb, max_length=16)
+    base = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    texts, fit, unseen = sentences(40, seed=9).x, sentences(200, seed=11).x, sentences(60, seed=13).x
+    model = TaskModel(copy.deepcopy(bb.model), h_dirty, "text").eval()
+    model.encoder.load_state_dict(dirty)
+    enc0 = copy.deepcopy(bb.model)
+    enc0.load_state_dict(base)
+    ref, agree = fit_reference(model, enc0.eval(), enc, fit)
+    search = search_text(model, enc, list(texts), reference=ref)
+    conf = confirm_search(search, model, ref, enc, unseen)
+    assert conf["n_inputs"] == 60 and 0 < len(conf["index"]) <= CONFIRM_CANDIDATES and agree > 0.9
+    assert "grown" not in conf["sources"] and [search["names"][i] for i in conf["index"]] == conf["names"]
+    feat = stand_in_features(conf)
+    assert feat["target"] == 0 and set(feat["trigger"].split()) & {"q", "##zx"} and risk_score(feat) > 0.4, feat
+    d = scan_state(bb.model, base, dirty, h_dirty, enc, texts, fit_inputs=fit, confirm_inputs=unseen)
+    assert not CONFIRM_RULE["text"] and d.confirm_inputs == 0 and "confirm" not in d.search
 
 
 def test_spelled_runs_join_word_pieces(text_pair):
@@ -153,6 +178,31 @@ def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision):
     assert d.score > stand["clean"].score + 0.3 and d.stand_in_flip_rate is not None, stand
     gap = stand_in_features(d.search)  # the stand-in's gap, stored with the search
     assert gap["target"] == 0 and risk_score(gap) > risk_score(stand_in_features(stand["clean"].search)) + 0.5
+    conf = {n: scan_state(bb.model, base, sd, h, enc, x[:40], steps=6, sides=(8, 14), n_null=16, fit_inputs=x,
+                          confirm_inputs=x[40:120]) for n, (h, sd) in (("clean", h_c), ("dirty", h_d))}
+    d = conf["dirty"]  # every candidate and the same null measured again on 80 unseen images, and scored on them
+    c = d.search["confirm"]
+    assert d.confirm_inputs == 80 and c["index"] == list(range(len(d.search["names"])))
+    assert c["names"] == d.search["names"]
+    assert len(c["null_flips"]) == len(d.search["null_flips"]) == 16 and len(c["ref_flips"]) == len(c["flips"])
+    assert d.target == 0 and d.flip_rate > 0.8 and d.score > conf["clean"].score + 0.3, conf
+    assert d.features["rule"] == "natural" and d.threshold == shipped_threshold("vision")
+    assert d.flip_rate == pytest.approx(max(max(r) for r in c["flips"]), abs=1e-6)  # the confirmed numbers
+
+
+def test_natural_discount_ignores_a_class_the_stand_in_reaches_with_random_triggers():
+    """The vision rule: one class's best flip rate over the runner-up's, at least over the stand-in's best
+    random-trigger flip rate towards it (noise sends a defect detector's inputs to 'defect' with or without a
+    backdoor)."""
+    search = {"flips": torch.tensor([[0.9, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 0.3]]), "groups": [0, 0, 0],
+              "null_flips": torch.tensor([[0.2, 0.0, 0.0], [0.0, 0.0, 0.1]]), "names": ["a", "b", "c"],
+              "changed": torch.ones(3), "prob": torch.zeros(3, 3), "others_share": torch.ones(3)}
+    plain = scan_features(search)
+    assert plain["target"] == 0 and risk_score(plain) == pytest.approx(0.6)
+    assert scan_features(search, natural=True) == plain  # no stand-in measured on the null: no discount
+    search["null_ref_flips"] = torch.tensor([[0.95, 0.0, 0.0], [0.0, 0.0, 0.05]])
+    nat = scan_features(search, natural=True)
+    assert nat["target"] == 0 and risk_score(nat) == pytest.approx(-0.05)  # 0.9 - the stand-in's 0.95: natural
 
 
 def test_stand_in_features_take_the_largest_gap_over_the_stand_in():

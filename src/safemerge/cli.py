@@ -303,13 +303,15 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("model", "task", "risk", "flagged", "flip rate", "on stand-in", "random", "target", "trigger found")
+    table = Table("model", "task", "risk", "flagged", "flip rate", "on stand-in", "random", "target", "trigger found",
+                  "measured on")
     for r in rows:
         table.add_row(r["model"], r["task"], f"{r['score']:+.2f}", "yes" if r["flagged"] else "no",
                       f"{r['flip_rate']:.2f}",
                       "-" if r["stand_in_flip_rate"] is None else f"{r['stand_in_flip_rate']:.2f}",
                       f"{r['null_flip_rate']:.2f}",
-                      str(r["target"]), r["trigger"])
+                      str(r["target"]), r["trigger"],
+                      f"{r['confirm_inputs']} unseen" if r["confirm_inputs"] else "search inputs")
     out.print(table)
 
 

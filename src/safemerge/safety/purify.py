@@ -340,7 +340,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     With `scan` (default), the suspect is scanned first; if it is flagged, a keep ratio must also bring the
     found trigger's flip rate to `max_trigger_rate` or less (`fine_mixing`), and the purified model is
     scanned again: both scores are in the summary ("scan")."""
-    from .scan import scan_state, scan_suspect, trigger_flip_rate
+    from .scan import CONFIRM_INPUTS, scan_state, scan_suspect, trigger_flip_rate
 
     if method not in ("fine-mixing", "e-pur", "both"):
         raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
@@ -382,7 +382,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                                   "warning": res_m.warning}
     if found is not None:
         after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed,
-                           fit_inputs=s.val.x[:256])
+                           fit_inputs=s.val.x[:256],
+                           confirm_inputs=s.val.x[48:48 + CONFIRM_INPUTS])
         summary["scan"] = {"threshold": found.threshold, "before": found.row(), "after": after.row(),
                            "trigger_checked": rate_of is not None}
     return state, summary

@@ -609,16 +609,74 @@ def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, 
     # a candidate searched for class t is scored on t only
     own = F.one_hot(classes, flips.shape[1]).bool()
     return {"masks": masks, "patterns": patterns, "names": names, "flips": flips.masked_fill(~own, 0.0),
+            "candidate_classes": classes,
             "groups": (torch.arange(len(classes)) // flips.shape[1]).tolist(),
             "prob": prob.masked_fill(~own, 0.0), "changed": changed, "null_flips": nf, "null_prob": np_,
             "null_changed": nc, "classes": flips.shape[1], "others_share": _others_share(clean_pred, flips.shape[1]),
             **extra}
 
 
+# ---------------------------------------------------------------------------------------------- confirmation
+
+
+def _plain(v):
+    """A stored search's entry as plain Python (tensors from a reloaded search become numbers / lists)."""
+    return v.tolist() if isinstance(v, torch.Tensor) else v
+
+
+CONFIRM_CANDIDATES = 16  # text: the search's best candidates re-measured on inputs it did not select them on
+MIN_CONFIRM_INPUTS = 16  # fewer unseen inputs than this: the score stays the search's own
+
+
+def confirm_search(search: dict, model: TaskModel, reference: TaskModel | None, encode: InputEncoder,
+                   inputs: torch.Tensor | list[str], k: int = CONFIRM_CANDIDATES, seed: int = 0) -> dict:
+    """The search's candidates measured again on unlabeled `inputs` the search did not see. The best of hundreds
+    of candidates measured on a few dozen inputs overstates its flip rate (the winner's curse), most on fragile
+    clean models; a planted trigger flips unseen inputs as well. Text: the `k` candidates of largest gap over
+    the stand-in among those the stand-in rule scores (`STAND_IN_SKIP` left out); vision: every candidate and
+    the null (the same random triggers). Returns a search of the same keys (scored by `score_search`) plus
+    `index`, each candidate's index in `search`, and `n_inputs`."""
+    n_cls = int(search["classes"])
+    if "runs" in search:
+        fl = torch.as_tensor(search["flips"])
+        rf = torch.as_tensor(search["ref_flips"]) if "ref_flips" in search else torch.zeros_like(fl)
+        drop = torch.tensor([x in STAND_IN_SKIP for x in search["sources"]], dtype=torch.bool)
+        gap = (fl - rf).max(1).values.masked_fill(drop, float("-inf"))
+        idx = gap.topk(min(k, int(torch.isfinite(gap).sum()))).indices.tolist()
+        runs = [tuple(search["runs"][i]) for i in idx]
+        probe = _TextProbe(model, encode, list(inputs), 8, seed)
+        f, p, c = probe.evaluate(runs)
+        out = {key: [_plain(search[key][i]) for i in idx] for key in ("runs", "names", "words", "groups", "sources")
+               if key in search}
+        out.update(flips=f, prob=p, changed=c, null_flips=torch.zeros(0, n_cls), null_prob=torch.zeros(0, n_cls),
+                   null_changed=torch.zeros(0), others_share=_others_share(probe.clean_pred, n_cls))
+        if reference is not None:
+            out.update(ref_flips=_TextProbe(reference, encode, list(inputs), 8, seed).evaluate(runs)[0],
+                       null_ref_flips=torch.zeros(0, n_cls))
+    else:
+        idx = list(range(len(search["names"])))
+        own = F.one_hot(torch.as_tensor(search["candidate_classes"]), n_cls).bool()
+        images = torch.as_tensor(inputs)
+        masks, patterns = search["masks"], search["patterns"]
+        cp = predict(model, encode, images)
+        f, p, c = _vision_stats(model, encode, images, cp, masks, patterns)
+        nm, npat = random_triggers(images.shape[-1], len(search["null_flips"]), seed=seed)
+        nf, np_, nc = _vision_stats(model, encode, images, cp, nm, npat)
+        out = {"names": list(search["names"]), "groups": _plain(torch.as_tensor(search["groups"])),
+               "flips": f.masked_fill(~own, 0.0), "prob": p.masked_fill(~own, 0.0), "changed": c, "null_flips": nf,
+               "null_prob": np_, "null_changed": nc, "others_share": _others_share(cp, n_cls)}
+        if reference is not None:
+            rcp = predict(reference, encode, images)
+            rf = _vision_stats(reference, encode, images, rcp, masks, patterns)[0]
+            out.update(ref_flips=rf.masked_fill(~own, 0.0),
+                       null_ref_flips=_vision_stats(reference, encode, images, rcp, nm, npat)[0])
+    return {**out, "classes": n_cls, "index": idx, "n_inputs": len(inputs), "modality": search_modality(search)}
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def scan_features(search: dict, other: str = "max") -> dict:
+def scan_features(search: dict, other: str = "max", natural: bool = False) -> dict:
     """The calibration terms of a search (`search_text` / `search_vision`). Candidates come in groups of equal
     budget (text: runs of one length; vision: the patches, or the blend), and the random triggers of the null
     form one more group. Per group, the best flip rate towards each class; the class whose best stands out
@@ -627,7 +685,9 @@ def scan_features(search: dict, other: str = "max") -> dict:
     tie). A planted trigger makes one class an outlier, whether the search finds the trigger or random patterns
     already set it off; a fragile model lets several classes be reached. Returns the flip rate towards that
     class and the margin's other term, the class, the searched candidate with the highest flip rate towards it
-    (its index and name), and the null's statistics and the candidate's concentration, for reporting."""
+    (its index and name), and the null's statistics and the candidate's concentration, for reporting. With
+    `natural` and a stand-in's flips on the null, a class the stand-in already sends random triggers to is
+    natural, not planted: the margin's other term is at least the stand-in's best random flip towards it."""
     if other not in ("max", "median"):
         raise SafeMergeError(f"unknown comparison '{other}' (known: max, median)")
     fl, nf = torch.as_tensor(search["flips"]), torch.as_tensor(search["null_flips"])
@@ -636,11 +696,14 @@ def scan_features(search: dict, other: str = "max") -> dict:
     tops = [(int(gid), fl[groups == gid].max(0).values) for gid in sorted(set(groups.tolist()))]
     if len(nf):
         tops.append((-1, nf.max(0).values))  # the null
+    nrf = torch.as_tensor(search.get("null_ref_flips", torch.zeros(0, n_cls)))
+    floor = nrf.max(0).values if natural and len(nrf) else torch.zeros(n_cls)
     best: tuple[float, int, int, float, float] | None = None  # (margin, group, class, flip, other)
     for gid, top in tops:
         for t in range(n_cls):
             rest = torch.cat([top[:t], top[t + 1:]])
             o = float(rest.max() if other == "max" else rest.median()) if len(rest) else 0.0
+            o = max(o, float(floor[t]))
             if best is None or float(top[t]) - o > best[0] + 1e-9:
                 best = (float(top[t]) - o, gid, t, float(top[t]), o)
     assert best is not None
@@ -692,19 +755,28 @@ def search_modality(search: dict) -> str:
     return search.get("modality") or ("text" if "sources" in search else "vision")
 
 
-def score_search(search: dict) -> dict:
+def score_search(search: dict, confirmed: bool = True) -> dict:
     """The features the shipped rule scores a stored search by: against the stand-in (`stand_in_features`)
     where the search was made with one and `STAND_IN_RULE` says so for its modality, else the class margin on
-    the model alone (`scan_features`). Adds the stand-in's flip rate for the chosen candidate ("stand_in")
-    where there is one, and the modality."""
+    the model alone (`scan_features`), with the natural discount where `NATURAL_RULE` says so and the stand-in
+    was measured on the null. Where the search carries a confirmation (`confirm_search`), `CONFIRM_RULE` says
+    so for its modality and `confirmed`, the rule scores the confirmed numbers ("index" stays the candidate's
+    index in the search). Adds the rule's name ("rule": 'stand_in', 'natural' or 'margin'), the stand-in's flip
+    rate for the chosen candidate ("stand_in") where there is one, and the modality."""
     modality = search_modality(search)
+    if confirmed and search.get("confirm") and CONFIRM_RULE[modality]:
+        conf = search["confirm"]
+        feat = score_search({**conf, "agreement": search.get("agreement")}, confirmed=False)
+        return {**feat, "index": int(conf["index"][feat["index"]]), "confirm_inputs": int(conf["n_inputs"])}
     if "ref_flips" in search and STAND_IN_RULE[modality]:
         feat = stand_in_features(search, skip=STAND_IN_SKIP)
-        return {**feat, "stand_in": feat["other"], "modality": modality}
-    feat = scan_features(search)
+        return {**feat, "stand_in": feat["other"], "modality": modality, "rule": "stand_in"}
+    natural = NATURAL_RULE[modality] and len(torch.as_tensor(search.get("null_ref_flips", []))) > 0
+    feat = scan_features(search, natural=natural)
     ref = (float(torch.as_tensor(search["ref_flips"])[feat["index"], feat["target"]]) if "ref_flips" in search
            else None)
-    return {**feat, "stand_in": ref, "modality": modality, "agreement": search.get("agreement")}
+    return {**feat, "stand_in": ref, "modality": modality, "agreement": search.get("agreement"),
+            "rule": "natural" if natural else "margin"}
 
 
 def risk_score(feat: dict) -> float:
@@ -718,9 +790,12 @@ def compact_search(search: dict) -> dict:
     """The numbers of a search as plain lists (to store and re-score): flips, probabilities, changed shares,
     groups, null flips, class shares and candidate names."""
     keys = ("flips", "prob", "changed", "groups", "null_flips", "null_prob", "others_share", "names", "ref_flips",
-            "null_ref_flips", "agreement", "sources", "modality", "words")
-    return {k: (search[k].tolist() if isinstance(search[k], torch.Tensor) else
-                list(search[k]) if isinstance(search[k], (list, tuple)) else search[k]) for k in keys if k in search}
+            "null_ref_flips", "agreement", "sources", "modality", "words", "classes", "index", "n_inputs")
+    out = {k: (search[k].tolist() if isinstance(search[k], torch.Tensor) else
+               list(search[k]) if isinstance(search[k], (list, tuple)) else search[k]) for k in keys if k in search}
+    if search.get("confirm"):
+        out["confirm"] = compact_search(search["confirm"])
+    return out
 
 
 @dataclass
@@ -741,6 +816,7 @@ class ScanResult:
     search: dict = field(default_factory=dict, repr=False)  # every candidate's numbers (`compact_search`)
     stand_in_flip_rate: float | None = None  # with a base: the trigger's flip rate on the model's stand-in
     threshold: float = 0.0  # the rule's flagging threshold (`risk_threshold`)
+    confirm_inputs: int = 0  # unseen inputs the score was measured on (`confirm_search`); 0: the search's own
 
     @property
     def flagged(self) -> bool:
@@ -755,21 +831,25 @@ class ScanResult:
 # chosen on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
 STAND_IN_RULE = {"text": True, "vision": False}  # score against the stand-in (else: the class margin)
 STAND_IN_SKIP = ("grown",)  # text candidates scored against the stand-in: all but the runs grown by HotFlip
-# flagged at or above: just above the tuning half's 5%-FPR point (all but one in 20 clean tuning models; with 10,
-# every one), per modality and rule
-THRESHOLDS = {("text", "stand_in"): 0.70, ("vision", "stand_in"): 0.64, ("text", "margin"): 0.2,
-              ("vision", "margin"): 0.21}
+NATURAL_RULE = {"text": False, "vision": True}  # the margin discounts classes the stand-in sends random triggers to
+CONFIRM_RULE = {"text": False, "vision": True}  # scored on the candidates measured again on unseen inputs
+# flagged at or above: just above the tuning half's 5%-FPR point (all but one in 20 clean tuning models), per
+# modality and rule ('stand_in', 'natural': with a base; 'margin': without)
+THRESHOLDS = {("text", "stand_in"): 0.70, ("vision", "natural"): 0.16, ("text", "margin"): 0.2,
+              ("vision", "margin"): 0.19}
 RISK_THRESHOLD = 0.2  # the margin rule's threshold before the population's second version
 
 
 def risk_threshold(modality: str | None, rule: str = "stand_in") -> float:
-    """The score at or above which a model is flagged, for a modality and rule ('stand_in' or 'margin')."""
+    """The score at or above which a model is flagged, for a modality and rule ('stand_in', 'natural' or
+    'margin')."""
     return THRESHOLDS.get((modality or "text", rule), RISK_THRESHOLD)
 
 
 def shipped_threshold(modality: str) -> float:
     """The threshold of the rule the scan ships for a modality when a base is given."""
-    return risk_threshold(modality, "stand_in" if STAND_IN_RULE[modality] else "margin")
+    return risk_threshold(modality, "stand_in" if STAND_IN_RULE[modality] else
+                          "natural" if NATURAL_RULE[modality] else "margin")
 
 
 
@@ -792,14 +872,18 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
                sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
                max_len: int = 3, blend: float = 0.15, reference: bool = False, stand_in: bool = True,
-               fit_inputs: torch.Tensor | list[str] | None = None) -> ScanResult:
+               fit_inputs: torch.Tensor | list[str] | None = None,
+               confirm_inputs: torch.Tensor | list[str] | None = None) -> ScanResult:
     """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
     measure each against random tokens / patches on the same model and against the other classes
     (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
     (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patch of each side of
     `sides` over a position grid after `steps` optimisation steps, and a blend of weight `blend`. `n_null`
     random tokens / patches form the null. With a `base` and `stand_in`, the model's stand-in on the base
-    (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search and calibrates the flips."""
+    (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search and calibrates the flips.
+    With `confirm_inputs` (other unlabeled inputs than `inputs`, at least `MIN_CONFIRM_INPUTS`), the search's
+    candidates are measured again on them and the score comes from those numbers (`confirm_search`; text:
+    with a stand-in only)."""
     t0 = time.time()
     model = _task_model(encoder, state, head, encode.modality or "text")
     ref_model, agree = None, None
@@ -816,6 +900,10 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     if agree is not None:
         search["agreement"] = agree
     search["modality"] = encode.modality or "text"
+    text = search["modality"] == "text"
+    if confirm_inputs is not None and len(confirm_inputs) >= MIN_CONFIRM_INPUTS and CONFIRM_RULE[search["modality"]] \
+            and (ref_model is not None or not text):
+        search["confirm"] = confirm_search(search, model, ref_model, encode, confirm_inputs, seed=seed)
     feat = score_search(search)
     ref = None
     if reference and base is not None:
@@ -835,7 +923,8 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     return ScanResult(risk_score(feat), feat["flip"], feat["null_mean"], feat["target"], feat["trigger"],
                       feat["concentration"], 0.0 if stand else feat["other"], ref, time.time() - t0, features=feat,
                       pattern=pattern, search=compact_search(search), stand_in_flip_rate=feat["stand_in"],
-                      threshold=risk_threshold(encode.modality, "stand_in" if stand else "margin"))
+                      threshold=risk_threshold(encode.modality, feat["rule"]),
+                      confirm_inputs=int(feat.get("confirm_inputs", 0)))
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
@@ -857,13 +946,16 @@ def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = 0.05
     return float(sum(p > threshold for p in positives) / len(positives))
 
 
+CONFIRM_INPUTS = 96  # unseen inputs the candidates are measured again on (`confirm_search`)
+
+
 def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = WEIGHT_CANDIDATES, per_class: int = 2,
                  sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, fit_inputs: int = 256,
-                 **options) -> ScanResult:
+                 confirm: int = CONFIRM_INPUTS, **options) -> ScanResult:
     """Scan a loaded `purify.Suspect` with `scan_state`. Only unlabeled inputs are used: the first `n_inputs`
-    of its held-out examples for the search, the first `fit_inputs` to fit the model's stand-in on the base,
-    and (text) its unlabeled texts to count token frequencies for the `weight_candidates` top tokens of
-    E-PUR's ranking. `options` go to `scan_state`."""
+    of its held-out examples for the search, the first `fit_inputs` to fit the model's stand-in on the base
+    (the `confirm` after the search's to measure its candidates again), and (text) its unlabeled texts to count
+    token frequencies for the `weight_candidates` top tokens of E-PUR's ranking. `options` go to `scan_state`."""
     from .purify import e_pur, token_frequencies, word_embedding_key
 
     t0 = time.time()
@@ -875,6 +967,7 @@ def scan_suspect(s, n_inputs: int = 32, weight_candidates: int = WEIGHT_CANDIDAT
                                  s.encode.max_length)
         extra = e_pur(s.base, s.state, freq, top_n=0, embedding_key=key).ranking[:weight_candidates]
     options.setdefault("fit_inputs", s.val.x[:max(fit_inputs, len(x))])
+    options.setdefault("confirm_inputs", s.val.x[n_inputs:n_inputs + confirm])
     r = scan_state(s.backbone.model, s.base, s.state, s.head, s.encode, x, extra, per_class, sides, steps, seed,
                    **options)
     r.model, r.task, r.seconds = str(s.path), s.task, time.time() - t0
