@@ -189,6 +189,19 @@ def test_vit_folders_merge_and_eval_on_image_folders(tmp_path):
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.stdout)
     assert row["examples"] == 15 and 0 <= row["acc"] <= 100 and "asr" in row
+    # scan your image folder at the side your model was trained at; a side too large for the patch search is
+    # refused before any work, naming the option
+    res = runner.invoke(app, ["scan", str(models[0]), "--base", str(base), "--data", str(data[0]),
+                              "--resolution", "21"])
+    assert res.exit_code == 2 and "take 28-px images only" in res.output, res.output  # a ViT's side is fixed
+    res = runner.invoke(app, ["scan", str(models[0]), "--base", str(base), "--data", str(data[0]),
+                              "--resolution", "28", "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)
+    assert -1 <= row["score"] <= 1 and row["confirm_inputs"] == 0  # 2 held-out images: too few to confirm on
+    res = runner.invoke(app, ["scan", str(models[0]), "--base", str(base), "--data", str(data[0]),
+                              "--resolution", "700"])
+    assert res.exit_code == 2 and "take 28-px images only" in res.output, res.output
 
 
 def test_eval_reads_every_format_and_matches_transformers(bert, tmp_path):

@@ -290,3 +290,15 @@ def test_fine_mixing_will_not_keep_the_found_trigger(tiny_text):
     assert stuck.keep_ratio == 0.1 and "no keep ratio" in stuck.warning
     plain = fine_mixing(bb.model, head, base, sus, enc, None, val, keep_ratios=ratios, max_acc_drop=-1000)
     assert plain.keep_ratio == 1.0 and plain.trigger_rate is None  # without a trigger: as before
+
+
+def test_vision_scan_refuses_a_side_too_large_before_any_work(tiny_vision):
+    """A patch search at the base's native side (518 px for DINOv2) would hold tens of GiB of candidates: it is
+    refused at once with the option to use, not after fitting the stand-in."""
+    bb = load_backbone(str(tiny_vision))
+    enc = InputEncoder(bb)
+    head = HFHead(*new_hf_classifier(bb, 3, 0)[:2])
+    state = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    big = torch.zeros(2, 3, 600, 600, dtype=torch.uint8)
+    with pytest.raises(SafeMergeError, match="--resolution"):
+        scan_state(bb.model, state, state, head, enc, big, fit_inputs=big)

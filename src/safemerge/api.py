@@ -155,13 +155,20 @@ def read_data(path: str, loaded: Loaded, folder: TaskFolder | None, opts: DataOp
               require_labels: bool = False) -> UserData:
     """A user's data file for one task, with labels mapped through the model's own label names."""
     opts = opts or DataOptions()
+    if opts.resolution and loaded.modality == "vision" and opts.resolution != loaded.base.image_size:
+        cfg = getattr(loaded.base.model.config, "vision_config", loaded.base.model.config)
+        if getattr(cfg, "model_type", "") != "dinov2":  # ViT, DeiT, BEiT, CLIP take their own side only
+            raise SafeMergeError(f"--resolution {opts.resolution}: {getattr(cfg, 'model_type', 'this')} encoders "
+                                 f"take {loaded.base.image_size}-px images only (DINOv2 takes any side)")
     head = folder.head if folder is not None else None
     labels = folder.labels.get(folder.task) if folder is not None else None
     names = labels if labels and not all(n.startswith("LABEL_") or n.isdigit() for n in labels) else None
     return load_data(Path(path).expanduser(), modality=loaded.modality, text_column=opts.text_column,
                      image_column=opts.image_column, label_column=opts.label_column, label_names=names,
-                     num_labels=head.num_labels if head is not None else None, images=image_converter(loaded.base),
-                     resolution=loaded.base.image_size or 224, limit=opts.limit, require_labels=require_labels)
+                     num_labels=head.num_labels if head is not None else None,
+                     images=None if opts.resolution else image_converter(loaded.base),
+                     resolution=opts.resolution or loaded.base.image_size or 224, limit=opts.limit,
+                     require_labels=require_labels)
 
 
 # ------------------------------------------------------------------------------------------------ merging
@@ -460,26 +467,29 @@ def _zoo_splits(folder: TaskFolder, profile: str | None, loaded: Loaded) -> tupl
 
 
 def scan_models(models: list[str], base: str | None = None, profile: str | None = None, data: str | None = None,
-                n_inputs: int = 32, seed: int = 0, cache: dict | None = None, **options) -> list:
+                n_inputs: int = 32, seed: int = 0, cache: dict | None = None, resolution: int | None = None,
+                **options) -> list:
     """Scan model folders (or zoo references) for backdoors with unlabeled examples (`data`, or a zoo model's
-    validation split); `options` go to `safety.scan.scan_suspect`. The base is loaded once for all models."""
+    validation split; images resized to `resolution` if given); `options` go to `safety.scan.scan_suspect`.
+    The base is loaded once for all models."""
     from .safety.scan import scan_suspect
 
     cache = {} if cache is None else cache
-    return [scan_suspect(load_suspect(m, base, profile, data, require_labels=False, seed=seed, cache=cache),
+    opts = DataOptions(resolution=resolution)
+    return [scan_suspect(load_suspect(m, base, profile, data, opts, require_labels=False, seed=seed, cache=cache),
                          n_inputs=n_inputs, seed=seed, **options) for m in models]
 
 
 def purify_model(model: str, out: str, method: str = "fine-mixing", clean_fraction: float = 0.05,
                  base: str | None = None, profile: str | None = None, data: str | None = None,
-                 **options) -> tuple[Path, dict]:
+                 resolution: int | None = None, **options) -> tuple[Path, dict]:
     """Purify a model folder (or zoo reference) and write the result as a model folder at `out`, atomically:
     the same head, the source's manifest (so `eval` still measures a zoo model's trigger) with a `purified`
     block. With `data` (clean labeled examples of the task) all of it is used: 30% held out to judge the
     keep ratio. `options` go to `safety.purify.purify_state`."""
     from .safety.purify import purify_state
 
-    s = load_suspect(model, base, profile, data)
+    s = load_suspect(model, base, profile, data, DataOptions(resolution=resolution))
     state, summary = purify_state(s, method, 1.0 if data else clean_fraction, **options)  # type: ignore[arg-type]
     manifest = {**s.manifest, "purified": {**summary, "source": str(s.path)},
                 "base_model": base_spec_of(load_model_ref(str(s.path)), base), "base_fingerprint": fingerprint(s.base),

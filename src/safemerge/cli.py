@@ -250,6 +250,8 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF cla
                base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
                                                                  "an HF folder (default: the manifest's)")] = None,
                profile: Annotated[Optional[str], typer.Option(help="data profile (default: the model's)")] = None,
+               resolution: Annotated[Optional[int], typer.Option(help="images: resize your data to this side "
+                                                                 "(the one the model was trained at)")] = None,
                seed: int = 0) -> None:
     """Purify a suspect model with the pre-trained weights before merging it: Fine-mixing (mix its update
     with the base, fine-tune on a little clean data) and/or E-PUR (reset suspicious word embeddings)."""
@@ -257,7 +259,8 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF cla
     from .safety.purify import KEEP_RATIOS
 
     t = time.time()
-    path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, data, mode=mode,
+    path, summary = purify_model(model, str(out_dir), method, clean_fraction, base_model, profile, data,
+                                 resolution=resolution, mode=mode,
                                  keep_ratios=tuple(keep_ratio) if keep_ratio else KEEP_RATIOS,
                                  max_acc_drop=max_acc_drop, select_on=select_on, top_n=top_n, epochs=epochs, lr=lr,
                                  seed=seed)
@@ -291,15 +294,20 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
                                                                "an HF folder (default: the manifests')")] = None,
              profile: Annotated[Optional[str], typer.Option(help="data profile (default: each model's)")] = None,
              inputs: Annotated[int, typer.Option(help="unlabeled validation inputs to search triggers on")] = 32,
+             resolution: Annotated[Optional[int], typer.Option(help="images: resize your data to this side (the "
+                                                               "one the models were trained at)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
              seed: int = 0) -> None:
     """Score models for backdoor risk before merging (no labels, no trigger known): search triggers on each
-    model; risk = the largest gap between a candidate trigger's flip rate on the model and on its stand-in on
-    the pre-trained base (the model's head on the base plus a probe fitted to the model's predictions on the
-    unlabeled data): a shortcut planted by fine-tuning moves the model only."""
+    model and compare it with its stand-in on the pre-trained base (the model's head on the base plus a probe
+    fitted to the model's predictions on the unlabeled data): a shortcut planted by fine-tuning moves the model
+    only. Text risk: the largest gap between a candidate's flip rate on the model and on the stand-in; vision:
+    how far one class's best flip rate, measured again on unseen inputs, stands above the other classes' and
+    above what random patterns already do to the stand-in."""
     from .api import scan_models
 
-    rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed)]
+    rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed,
+                                         resolution=resolution)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -40,6 +40,8 @@ class DataOptions(Strict):
     max_length: int | None = Field(default=None, gt=0, description="tokens per text (default: 128, or the zoo "
                                    "profile's for zoo models)")
     limit: int | None = Field(default=None, gt=0, description="read at most this many examples per file")
+    resolution: int | None = Field(default=None, gt=0, description="images: resize to this side (the one the "
+                                   "models were trained at) instead of the base's image processor / size")
 
 
 class MergeConfig(Strict):

@@ -466,6 +466,7 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
     g = torch.Generator().manual_seed(seed)
     pools = [(clean_pred != t).nonzero().flatten() for t in range(n_cls)]
     pools = [p if len(p) else torch.arange(len(images)) for p in pools]
+    _check_candidates(res, sides, n_cls, blend, strides)
     groups: list[tuple[torch.Tensor, int]] = []  # (masks of one group's positions, positions per class)
     for i, side in enumerate(sides):
         side = min(side, res)
@@ -477,11 +478,6 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
         groups.append((mask, len(pos)))
     if blend > 0:
         groups.append((torch.full((1, 1, res, res), float(blend)), 1))
-    need = sum(n_pos for _, n_pos in groups) * n_cls * 4 * res * res * 4  # masks and patterns, float32
-    if need > MAX_CANDIDATE_BYTES:
-        raise SafeMergeError(f"scan: {res}-px inputs make {need / 2**30:.1f} GiB of patch candidates for {n_cls} "
-                             f"classes; give the inputs at the model's training resolution (e.g. --profile, or "
-                             f"images resized to it)")
     out_m, out_p, out_t = [], [], []
     for mask1, n_pos in groups:
         mask = mask1.repeat(n_cls, 1, 1, 1)  # candidate c * n_pos + k: class c, position k
@@ -500,6 +496,19 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
         out_p.append(torch.sigmoid(p_logit[best]).detach())
         out_t.append(target[best])
     return torch.cat(out_m), torch.cat(out_p), torch.cat(out_t)
+
+
+def _check_candidates(res: int, sides: tuple[int, ...], n_cls: int, blend: float,
+                      strides: tuple[int, ...] | None = None) -> None:
+    """Refuse, before any work, a search whose patch candidates (masks and patterns of every position and
+    class at once, float32) would exceed `MAX_CANDIDATE_BYTES`."""
+    n_pos = sum(len(patch_positions(res, min(s, res), strides[i] if strides else min(s, res)))
+                for i, s in enumerate(sides)) + (1 if blend > 0 else 0)
+    need = n_pos * n_cls * 4 * res * res * 4
+    if need > MAX_CANDIDATE_BYTES:
+        raise SafeMergeError(f"scan: {res}-px inputs make {need / 2**30:.1f} GiB of patch candidates for {n_cls} "
+                             f"classes; give the inputs at the side the model was trained at (--resolution, or "
+                             f"--profile for zoo models)")
 
 
 def _optimise_patterns(model: TaskModel, encode: InputEncoder, images: torch.Tensor, pools: list[torch.Tensor],
@@ -885,6 +894,9 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     candidates are measured again on them and the score comes from those numbers (`confirm_search`; text:
     with a stand-in only)."""
     t0 = time.time()
+    if encode.modality == "vision":
+        n_cls = head.num_labels
+        _check_candidates(torch.as_tensor(inputs).shape[-1], sides, n_cls, blend)
     model = _task_model(encoder, state, head, encode.modality or "text")
     ref_model, agree = None, None
     if stand_in and base is not None:
