@@ -894,10 +894,9 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     candidates are measured again on them and the score comes from those numbers (`confirm_search`; text:
     with a stand-in only)."""
     t0 = time.time()
-    if encode.modality == "vision":
-        n_cls = head.num_labels
-        _check_candidates(torch.as_tensor(inputs).shape[-1], sides, n_cls, blend)
     model = _task_model(encoder, state, head, encode.modality or "text")
+    if encode.modality == "vision":  # before any work
+        _check_candidates(torch.as_tensor(inputs).shape[-1], sides, model.head.num_labels, blend)
     ref_model, agree = None, None
     if stand_in and base is not None:
         enc0 = copy.deepcopy(encoder)
