@@ -49,8 +49,9 @@ from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
 from safemerge.paths import cache_dir
 from safemerge.safety.purify import e_pur, token_frequencies, word_embedding_key
-from safemerge.safety.scan import (CONFIRM_INPUTS, WEIGHT_CANDIDATES, auroc, risk_score, scan_features, scan_state,
-                                   score_search, shipped_threshold, stand_in_features, tpr_at_fpr)
+from safemerge.safety.scan import (CONFIRM_INPUTS, WEIGHT_CANDIDATES, auroc, compact_search, risk_score,
+                                   scan_features, scan_state, score_search, shipped_threshold, stand_in_features,
+                                   tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 console = Console(stderr=True)
@@ -253,8 +254,6 @@ class Builder:
     def confirm_stored(self, path: Path, n_inputs: int) -> dict:
         """A text model's stored search confirmed on the unseen inputs as `scan_state` does it (same stand-in,
         same candidates: the stored search's runs), without searching again; returns the updated scan.json."""
-        import copy as _copy
-
         from safemerge.safety.scan import _task_model, confirm_search, fit_reference
 
         stored = json.loads((path / "scan.json").read_text())
@@ -262,7 +261,7 @@ class Builder:
         folder = load_task_folder(path)
         data = self.data(meta["task"])
         model = _task_model(self.bb.model, folder.encoder_state, folder.head, self.modality)
-        enc0 = _copy.deepcopy(self.bb.model)
+        enc0 = copy.deepcopy(self.bb.model)
         enc0.load_state_dict(self.base_state)
         ref, _ = fit_reference(model, enc0.eval(), self.encode, data.val.x[:FIT_INPUTS])
         search = stored_search(stored["search"])
@@ -271,7 +270,6 @@ class Builder:
         t0 = time.time()
         conf = confirm_search(search, model, ref, self.encode, data.val.x[n_inputs:n_inputs + CONFIRM_INPUTS])
         stored["confirm_seconds"] = round(time.time() - t0, 1)
-        from safemerge.safety.scan import compact_search
         stored["search"]["confirm"] = compact_search(conf)
         return stored
 
