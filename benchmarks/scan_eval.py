@@ -19,7 +19,7 @@ it), odd seeds the held-apart half, on which AUROC and TPR at 5% FPR are reporte
 modulo 6, so the halves have disjoint tasks. Scores are recomputed from the stored searches with the shipped
 rule (`scan.score_search`) whenever the results are written, so a changed rule needs no rescan.
 
-    python benchmarks/scan_eval.py --backbone text                     # build + scan 40 pairs, resumable
+    python benchmarks/scan_eval.py --backbone text                     # build + scan the pairs (PAIRS), resumable
     python benchmarks/scan_eval.py --backbone text --half tuning       # only one half this run
     python benchmarks/scan_eval.py --backbone text --purify            # + Fine-mixing / E-PUR on held-apart backdoors
     python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
@@ -66,7 +66,7 @@ FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
-PAIRS = {"text": 40, "vision": 40}  # 20 pairs more each (20-39) built after a design change, to check it
+PAIRS = {"text": 40, "vision": 50}  # pairs built after a design change (from 20) check it; vision 40-49 added later
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
 
 
