@@ -383,7 +383,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     if found is not None:
         after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed,
                            fit_inputs=s.val.x[:256],
-                           confirm_inputs=s.val.x[48:48 + CONFIRM_INPUTS])
+                           confirm_inputs=s.val.x[len(inputs):len(inputs) + CONFIRM_INPUTS])
         summary["scan"] = {"threshold": found.threshold, "before": found.row(), "after": after.row(),
                            "trigger_checked": rate_of is not None}
     return state, summary
