@@ -23,6 +23,7 @@ rule (`scan.score_search`) whenever the results are written, so a changed rule n
     python benchmarks/scan_eval.py --backbone text --half tuning       # only one half this run
     python benchmarks/scan_eval.py --backbone text --purify            # + Fine-mixing / E-PUR on held-apart backdoors
     python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
+    python benchmarks/scan_eval.py --backbone text --time 3 --half heldapart   # time the shipped scan alone
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
-PAIRS = {"text": 40, "vision": 50}  # pairs built after a design change (from 20) check it; vision 40-49 added later
+PAIRS = {"text": 50, "vision": 50}  # pairs built after a design change (from 20) check it; 40-49 added later
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
 
 
@@ -472,9 +473,11 @@ def markdown(res: dict) -> str:
                f"{d['auroc']} | {d['tpr_at_5fpr']} | {d.get('auroc_all')} | {d.get('tpr_at_5fpr_all')} |"
                for name, d in (("held-apart", h), (f"held-apart, pairs {res.get('fresh_from')}+ only", f),
                                ("tuning", t)) if d and d["n"]],
-             *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the last design change "
-                "(the rule was chosen on the tuning half only)."] if f and f["n"] else []),
-             "", f"Seconds per scan: mean {res['seconds_per_scan']['mean']}, max {res['seconds_per_scan']['max']}. "
+             *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the search they are "
+                "scanned with was designed; every rule was chosen on the tuning half's numbers only."]
+               if f and f["n"] else []),
+             "", f"Seconds per stored scan (as scanned, confirmation included where it ran): mean "
+             f"{res['seconds_per_scan']['mean']}, max {res['seconds_per_scan']['max']}. "
              f"E-PUR puts a piece of the trigger in its top 10: {res['epur_top10']}. "
              f"Fine-mixing (+ E-PUR on text) success: {res['purify']}.", "",
              "Design variants (recomputed from the stored searches; chosen on the tuning half):", "",
@@ -500,6 +503,20 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_scans(args, root: Path, order: list[dict]) -> dict:
+    """Scan the first `args.time` built models of `args.half` again with the shipped scan, alone, and print the
+    seconds per scan and the score against the stored one; nothing in the cache changes."""
+    builder = Builder(args.backbone, root, args.weight_candidates)
+    todo = [s for s in order if (not args.half or s["half"] == args.half) and is_current(root / s["id"], s)]
+    seconds = {}
+    for spec in todo[:args.time]:
+        res = builder.scan(root / spec["id"], args.inputs, {})
+        seconds[spec["id"]] = res["scan_seconds"]
+        console.log(f"time {spec['id']}: {res['scan_seconds']:.1f}s score {res['score']:+.3f} {res['trigger_found']}")
+    console.log(f"seconds per scan: {seconds} ({device_description()})")
+    return {"seconds": seconds, "device": device_description()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", choices=["text", "vision"], default="text")
@@ -519,6 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--purify", action="store_true", help="also purify the held-apart backdoored models (slow)")
     ap.add_argument("--confirm-stored", action="store_true",
                     help="text: confirm stored searches on the unseen inputs (as a rescan would) without searching")
+    ap.add_argument("--time", type=int, default=None, metavar="N",
+                    help="only time the shipped scan on the first N built models of --half (nothing is stored)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     args.pairs = args.pairs or PAIRS[args.backbone]
@@ -526,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     specs = population(args.backbone, args.pairs)
     order = sorted(specs, key=lambda s: (s["pair"], s["backdoored"]))
+    if args.time:
+        return time_scans(args, root, order)
     builder = None if args.render else Builder(args.backbone, root, args.weight_candidates)
     done = 0
     t0 = time.time()

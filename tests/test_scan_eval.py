@@ -16,9 +16,10 @@ from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.errors import SafeMergeError
 from safemerge.folders import new_hf_classifier
 from safemerge.model import HFHead, InputEncoder, TaskModel
-from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, _spelled_runs, auroc, confirm_search,
-                                   fit_reference, random_triggers, risk_score, scan_features, scan_state,
-                                   search_text, shipped_threshold, stand_in_features, tpr_at_fpr)
+from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, NATURAL_RULE, _spelled_runs, auroc,
+                                   confirm_search, fit_reference, random_triggers, risk_score, risk_threshold,
+                                   scan_features, scan_state, search_text, shipped_threshold, stand_in_features,
+                                   tpr_at_fpr)
 from safemerge.training import TrainConfig, finetune
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "q", "##zx", "##y", "good", "bad", "the", "movie", "is", "a",
@@ -153,7 +154,7 @@ def test_spelled_runs_join_word_pieces(text_pair):
     assert (ids[0], ids[1]) in runs and (ids[2], ids[3]) in runs and all(len(r) == 2 for r in runs)
 
 
-def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision):
+def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision, monkeypatch):
     bb = load_backbone(str(tiny_vision))
     g = torch.Generator().manual_seed(0)
     n = 320
@@ -178,6 +179,13 @@ def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision):
     assert d.score > stand["clean"].score + 0.3 and d.stand_in_flip_rate is not None, stand
     gap = stand_in_features(d.search)  # the stand-in's gap, stored with the search
     assert gap["target"] == 0 and risk_score(gap) > risk_score(stand_in_features(stand["clean"].search)) + 0.5
+    shipped = scan_state(bb.model, base, h_d[1], h_d[0], enc, x[:40], steps=6, sides=(8, 14), n_null=16,
+                         fit_inputs=x, confirm_inputs=x[40:120])
+    assert not CONFIRM_RULE["vision"] and shipped.confirm_inputs == 0 and "confirm" not in shipped.search
+    assert shipped.features["rule"] == "margin" and shipped.threshold == shipped_threshold("vision")
+    # the confirmed, naturally discounted rule (a variant the scan eval measures) where the rules say so
+    monkeypatch.setitem(CONFIRM_RULE, "vision", True)
+    monkeypatch.setitem(NATURAL_RULE, "vision", True)
     conf = {n: scan_state(bb.model, base, sd, h, enc, x[:40], steps=6, sides=(8, 14), n_null=16, fit_inputs=x,
                           confirm_inputs=x[40:120]) for n, (h, sd) in (("clean", h_c), ("dirty", h_d))}
     d = conf["dirty"]  # every candidate and the same null measured again on 80 unseen images, and scored on them
@@ -186,7 +194,7 @@ def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision):
     assert c["names"] == d.search["names"]
     assert len(c["null_flips"]) == len(d.search["null_flips"]) == 16 and len(c["ref_flips"]) == len(c["flips"])
     assert d.target == 0 and d.flip_rate > 0.8 and d.score > conf["clean"].score + 0.3, conf
-    assert d.features["rule"] == "natural" and d.threshold == shipped_threshold("vision")
+    assert d.features["rule"] == "natural" and d.threshold == risk_threshold("vision", "natural")
     assert d.flip_rate == pytest.approx(max(max(r) for r in c["flips"]), abs=1e-6)  # the confirmed numbers
 
 
@@ -302,3 +310,6 @@ def test_vision_scan_refuses_a_side_too_large_before_any_work(tiny_vision):
     big = torch.zeros(2, 3, 600, 600, dtype=torch.uint8)
     with pytest.raises(SafeMergeError, match="--resolution"):
         scan_state(bb.model, state, state, head, enc, big, fit_inputs=big)
+    mid = torch.zeros(2, 3, 224, 224, dtype=torch.uint8)  # the default 8-px grid fits; a 2-px stride does not
+    with pytest.raises(SafeMergeError, match="--resolution"):
+        scan_state(bb.model, state, state, head, enc, mid, fit_inputs=mid, strides=(2,))

@@ -10,10 +10,10 @@ candidate on a stand-in for the model built on the pre-trained base (`fit_refere
 the base's output, scaled per class, plus a ridge-penalised linear probe on the base's features, fitted to the
 model's predictions on the unlabeled inputs. What the base already represents moves the stand-in as it moves
 the model; a shortcut planted by fine-tuning moves the model only. The search is steered by the same contrast
-(towards t on the model, away from t on the stand-in), and the risk score (`risk_score`,
-`stand_in_features`) is the largest gap between a candidate's flip rate on the model and on the stand-in.
-Without a base, the older self-calibrated rule applies (`scan_features`: the margin by which one class's best
-flip rate stands above the runner-up class's among triggers of equal budget). With `reference=True`, the found
+(towards t on the model, away from t on the stand-in). The text risk score (`risk_score`, `stand_in_features`)
+is the largest gap between a candidate's flip rate on the model and on the stand-in; the vision risk score, and
+either without a base, is the self-calibrated margin (`scan_features`: by how much one class's best flip rate
+stands above the runner-up class's among triggers of equal budget). With `reference=True`, the found
 trigger is also measured on the base encoder under the model's own head, reported only. The designs were
 chosen on the tuning half of a held-apart population of models (benchmarks/scan_eval.py, BENCHMARKS.md issue
 17); what the scan catches and misses on the other half is there.
@@ -591,14 +591,16 @@ def random_triggers(resolution: int, n: int, sides: tuple[int, int] = (3, 8), bl
 
 def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8,),
                   steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0, screen: int = 2,
-                  keep: int = 3, reference: TaskModel | None = None) -> dict:
+                  keep: int = 3, reference: TaskModel | None = None,
+                  strides: tuple[int, ...] | None = None) -> dict:
     """Trigger search and null distribution on one vision model (see `scan_state`): every position is
-    optimised for `screen` steps, the `keep` best per class and side for `steps` more. With a `reference`
-    (`fit_reference`), patterns are optimised to flip the model but not the reference, and every candidate's
-    flip rates on the reference come back too (`ref_flips`, `null_ref_flips`)."""
+    optimised for `screen` steps (a grid of `strides`, default each side), the `keep` best per class and side
+    for `steps` more. With a `reference` (`fit_reference`), patterns are optimised to flip the model but not the
+    reference, and every candidate's flip rates on the reference come back too (`ref_flips`,
+    `null_ref_flips`)."""
     clean_pred = predict(model, encode, images)
-    masks, patterns, classes = _vision_triggers(model, encode, images, sides, steps, 0.3, seed, None, blend, clean_pred,
-                                                screen, keep, reference)
+    masks, patterns, classes = _vision_triggers(model, encode, images, sides, steps, 0.3, seed, strides, blend,
+                                                clean_pred, screen, keep, reference)
     flips, prob, changed = _vision_stats(model, encode, images, clean_pred, masks, patterns)
     nm, npat = random_triggers(images.shape[-1], n_null, seed=seed)
     nf, np_, nc = _vision_stats(model, encode, images, clean_pred, nm, npat)
@@ -840,12 +842,15 @@ class ScanResult:
 # chosen on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
 STAND_IN_RULE = {"text": True, "vision": False}  # score against the stand-in (else: the class margin)
 STAND_IN_SKIP = ("grown",)  # text candidates scored against the stand-in: all but the runs grown by HotFlip
-NATURAL_RULE = {"text": False, "vision": True}  # the margin discounts classes the stand-in sends random triggers to
-CONFIRM_RULE = {"text": False, "vision": True}  # scored on the candidates measured again on unseen inputs
-# flagged at or above: just above the tuning half's 5%-FPR point (all but one in 20 clean tuning models), per
-# modality and rule ('stand_in', 'natural': with a base; 'margin': without)
+# Vision ships the class margin on the search's own numbers: on the 50-pair tuning half it scores AUROC 0.923 /
+# TPR 0.79 against 0.911 / 0.79 with the natural discount and 0.889 / 0.71 with both switches below on.
+NATURAL_RULE = {"text": False, "vision": False}  # the margin discounts classes the stand-in sends random triggers to
+CONFIRM_RULE = {"text": False, "vision": False}  # scored on the candidates measured again on unseen inputs
+# flagged at or above: just above the tuning half's 5%-FPR point (text: 1 of 20 clean tuning models above;
+# vision margin: 1 of 25), per modality and rule ('stand_in', 'natural': with a base; 'margin': vision with a
+# base, and without one)
 THRESHOLDS = {("text", "stand_in"): 0.70, ("vision", "natural"): 0.16, ("text", "margin"): 0.2,
-              ("vision", "margin"): 0.19}
+              ("vision", "margin"): 0.22}
 RISK_THRESHOLD = 0.2  # the margin rule's threshold before the population's second version
 
 
@@ -882,13 +887,14 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
                sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
                max_len: int = 3, blend: float = 0.15, reference: bool = False, stand_in: bool = True,
                fit_inputs: torch.Tensor | list[str] | None = None,
-               confirm_inputs: torch.Tensor | list[str] | None = None) -> ScanResult:
+               confirm_inputs: torch.Tensor | list[str] | None = None,
+               strides: tuple[int, ...] | None = None) -> ScanResult:
     """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
     measure each against random tokens / patches on the same model and against the other classes
     (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
     (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patch of each side of
-    `sides` over a position grid after `steps` optimisation steps, and a blend of weight `blend`. `n_null`
-    random tokens / patches form the null. With a `base` and `stand_in`, the model's stand-in on the base
+    `sides` over a position grid (`strides`, default each side) after `steps` optimisation steps, and a blend
+    of weight `blend`. `n_null` random tokens / patches form the null. With a `base` and `stand_in`, the model's stand-in on the base
     (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search and calibrates the flips.
     With `confirm_inputs` (other unlabeled inputs than `inputs`, at least `MIN_CONFIRM_INPUTS`), the search's
     candidates are measured again on them and the score comes from those numbers (`confirm_search`; text:
@@ -896,7 +902,7 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     t0 = time.time()
     model = _task_model(encoder, state, head, encode.modality or "text")
     if encode.modality == "vision":  # before any work
-        _check_candidates(torch.as_tensor(inputs).shape[-1], sides, model.head.num_labels, blend)
+        _check_candidates(torch.as_tensor(inputs).shape[-1], sides, model.head.num_labels, blend, strides)
     ref_model, agree = None, None
     if stand_in and base is not None:
         enc0 = copy.deepcopy(encoder)
@@ -907,7 +913,7 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
                              seed=seed, reference=ref_model)
     else:
         search = search_vision(model, encode, inputs, sides, steps, blend, n_null, seed,  # type: ignore[arg-type]
-                               reference=ref_model)
+                               reference=ref_model, strides=strides)
     if agree is not None:
         search["agreement"] = agree
     search["modality"] = encode.modality or "text"
