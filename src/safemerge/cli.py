@@ -302,8 +302,8 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
     model and compare it with its stand-in on the pre-trained base (the model's head on the base plus a probe
     fitted to the model's predictions on the unlabeled data): a shortcut planted by fine-tuning moves the model
     only. Text risk: the largest gap between a candidate's flip rate on the model and on the stand-in; vision:
-    how far one class's best flip rate, measured again on unseen inputs, stands above the other classes' and
-    above what random patterns already do to the stand-in."""
+    how far one class's best flip rate stands above the other classes' among patterns of the same budget
+    (searched against the stand-in), random patterns included."""
     from .api import scan_models
 
     rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed,
