@@ -1,7 +1,7 @@
 """A design tried for the text scan on the tuning half (issue 17) and not shipped: a vocabulary sweep.
 
-Every vocabulary token alone between [CLS] and [SEP] goes through the model (one batch pass, ~10 s for MiniLM's
-30,522 tokens on 2 cores); per class, the tokens of highest log-probability of that class become extra
+Every vocabulary token alone between [CLS] and [SEP] goes through the model (one batched pass over the
+vocabulary); per class, the tokens of highest log-probability of that class become extra
 candidates (single tokens, the top 8; runs that spell one word from its top 16; ordered pairs of its top 3),
 measured as the scan measures every candidate (flip rate on the model minus on its stand-in, same 32 inputs,
 same insertion places). A model's score under a variant is the shipped score or the best new gap, whichever is
