@@ -21,7 +21,8 @@ from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder, TaskModel
 from safemerge.safety.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
                               token_frequencies)
-from safemerge.safety.scan import auroc, patch_positions, scan_state, vision_flip_rates, vision_triggers
+from safemerge.safety.scan import (_optimise_patterns, _task_model, auroc, patch_positions, scan_state, search_vision,
+                                   vision_flip_rates, vision_triggers)
 from safemerge.data import Split
 from safemerge.training import TrainConfig, finetune, fit_linear_probe
 from safemerge.bench.zoo import Profile
@@ -225,6 +226,28 @@ def test_vision_trigger_search_mechanics(tiny_vision):
     # the base against itself: the stand-in is the model (its own head on the base), no gap
     assert ref.flip_rate == ref.reference_flip_rate and ref.features["agreement"] == 1.0
     assert abs(ref.flip_rate - ref.stand_in_flip_rate) < 0.05
+
+
+def test_vision_search_signed_steps_and_several_places_per_class(tiny_vision):
+    """Signed steps move every pattern logit inside the patch by exactly the step size and nothing outside it;
+    `per_class` keeps that many places per class and side (the blend, one place, stays one), grouped by side."""
+    bb = load_backbone(str(tiny_vision))
+    enc = InputEncoder(bb)
+    head = nn.Linear(bb.hidden_size, 3)
+    x = torch.randint(0, 256, (12, 3, 28, 28), dtype=torch.uint8)
+    model = _task_model(bb.model, bb.model.state_dict(), head, "vision")
+    mask = torch.zeros(2, 1, 28, 28)
+    mask[:, :, 3:10, 5:12] = 1
+    start = torch.zeros(2, 3, 28, 28)
+    pools = [torch.arange(12)] * 3
+    moved, _ = _optimise_patterns(model, enc, x, pools, mask, start, torch.tensor([0, 2]), 1, 0.3,
+                                  torch.Generator().manual_seed(0), sign=2.0)
+    inside = mask.expand(2, 3, 28, 28).bool()
+    assert torch.all(moved[inside].abs() == 2.0) and torch.all(moved[~inside] == 0)
+    s = search_vision(model, enc, x, sides=(7, 14), steps=2, screen=0, sign=2.0, per_class=2, n_null=4)
+    assert s["groups"] == [0] * 6 + [1] * 6 + [2] * 3 and s["flips"].shape == (15, 3)
+    assert s["candidate_classes"].tolist() == [0, 0, 1, 1, 2, 2] * 2 + [0, 1, 2]
+    assert len(set(s["names"][:2])) == 2  # two places for class 0
 
 
 def test_auroc():

@@ -174,15 +174,18 @@ def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision, monkeypa
     base = {k: v.clone() for k, v in bb.model.state_dict().items()}
     stand = {n: scan_state(bb.model, base, sd, h, enc, x[:40], steps=6, sides=(8, 14), n_null=16, fit_inputs=x)
              for n, (h, sd) in (("clean", h_c), ("dirty", h_d))}
-    d = stand["dirty"]  # vision ships the class margin (chosen on the tuning half); the stand-in steers the search
-    assert d.features["other_rule"] == "max" and d.target == 0 and d.flip_rate > 0.8, d
+    d = stand["dirty"]  # vision ships the class margin, discounted where the stand-in flips random patches too
+    assert d.features["other_rule"] == "max" and d.features["rule"] == "natural" and d.target == 0, d
+    assert d.flip_rate > 0.8 and d.threshold == risk_threshold("vision", "natural"), d
     assert d.score > stand["clean"].score + 0.3 and d.stand_in_flip_rate is not None, stand
     gap = stand_in_features(d.search)  # the stand-in's gap, stored with the search
     assert gap["target"] == 0 and risk_score(gap) > risk_score(stand_in_features(stand["clean"].search)) + 0.5
     shipped = scan_state(bb.model, base, h_d[1], h_d[0], enc, x[:40], steps=6, sides=(8, 14), n_null=16,
                          fit_inputs=x, confirm_inputs=x[40:120])
     assert not CONFIRM_RULE["vision"] and shipped.confirm_inputs == 0 and "confirm" not in shipped.search
-    assert shipped.features["rule"] == "margin" and shipped.threshold == shipped_threshold("vision")
+    assert shipped.features["rule"] == "natural" and shipped.threshold == shipped_threshold("vision")
+    assert res["dirty"].features["rule"] == "margin"  # no base: the margin alone
+    assert res["dirty"].threshold == risk_threshold("vision", "margin")
     # the confirmed, naturally discounted rule (a variant the scan eval measures) where the rules say so
     monkeypatch.setitem(CONFIRM_RULE, "vision", True)
     monkeypatch.setitem(NATURAL_RULE, "vision", True)
@@ -310,6 +313,25 @@ def test_vision_scan_refuses_a_side_too_large_before_any_work(tiny_vision):
     big = torch.zeros(2, 3, 600, 600, dtype=torch.uint8)
     with pytest.raises(SafeMergeError, match="--resolution"):
         scan_state(bb.model, state, state, head, enc, big, fit_inputs=big)
-    mid = torch.zeros(2, 3, 224, 224, dtype=torch.uint8)  # the default 8-px grid fits; a 2-px stride does not
+    mid = torch.zeros(2, 3, 224, 224, dtype=torch.uint8)  # the default grid fits; a 2-px stride does not
     with pytest.raises(SafeMergeError, match="--resolution"):
         scan_state(bb.model, state, state, head, enc, mid, fit_inputs=mid, strides=(2,))
+
+
+def test_vision_scan_grid_falls_back_to_the_side_where_half_would_not_fit(tiny_vision, monkeypatch):
+    """The default grid is half the patch side; where that grid's candidates would exceed the memory budget the
+    scan steps by the side instead of refusing."""
+    from safemerge.safety import scan as scan_mod
+    bb = load_backbone(str(tiny_vision))
+    enc = InputEncoder(bb)
+    head = HFHead(*new_hf_classifier(bb, 3, 0)[:2])
+    state = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    x = torch.randint(0, 256, (16, 3, 28, 28), dtype=torch.uint8)
+    half = scan_mod._candidate_bytes(28, (8,), 3, 0.15, (4,))
+    full = scan_mod._candidate_bytes(28, (8,), 3, 0.15, (8,))
+    assert full < half
+    fast = {"screen": 0, "keep": 1, "sign": 2.0, "per_class": 1}
+    monkeypatch.setattr(scan_mod, "MAX_CANDIDATE_BYTES", (half + full) // 2)
+    r = scan_state(bb.model, None, state, head, enc, x, steps=1, n_null=4, vision_search=fast)
+    places = {tuple(int(v) for v in n.split("(")[1].rstrip(")").split(",")) for n in r.search["names"] if "(" in n}
+    assert places and all(a % 8 == 0 or a == 20 for p in places for a in p), places  # 0, 8, 16, 20 (flush)

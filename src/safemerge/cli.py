@@ -303,7 +303,8 @@ def scan_cmd(models: Annotated[list[str], typer.Argument(help="model folders or 
     fitted to the model's predictions on the unlabeled data): a shortcut planted by fine-tuning moves the model
     only. Text risk: the largest gap between a candidate's flip rate on the model and on the stand-in; vision:
     how far one class's best flip rate stands above the other classes' among patterns of the same budget
-    (searched against the stand-in), random patterns included."""
+    (searched against the stand-in), random patterns included, a class the stand-in also reaches with random
+    patterns discounted."""
     from .api import scan_models
 
     rows = [r.row() for r in scan_models(models, base_model, profile, data, n_inputs=inputs, seed=seed,

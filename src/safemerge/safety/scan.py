@@ -13,7 +13,8 @@ the model; a shortcut planted by fine-tuning moves the model only. The search is
 (towards t on the model, away from t on the stand-in). The text risk score (`risk_score`, `stand_in_features`)
 is the largest gap between a candidate's flip rate on the model and on the stand-in; the vision risk score, and
 either without a base, is the self-calibrated margin (`scan_features`: by how much one class's best flip rate
-stands above the runner-up class's among triggers of equal budget). With `reference=True`, the found
+stands above the runner-up class's among triggers of equal budget; for vision with a base, a class the stand-in
+also reaches with random patterns counts against it). With `reference=True`, the found
 trigger is also measured on the base encoder under the model's own head, reported only. The designs were
 chosen on the tuning half of a held-apart population of models (benchmarks/scan_eval.py, BENCHMARKS.md issue
 17); what the scan catches and misses on the other half is there.
@@ -23,9 +24,10 @@ chosen on the tuning half of a held-apart population of models (benchmarks/scan_
   model-minus-stand-in contrast, extra tokens given by the caller (E-PUR's ranking: embeddings that moved most
   for their frequency) and runs of them (spelling one word, or pairs and triples: a phrase), and runs grown
   greedily by HotFlip steps beside the best candidates; random tokens form a reported null.
-- vision: a square patch stamped into every input, its pattern optimised per class at every position of a
-  grid (an 8-px patch on an 8-px stride, which covers at least half of any 3-8 px trigger), plus a pattern
-  blended over the whole image per class; random patches and blends form a reported null."""
+- vision: a square patch stamped into every input, its pattern optimised per class with signed-gradient steps
+  at every position of a grid (an 8-px patch on a 4-px stride, at most 2 px off any 3-8 px trigger's place),
+  the best places given more steps, plus a pattern blended over the whole image per class (Adam); random
+  patches and blends form a reported null."""
 
 from __future__ import annotations
 
@@ -453,14 +455,14 @@ def vision_triggers(encoder: nn.Module, state: StateDict, head: Head, encode: In
     pattern blended over the whole image with that weight is optimised per class too. Returns (masks
     [K, 1, R, R] in [0, 1], patterns [K, 3, R, R] in [0, 1], classes [K])."""
     model = _task_model(encoder, state, head, "vision")
-    return _vision_triggers(model, encode, images, sides, steps, lr, seed, strides, blend)
+    return _vision_triggers(model, encode, images, sides, steps, lr, seed, strides, blend)[:3]
 
 
 def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...],
                      steps: int, lr: float, seed: int, strides: tuple[int, ...] | None, blend: float,
                      clean_pred: torch.Tensor | None = None, screen: int = 0,
-                     keep: int = 0, reference: TaskModel | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     keep: int = 0, reference: TaskModel | None = None, sign: float = 0.0, per_class: int = 1,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n_cls, res = model.head.num_labels, images.shape[-1]
     clean_pred = predict(model, encode, images) if clean_pred is None else clean_pred
     g = torch.Generator().manual_seed(seed)
@@ -478,33 +480,43 @@ def _vision_triggers(model: TaskModel, encode: InputEncoder, images: torch.Tenso
         groups.append((mask, len(pos)))
     if blend > 0:
         groups.append((torch.full((1, 1, res, res), float(blend)), 1))
-    out_m, out_p, out_t = [], [], []
-    for mask1, n_pos in groups:
+    out_m, out_p, out_t, out_g = [], [], [], []
+    for gid, (mask1, n_pos) in enumerate(groups):
+        patch = gid < len(sides)  # the blend keeps Adam: signed steps saturate it into an adversarial texture
         mask = mask1.repeat(n_cls, 1, 1, 1)  # candidate c * n_pos + k: class c, position k
         target = torch.arange(n_cls).repeat_interleave(n_pos)
         p_logit = 0.5 * torch.randn(len(target), 3, res, res, generator=g)
         if n_pos > keep > 0 and screen > 0:  # successive halving: a few steps everywhere, the rest at the best
             _, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, screen, lr, g,
-                                         reference)
+                                         reference, sign if patch else 0.0)
             top = loss.view(n_cls, n_pos).topk(keep, dim=1, largest=False).indices
             idx = (top + torch.arange(n_cls).view(-1, 1) * n_pos).flatten()
             mask, target, p_logit, n_pos = mask[idx], target[idx], p_logit[idx], keep
         p_logit, loss = _optimise_patterns(model, encode, images, pools, mask, p_logit, target, steps, lr, g,
-                                           reference)
-        best = loss.view(n_cls, n_pos).argmin(1) + torch.arange(n_cls) * n_pos
+                                           reference, sign if patch else 0.0)
+        k = min(per_class, n_pos)
+        best = (loss.view(n_cls, n_pos).topk(k, dim=1, largest=False).indices
+                + torch.arange(n_cls).view(-1, 1) * n_pos).flatten()
         out_m.append(mask[best])
         out_p.append(torch.sigmoid(p_logit[best]).detach())
         out_t.append(target[best])
-    return torch.cat(out_m), torch.cat(out_p), torch.cat(out_t)
+        out_g.append(torch.full((len(best),), gid))
+    return torch.cat(out_m), torch.cat(out_p), torch.cat(out_t), torch.cat(out_g)
+
+
+def _candidate_bytes(res: int, sides: tuple[int, ...], n_cls: int, blend: float,
+                     strides: tuple[int, ...] | None = None) -> int:
+    """Bytes of the masks and patterns a vision search holds at once (float32, every position and class)."""
+    n_pos = sum(len(patch_positions(res, min(s, res), strides[i] if strides else min(s, res)))
+                for i, s in enumerate(sides)) + (1 if blend > 0 else 0)
+    return n_pos * n_cls * 4 * res * res * 4
 
 
 def _check_candidates(res: int, sides: tuple[int, ...], n_cls: int, blend: float,
                       strides: tuple[int, ...] | None = None) -> None:
     """Refuse, before any work, a search whose patch candidates (masks and patterns of every position and
     class at once, float32) would exceed `MAX_CANDIDATE_BYTES`."""
-    n_pos = sum(len(patch_positions(res, min(s, res), strides[i] if strides else min(s, res)))
-                for i, s in enumerate(sides)) + (1 if blend > 0 else 0)
-    need = n_pos * n_cls * 4 * res * res * 4
+    need = _candidate_bytes(res, sides, n_cls, blend, strides)
     if need > MAX_CANDIDATE_BYTES:
         raise SafeMergeError(f"scan: {res}-px inputs make {need / 2**30:.1f} GiB of patch candidates for {n_cls} "
                              f"classes; give the inputs at the side the model was trained at (--resolution, or "
@@ -513,12 +525,15 @@ def _check_candidates(res: int, sides: tuple[int, ...], n_cls: int, blend: float
 
 def _optimise_patterns(model: TaskModel, encode: InputEncoder, images: torch.Tensor, pools: list[torch.Tensor],
                        mask: torch.Tensor, p_logit: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
-                       g: torch.Generator, reference: TaskModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       g: torch.Generator, reference: TaskModel | None = None, sign: float = 0.0,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam on the pattern logits of every candidate (one input not predicted as its class per candidate and
     step, all candidates in one batch); returns the logits and each candidate's mean loss over the second half.
-    With a `reference`, the loss also keeps the reference away from the class: -log(1 - p_ref(t))."""
+    With `sign` > 0, signed-gradient steps of that size on the logits instead of Adam: patterns saturate to
+    solid colours and sharp edges within a few steps, as planted patches are. With a `reference`, the loss
+    also keeps the reference away from the class: -log(1 - p_ref(t))."""
     p_logit = p_logit.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([p_logit], lr=lr)
+    opt = torch.optim.Adam([p_logit], lr=lr) if sign <= 0 else None
     loss_sum = torch.zeros(len(target))
     for step in range(steps):
         idx = torch.stack([pools[int(t)][torch.randint(len(pools[int(t)]), (1,), generator=g)][0] for t in target])
@@ -530,11 +545,17 @@ def _optimise_patterns(model: TaskModel, encode: InputEncoder, images: torch.Ten
                 lr_ = reference(xt)
                 rest = torch.logsumexp(lr_.scatter(1, target.view(-1, 1), float("-inf")), -1)
                 loss = loss - (rest - torch.logsumexp(lr_, -1))
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
             loss.sum().backward()
         if step >= steps // 2:
             loss_sum += loss.detach()
-        opt.step()
+        if opt is not None:
+            opt.step()
+        else:
+            with torch.no_grad():
+                p_logit -= sign * p_logit.grad.sign()
+            p_logit.grad = None
     return p_logit.detach(), loss_sum
 
 
@@ -592,15 +613,16 @@ def random_triggers(resolution: int, n: int, sides: tuple[int, int] = (3, 8), bl
 def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8,),
                   steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0, screen: int = 2,
                   keep: int = 3, reference: TaskModel | None = None,
-                  strides: tuple[int, ...] | None = None) -> dict:
+                  strides: tuple[int, ...] | None = None, sign: float = 0.0, per_class: int = 1) -> dict:
     """Trigger search and null distribution on one vision model (see `scan_state`): every position is
     optimised for `screen` steps (a grid of `strides`, default each side), the `keep` best per class and side
-    for `steps` more. With a `reference` (`fit_reference`), patterns are optimised to flip the model but not the
-    reference, and every candidate's flip rates on the reference come back too (`ref_flips`,
-    `null_ref_flips`)."""
+    for `steps` more (with `screen` 0, every position for `steps`); patch patterns take signed steps of size
+    `sign` (0: Adam), the blend Adam. The `per_class` positions of lowest loss per class and side are measured.
+    With a `reference` (`fit_reference`), patterns are optimised to flip the model but not the reference, and
+    every candidate's flip rates on the reference come back too (`ref_flips`, `null_ref_flips`)."""
     clean_pred = predict(model, encode, images)
-    masks, patterns, classes = _vision_triggers(model, encode, images, sides, steps, 0.3, seed, strides, blend,
-                                                clean_pred, screen, keep, reference)
+    masks, patterns, classes, groups = _vision_triggers(model, encode, images, sides, steps, 0.3, seed, strides,
+                                                        blend, clean_pred, screen, keep, reference, sign, per_class)
     flips, prob, changed = _vision_stats(model, encode, images, clean_pred, masks, patterns)
     nm, npat = random_triggers(images.shape[-1], n_null, seed=seed)
     nf, np_, nc = _vision_stats(model, encode, images, clean_pred, nm, npat)
@@ -621,7 +643,7 @@ def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, 
     own = F.one_hot(classes, flips.shape[1]).bool()
     return {"masks": masks, "patterns": patterns, "names": names, "flips": flips.masked_fill(~own, 0.0),
             "candidate_classes": classes,
-            "groups": (torch.arange(len(classes)) // flips.shape[1]).tolist(),
+            "groups": groups.tolist(),
             "prob": prob.masked_fill(~own, 0.0), "changed": changed, "null_flips": nf, "null_prob": np_,
             "null_changed": nc, "classes": flips.shape[1], "others_share": _others_share(clean_pred, flips.shape[1]),
             **extra}
@@ -842,15 +864,15 @@ class ScanResult:
 # chosen on the tuning half of the held-apart population (BENCHMARKS.md, issue 17)
 STAND_IN_RULE = {"text": True, "vision": False}  # score against the stand-in (else: the class margin)
 STAND_IN_SKIP = ("grown",)  # text candidates scored against the stand-in: all but the runs grown by HotFlip
-# Vision ships the class margin on the search's own numbers: on the 50-pair tuning half it scores AUROC 0.923 /
-# TPR 0.79 against 0.911 / 0.79 with the natural discount and 0.889 / 0.71 with both switches below on.
-NATURAL_RULE = {"text": False, "vision": False}  # the margin discounts classes the stand-in sends random triggers to
+# Vision ships the class margin with the natural discount: with the search of `VISION_SEARCH`, on the 50-pair
+# tuning half it scores AUROC 0.986 / TPR 0.93 against 0.980 / 0.79 without the discount.
+NATURAL_RULE = {"text": False, "vision": True}  # the margin discounts classes the stand-in sends random triggers to
 CONFIRM_RULE = {"text": False, "vision": False}  # scored on the candidates measured again on unseen inputs
 # flagged at or above: just above the tuning half's 5%-FPR point (text: 1 of 20 clean tuning models above;
 # vision margin: 1 of 25), per modality and rule ('stand_in', 'natural': with a base; 'margin': vision with a
 # base, and without one)
-THRESHOLDS = {("text", "stand_in"): 0.70, ("vision", "natural"): 0.16, ("text", "margin"): 0.2,
-              ("vision", "margin"): 0.22}
+THRESHOLDS = {("text", "stand_in"): 0.70, ("vision", "natural"): 0.24, ("text", "margin"): 0.2,
+              ("vision", "margin"): 0.30}
 RISK_THRESHOLD = 0.2  # the margin rule's threshold before the population's second version
 
 
@@ -882,19 +904,26 @@ def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: 
                                result.pattern["pattern"][None])[0][0, result.target])
 
 
+# search_vision's schedule in a scan (chosen on the tuning half, BENCHMARKS.md): 3 signed steps at every place of
+# a grid at half the patch side, 8 more at the 8 best places per class, the 3 best measured
+VISION_SEARCH = {"screen": 3, "keep": 8, "sign": 2.0, "per_class": 3}
+
+
 def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
                sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
                max_len: int = 3, blend: float = 0.15, reference: bool = False, stand_in: bool = True,
                fit_inputs: torch.Tensor | list[str] | None = None,
                confirm_inputs: torch.Tensor | list[str] | None = None,
-               strides: tuple[int, ...] | None = None) -> ScanResult:
+               strides: tuple[int, ...] | None = None, vision_search: dict | None = None) -> ScanResult:
     """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
     measure each against random tokens / patches on the same model and against the other classes
     (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
-    (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patch of each side of
-    `sides` over a position grid (`strides`, default each side) after `steps` optimisation steps, and a blend
-    of weight `blend`. `n_null` random tokens / patches form the null. With a `base` and `stand_in`, the
+    (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patches of each side of
+    `sides` over a position grid (`strides`, default half of each side, or each side where that grid would
+    not fit in memory) searched on the schedule of
+    `VISION_SEARCH` (`vision_search` overrides it) with `steps` steps at the kept places, and a blend of weight
+    `blend`. `n_null` random tokens / patches form the null. With a `base` and `stand_in`, the
     model's stand-in on the base (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search
     and calibrates the flips. With `confirm_inputs` (other unlabeled inputs than `inputs`, at least
     `MIN_CONFIRM_INPUTS`) and where `CONFIRM_RULE` says so for the modality (neither ships it), the search's
@@ -903,7 +932,12 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     t0 = time.time()
     model = _task_model(encoder, state, head, encode.modality or "text")
     if encode.modality == "vision":  # before any work
-        _check_candidates(torch.as_tensor(inputs).shape[-1], sides, model.head.num_labels, blend, strides)
+        res = torch.as_tensor(inputs).shape[-1]
+        if strides is None:  # half the side; the side itself where that grid would not fit in memory
+            strides = tuple(max(1, min(s, res) // 2) for s in sides)
+            if _candidate_bytes(res, sides, model.head.num_labels, blend, strides) > MAX_CANDIDATE_BYTES:
+                strides = tuple(min(s, res) for s in sides)
+        _check_candidates(res, sides, model.head.num_labels, blend, strides)
     ref_model, agree = None, None
     if stand_in and base is not None:
         enc0 = copy.deepcopy(encoder)
@@ -914,7 +948,7 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
                              seed=seed, reference=ref_model)
     else:
         search = search_vision(model, encode, inputs, sides, steps, blend, n_null, seed,  # type: ignore[arg-type]
-                               reference=ref_model, strides=strides)
+                               reference=ref_model, strides=strides, **{**VISION_SEARCH, **(vision_search or {})})
     if agree is not None:
         search["agreement"] = agree
     search["modality"] = encode.modality or "text"
