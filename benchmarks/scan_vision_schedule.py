@@ -1,8 +1,8 @@
 """Another vision search schedule tried on a half of the scan's population (issue 17), without touching the
 shipped scans: every model of the half (`scan_eval.py`'s cache) is scanned again with `scan_state` under the
 given `vision_search` options, each result stored under `$SAFEMERGE_CACHE/scan-eval/vision-schedules/<tag>/`
-(resumable), and AUROC / TPR at 5% FPR of the scoring variants are printed ("shipped": the rule `scan.score_search` ships now;
-"self_calibrated": the class margin without the natural discount).
+(resumable), and AUROC / TPR at 5% FPR of the scoring variants are printed ("shipped": the rule
+`scan.score_search` ships now; "self_calibrated": the class margin without the natural discount).
 
     python benchmarks/scan_vision_schedule.py sign2-grid8-all --sign 2 --screen 0 --per-class 3 --stride 8
     python benchmarks/scan_vision_schedule.py adam-grid8 --sign 0 --screen 2 --keep 3 --per-class 1 --stride 8

@@ -331,6 +331,8 @@ def test_vision_scan_grid_falls_back_to_the_side_where_half_would_not_fit(tiny_v
     full = scan_mod._candidate_bytes(28, (8,), 3, 0.15, (8,))
     assert full < half
     fast = {"screen": 0, "keep": 1, "sign": 2.0, "per_class": 1}
+    with pytest.raises(SafeMergeError, match="unknown vision search option"):
+        scan_state(bb.model, None, state, head, enc, x, steps=1, n_null=4, vision_search={"stpes": 3})
     monkeypatch.setattr(scan_mod, "MAX_CANDIDATE_BYTES", (half + full) // 2)
     r = scan_state(bb.model, None, state, head, enc, x, steps=1, n_null=4, vision_search=fast)
     places = {tuple(int(v) for v in n.split("(")[1].rstrip(")").split(",")) for n in r.search["names"] if "(" in n}

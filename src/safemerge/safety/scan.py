@@ -610,10 +610,16 @@ def random_triggers(resolution: int, n: int, sides: tuple[int, int] = (3, 8), bl
     return masks, torch.rand(n, 3, resolution, resolution, generator=g)
 
 
+# the vision search's schedule (chosen on the tuning half, BENCHMARKS.md): 3 signed steps at every place of the
+# grid (a scan's default: half the patch side), `steps` more at the 8 best places per class, the 3 best measured
+VISION_SEARCH = {"screen": 3, "keep": 8, "sign": 2.0, "per_class": 3}
+
+
 def search_vision(model: TaskModel, encode: InputEncoder, images: torch.Tensor, sides: tuple[int, ...] = (8,),
-                  steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0, screen: int = 2,
-                  keep: int = 3, reference: TaskModel | None = None,
-                  strides: tuple[int, ...] | None = None, sign: float = 0.0, per_class: int = 1) -> dict:
+                  steps: int = 8, blend: float = 0.15, n_null: int = 24, seed: int = 0,
+                  screen: int = VISION_SEARCH["screen"], keep: int = VISION_SEARCH["keep"],
+                  reference: TaskModel | None = None, strides: tuple[int, ...] | None = None,
+                  sign: float = VISION_SEARCH["sign"], per_class: int = VISION_SEARCH["per_class"]) -> dict:
     """Trigger search and null distribution on one vision model (see `scan_state`): every position is
     optimised for `screen` steps (a grid of `strides`, default each side), the `keep` best per class and side
     for `steps` more (with `screen` 0, every position for `steps`); patch patterns take signed steps of size
@@ -904,11 +910,6 @@ def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: 
                                result.pattern["pattern"][None])[0][0, result.target])
 
 
-# search_vision's schedule in a scan (chosen on the tuning half, BENCHMARKS.md): 3 signed steps at every place of
-# a grid at half the patch side, 8 more at the 8 best places per class, the 3 best measured
-VISION_SEARCH = {"screen": 3, "keep": 8, "sign": 2.0, "per_class": 3}
-
-
 def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
                sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
@@ -930,6 +931,10 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     candidates are measured again on them and the score comes from those numbers (`confirm_search`; text:
     with a stand-in only)."""
     t0 = time.time()
+    unknown = set(vision_search or {}) - set(VISION_SEARCH)
+    if unknown:
+        raise SafeMergeError(f"scan: unknown vision search option(s) {sorted(unknown)} "
+                             f"(known: {sorted(VISION_SEARCH)})")
     model = _task_model(encoder, state, head, encode.modality or "text")
     if encode.modality == "vision":  # before any work
         res = torch.as_tensor(inputs).shape[-1]
@@ -948,7 +953,7 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
                              seed=seed, reference=ref_model)
     else:
         search = search_vision(model, encode, inputs, sides, steps, blend, n_null, seed,  # type: ignore[arg-type]
-                               reference=ref_model, strides=strides, **{**VISION_SEARCH, **(vision_search or {})})
+                               reference=ref_model, strides=strides, **(vision_search or {}))
     if agree is not None:
         search["agreement"] = agree
     search["modality"] = encode.modality or "text"
