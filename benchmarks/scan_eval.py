@@ -473,8 +473,9 @@ def markdown(res: dict) -> str:
                f"{d['auroc']} | {d['tpr_at_5fpr']} | {d.get('auroc_all')} | {d.get('tpr_at_5fpr_all')} |"
                for name, d in (("held-apart", h), (f"held-apart, pairs {res.get('fresh_from')}+ only", f),
                                ("tuning", t)) if d and d["n"]],
-             *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the search they are "
-                "scanned with was designed; every rule was chosen on the tuning half's numbers only."]
+             *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the second session's "
+                "design changes and never looked at before them; every rule and search schedule was chosen on the "
+                "tuning half's numbers only."]
                if f and f["n"] else []),
              "", f"Seconds per stored scan (as scanned, confirmation included where it ran): mean "
              f"{res['seconds_per_scan']['mean']}, max {res['seconds_per_scan']['max']}. "
