@@ -334,5 +334,7 @@ def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tm
                              "base_fingerprint": fingerprint(vb.model.state_dict()), "seed": 0})
     _one_line_error(runner.invoke(app, ["purify", str(vis), "--method", "e-pur", "--base", str(tiny_vision),
                                         "--out", str(out)]), "E-PUR purifies word embeddings")
+    _one_line_error(runner.invoke(app, ["scan", str(vis), "--base", str(tiny_vision), "--resolution", "28"]),
+                    "--resolution 28 resizes --data")  # not silently ignored on the task's own split
     _one_line_error(runner.invoke(app, ["scan", str(tmp_path)]), "not a model folder")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

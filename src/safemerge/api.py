@@ -433,6 +433,9 @@ def load_suspect(model: str, base: str | None = None, profile: str | None = None
         train, val = d.split.subset(perm[n_val:]), d.split.subset(perm[:n_val])
         texts = list(d.split.x) if loaded.modality == "text" else []
     else:
+        if opts.resolution:  # the task's own split comes at its profile's side: refuse rather than ignore
+            raise SafeMergeError(f"--resolution {opts.resolution} resizes --data; without it, {f.path.name} is "
+                                 f"scanned on its task's split at its profile's side (choose that with --profile)")
         train, val, texts = _zoo_splits(f, profile, loaded)
     return Suspect(f.path, f.manifest, f.encoder_state, f.head, f.task, loaded.base, loaded.base_state, train,  # type: ignore[arg-type]
                    val, loaded.encode, texts)
