@@ -433,16 +433,15 @@ def load_suspect(model: str, base: str | None = None, profile: str | None = None
         train, val = d.split.subset(perm[n_val:]), d.split.subset(perm[:n_val])
         texts = list(d.split.x) if loaded.modality == "text" else []
     else:
-        if opts.resolution:  # the task's own split comes at its profile's side: refuse rather than ignore
-            raise SafeMergeError(f"--resolution {opts.resolution} resizes --data; without it, {f.path.name} is "
-                                 f"scanned on its task's split at its profile's side (choose that with --profile)")
-        train, val, texts = _zoo_splits(f, profile, loaded)
+        train, val, texts = _zoo_splits(f, profile, loaded, opts.resolution)
     return Suspect(f.path, f.manifest, f.encoder_state, f.head, f.task, loaded.base, loaded.base_state, train,  # type: ignore[arg-type]
                    val, loaded.encode, texts)
 
 
-def _zoo_splits(folder: TaskFolder, profile: str | None, loaded: Loaded) -> tuple[Split, Split, list[str]]:
-    """A zoo model's task data (train, validation, unlabeled val + test texts), or an error asking for data."""
+def _zoo_splits(folder: TaskFolder, profile: str | None, loaded: Loaded,
+                resolution: int | None = None) -> tuple[Split, Split, list[str]]:
+    """A zoo model's task data (train, validation, unlabeled val + test texts), or an error asking for data
+    (or refusing a `resolution`, which only resizes the user's data: the task's split comes at its profile's)."""
     from dataclasses import fields
 
     from .bench.tasks import TASKS
@@ -451,6 +450,9 @@ def _zoo_splits(folder: TaskFolder, profile: str | None, loaded: Loaded) -> tupl
     if folder.task not in TASKS:
         raise SafeMergeError(f"{folder.path}: give examples of its task with --data FILE (JSONL, CSV, a "
                              "save_to_disk folder or an image folder)")
+    if resolution:
+        raise SafeMergeError(f"--resolution {resolution} resizes --data; without it, {folder.path.name} is "
+                             f"scanned on its task's split at its profile's side (choose that with --profile)")
     mp = folder.manifest.get("profile")
     if profile is not None:
         prof = get_profile(profile)
