@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scan_eval import FIT_INPUTS, TOOK, Builder, variant_score  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
+from safemerge.io import atomic_write_json  # noqa: E402
 from safemerge.paths import cache_dir  # noqa: E402
 from safemerge.safety.scan import _task_model, _TextProbe, auroc, fit_reference, tpr_at_fpr  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> None:
             continue
         cached = store / f"{meta['id']}.json"
         if not cached.exists():
-            cached.write_text(json.dumps(swept_candidates(b, path, meta, enc0)))
+            atomic_write_json(cached, swept_candidates(b, path, meta, enc0))
         tagged = json.loads(cached.read_text())["tagged"]
         shipped = variant_score(json.loads((path / "scan.json").read_text())["search"], "shipped")
         scores = {v: max([shipped] + [g for _, _, kind, rank, g in tagged if keep(kind, rank)])

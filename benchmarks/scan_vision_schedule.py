@@ -48,7 +48,7 @@ def main() -> None:
     specs = sorted(se.population("vision", se.PAIRS["vision"]), key=lambda s: (s["pair"], s["backdoored"]))
     specs = [s for s in specs if s["half"] == args.half and (root / s["id"] / "scan.json").exists()]
     if not args.summary:
-        (out / "schedule.json").write_text(json.dumps({**schedule, "steps": args.steps, "stride": args.stride}))
+        atomic_write_json(out / "schedule.json", {**schedule, "steps": args.steps, "stride": args.stride})
         b = se.Builder("vision", root)
         for spec in specs:
             f = out / f"{spec['id']}.json"

@@ -922,9 +922,8 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
     (e.g. E-PUR's ranking), runs of up to `max_len` tokens; vision: per class the best patches of each side of
     `sides` over a position grid (`strides`, default half of each side, or each side where that grid would
-    not fit in memory) searched on the schedule of
-    `VISION_SEARCH` (`vision_search` overrides it) with `steps` steps at the kept places, and a blend of weight
-    `blend`. `n_null` random tokens / patches form the null. With a `base` and `stand_in`, the
+    not fit in memory) searched on the schedule of `VISION_SEARCH` (`vision_search` overrides it) with `steps`
+    steps at the kept places, and a blend of weight `blend`. `n_null` random tokens / patches form the null. With a `base` and `stand_in`, the
     model's stand-in on the base (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search
     and calibrates the flips. With `confirm_inputs` (other unlabeled inputs than `inputs`, at least
     `MIN_CONFIRM_INPUTS`) and where `CONFIRM_RULE` says so for the modality (neither ships it), the search's
