@@ -22,6 +22,7 @@ rule (`scan.score_search`) whenever the results are written, so a changed rule n
     python benchmarks/scan_eval.py --backbone text                     # build + scan the pairs (PAIRS), resumable
     python benchmarks/scan_eval.py --backbone text --half tuning       # only one half this run
     python benchmarks/scan_eval.py --backbone text --purify            # + Fine-mixing / E-PUR on held-apart backdoors
+    python benchmarks/scan_eval.py --backbone vision --purify --repurify   # ... again, after a scan change
     python benchmarks/scan_eval.py --backbone text --render            # rewrite the results from the cache
     python benchmarks/scan_eval.py --backbone text --time 3 --half heldapart   # time the shipped scan alone
 """
@@ -461,6 +462,34 @@ def by_kind(rows: list[dict], threshold: float) -> dict:
     return out
 
 
+def purify_lines(res: dict) -> list[str]:
+    """The purification table: every purified held-apart backdoor, then success per trigger kind and head."""
+    done = [r for r in res["models"] if "purify" in r]
+    if not done:
+        return []
+    kinds: dict[str, list[int]] = {}  # purified, tried; of those, the backdoors that took
+    for r in done:
+        k = kinds.setdefault(f"{r['trigger']['kind']}, {r['head'].replace('_', ' ')}", [0, 0, 0, 0])
+        took = r["asr"] >= TOOK
+        k[0] += int(r["purify"]["success"])
+        k[1] += 1
+        k[2] += int(r["purify"]["success"] and took)
+        k[3] += int(took)
+    return ["", "Purification (Fine-mixing, random, 5% clean data" + (", E-PUR first" if res["backbone"] == "minilm-l6"
+            else "") + "; success = ASR <= 10% or within 2 points of the clean twin's, at <= 2 points of ACC "
+            "lost), held-apart backdoors:", "",
+            "| id | head | trigger | ACC / ASR before | scan before | keep ratio | ACC / ASR after | twin ASR | "
+            "scan after | success | warning |", "|---|---|---|---|---|---|---|---|---|---|---|",
+            *[f"| {r['id']} | {r['head']} | {r['trigger_name']} | {r['acc']} / {r['asr']} | "
+              f"{r['purify'].get('scan_before')} | {r['purify'].get('keep_ratio')} | {r['purify']['acc_after']} / "
+              f"{r['purify']['asr_after']} | {r['purify'].get('twin_asr')} | {r['purify'].get('scan_after')} | "
+              f"{'yes' if r['purify']['success'] else 'no'} | {r['purify'].get('warning') or ''} |" for r in done],
+            "", f"| trigger kind, head | purified / tried | of the backdoors that took (ASR >= {TOOK:g}%) |",
+            "|---|---|---|", *[f"| {k} | {v[0]}/{v[1]} | {v[2]}/{v[3]} |" for k, v in sorted(kinds.items())],
+            f"| all | {sum(v[0] for v in kinds.values())}/{len(done)} | {sum(v[2] for v in kinds.values())}/"
+            f"{sum(v[3] for v in kinds.values())} |"]
+
+
 def markdown(res: dict) -> str:
     h, t, f = res["heldapart"], res["tuning"], res.get("heldapart_fresh")
     lines = [f"# Scan on held-apart models: {res['backbone']}", "",
@@ -492,6 +521,7 @@ def markdown(res: dict) -> str:
              "| kind | head | backdoored flagged | clean flagged |", "|---|---|---|---|",
              *[f"| {k} | {h} | {v['bd_flagged']}/{v['bd']} | {v['clean_flagged']}/{v['clean']} |"
                for (k, h), v in sorted(((tuple(kk.split('/')), vv) for kk, vv in res['by_kind'].items()))],
+             *purify_lines(res),
              "",
              "| id | half | task | head | steps | trigger | rate | ACC | ASR | score | flip | found | trigger found | E-PUR rank |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -535,6 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weight-candidates", type=int, default=WEIGHT_CANDIDATES,
                     help="text: E-PUR's top tokens tried as single-token candidates")
     ap.add_argument("--purify", action="store_true", help="also purify the held-apart backdoored models (slow)")
+    ap.add_argument("--repurify", action="store_true",
+                    help="with --purify: purify again models purified before their last scan (a scan change)")
     ap.add_argument("--confirm-stored", action="store_true",
                     help="text: confirm stored searches on the unseen inputs (as a rescan would) without searching")
     ap.add_argument("--time", type=int, default=None, metavar="N",
@@ -593,7 +625,9 @@ def main(argv: list[str] | None = None) -> dict:
         for spec in order:
             path = root / spec["id"]
             out_p = path / "purify.json"
-            if not spec["backdoored"] or spec["half"] != "heldapart" or out_p.exists() or \
+            if not spec["backdoored"] or spec["half"] != "heldapart" or (out_p.exists() and not (
+                    args.repurify and (path / "scan.json").exists()
+                    and out_p.stat().st_mtime < (path / "scan.json").stat().st_mtime)) or \
                     not is_current(path, spec):
                 continue
             if args.max_models is not None and done >= args.max_models:

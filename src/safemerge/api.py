@@ -155,11 +155,10 @@ def read_data(path: str, loaded: Loaded, folder: TaskFolder | None, opts: DataOp
               require_labels: bool = False) -> UserData:
     """A user's data file for one task, with labels mapped through the model's own label names."""
     opts = opts or DataOptions()
-    if opts.resolution and loaded.modality == "vision" and opts.resolution != loaded.base.image_size:
-        cfg = getattr(loaded.base.model.config, "vision_config", loaded.base.model.config)
-        if getattr(cfg, "model_type", "") != "dinov2":  # ViT, DeiT, BEiT, CLIP take their own side only
-            raise SafeMergeError(f"--resolution {opts.resolution}: {getattr(cfg, 'model_type', 'this')} encoders "
-                                 f"take {loaded.base.image_size}-px images only (DINOv2 takes any side)")
+    if opts.resolution and loaded.modality == "vision" and opts.resolution != loaded.base.image_size \
+            and not loaded.base.any_resolution:
+        raise SafeMergeError(f"--resolution {opts.resolution}: {loaded.base.model_type or 'this'} encoders "
+                             f"take {loaded.base.image_size}-px images only (DINOv2 takes any side)")
     head = folder.head if folder is not None else None
     labels = folder.labels.get(folder.task) if folder is not None else None
     names = labels if labels and not all(n.startswith("LABEL_") or n.isdigit() for n in labels) else None

@@ -44,6 +44,17 @@ class Backbone:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def model_type(self) -> str:
+        cfg = getattr(self.model.config, "vision_config", self.model.config)
+        return str(getattr(cfg, "model_type", ""))
+
+    @property
+    def any_resolution(self) -> bool:
+        """Whether the encoder takes images of any side (DINOv2 interpolates its position embeddings; ViT, DeiT,
+        BEiT and CLIP as loaded here take their own side only)."""
+        return self.model_type == "dinov2"
+
 
 # transformers >= 5 renamed the ViT/DINOv2 attention projections; checkpoints saved by older releases (and by
 # save_pretrained, which writes the legacy names) still use these. One table, used wherever keys are compared.
