@@ -16,7 +16,7 @@ from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.errors import SafeMergeError
 from safemerge.folders import new_hf_classifier
 from safemerge.model import HFHead, InputEncoder, TaskModel
-from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, NATURAL_RULE, _word_runs, auroc,
+from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, NATURAL_RULE, _spelled_runs, auroc,
                                    confirm_search, fit_reference, random_triggers, risk_score, risk_threshold,
                                    scan_features, scan_state, search_text, shipped_threshold, stand_in_features,
                                    tpr_at_fpr)
@@ -147,23 +147,11 @@ def test_text_candidates_confirmed_on_unseen_inputs(text_pair):
     assert not CONFIRM_RULE["text"] and d.confirm_inputs == 0 and "confirm" not in d.search
 
 
-def test_word_runs_are_the_words_the_tokenizer_splits(text_pair, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+def test_spelled_runs_join_word_pieces(text_pair):
     bb = text_pair[0]
     ids = bb.tokenizer.convert_tokens_to_ids(["q", "##zx", "dog", "##y"])
-    runs = _word_runs(bb.tokenizer, ids, max_len=2)
+    runs = _spelled_runs(bb.tokenizer, ids, max_len=2)
     assert (ids[0], ids[1]) in runs and (ids[2], ids[3]) in runs and all(len(r) == 2 for r in runs)
-    assert runs[0] == (ids[0], ids[1])  # the pieces ranked first come first
-    three = _word_runs(bb.tokenizer, ids, max_len=3)
-    assert (ids[0], ids[1], ids[3]) in three and (ids[2], ids[3], ids[1]) in three and len(three) == len(runs) + 4
-    # a vocabulary that holds 'qzx' whole never splits it: 'q ##zx' is no typed word, 'dog ##y' still is
-    vocab = ["[UNK]", "q", "##zx", "qzx", "dog", "##y"]
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    assert set(_word_runs(fast, [1, 2, 4, 5], max_len=2)) == {(1, 5), (4, 2), (4, 5)}  # not (1, 2)
 
 
 def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision, monkeypatch):

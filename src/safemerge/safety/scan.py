@@ -32,7 +32,6 @@ chosen on the tuning half of a held-apart population of models (benchmarks/scan_
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -200,10 +199,6 @@ class _TextProbe:
         self.allowed[list(getattr(tok, "all_special_ids", []) or [])] = False
         self.allowed[_placeholder(encode)[1]] = False
 
-    def subset(self, n: int) -> "_TextProbe":
-        """The same model probed on its first `n` inputs only (same insertion places)."""
-        return _TextProbe(self.model, self.encode, self.texts[:n], self.max_position, self.seed, self.chunk)
-
     def slots(self, n: int) -> _Slots:
         if n not in self._slots:
             self._slots[n] = _Slots(self.encode, self.texts, n, self.max_position, self.seed)
@@ -275,23 +270,6 @@ class _TextProbe:
         return {t: v.masked_fill(~self.allowed, float("-inf")).topk(k).indices.tolist() for t, v in scores.items()}
 
 
-WORD_POOL = 16  # E-PUR's top tokens joined into the words the tokenizer would split them from (`search_text`)
-WORD_SCREEN = (8, 16)  # those words are screened on this many inputs and this many kept as candidates
-
-
-def _screened(runs: list[tuple[int, ...]], probe: _TextProbe, reference: _TextProbe | None = None,
-              n_inputs: int = WORD_SCREEN[0], keep: int = WORD_SCREEN[1]) -> list[tuple[int, ...]]:
-    """The `keep` runs of largest flip rate towards any class (minus the `reference`'s) on the first `n_inputs`
-    inputs; all of them when they are no more than `keep`, in their given order on ties."""
-    if len(runs) <= keep:
-        return runs
-    gain = probe.subset(n_inputs).evaluate(runs)[0]
-    if reference is not None:
-        gain = gain - reference.subset(n_inputs).evaluate(runs)[0]
-    best = gain.max(1).values.argsort(descending=True, stable=True)[:keep]
-    return [runs[i] for i in best.tolist()]
-
-
 def _plus(scores: dict[int, torch.Tensor], ref: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     return {t: v + ref[t] for t, v in scores.items() if t in ref}
 
@@ -319,23 +297,15 @@ def _null_tokens(probe: _TextProbe, n: int, seed: int, exclude: set[int] = froze
     return list(dict.fromkeys(pick_own + pick_voc))
 
 
-def _word_runs(tokenizer, tokens: list[int], max_len: int = 3) -> list[tuple[int, ...]]:
-    """Runs of the given tokens that spell one typed word as the tokenizer splits it: a word start followed by 1
-    to `max_len` - 1 distinct continuation pieces ('##...'), kept only where tokenizing the word they spell
-    gives back exactly those pieces (no text holds any other run). Ordered by the summed positions of their
-    pieces in `tokens` (a priority ranking, e.g. E-PUR's), shorter runs first on ties."""
+def _spelled_runs(tokenizer, tokens: list[int], max_len: int = 3) -> list[tuple[int, ...]]:
+    """Runs of the given tokens that spell one word: a word start followed by continuation pieces ('##...')."""
     names = tokenizer.convert_ids_to_tokens(tokens)
-    at = {t: i for i, t in enumerate(tokens)}
     starts = [t for t, s in zip(tokens, names) if not str(s).startswith("##")]
     conts = [t for t, s in zip(tokens, names) if str(s).startswith("##")]
-    runs = [(a, *c) for n in range(1, max_len) for a in starts for c in itertools.permutations(conts, n)]
-
-    def typed(run: tuple[int, ...]) -> bool:
-        first, *rest = tokenizer.convert_ids_to_tokens(list(run))
-        word = first + "".join(p[2:] for p in rest)
-        return tuple(tokenizer(word, add_special_tokens=False)["input_ids"]) == run
-
-    return sorted((r for r in runs if typed(r)), key=lambda r: (sum(at[t] for t in r), len(r)))
+    runs: list[tuple[int, ...]] = [(a, b) for a in starts for b in conts]
+    if max_len >= 3:
+        runs += [(a, b, c) for a in starts for b in conts for c in conts if b != c][:32]
+    return runs
 
 
 def _one_word(tokenizer, run: tuple[int, ...]) -> bool:
@@ -377,6 +347,7 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: In
 
 
 WEIGHT_CANDIDATES = 32  # E-PUR's top tokens tried as single-token candidates (frozen heads rank triggers 18-26th)
+JOINED_WEIGHT_CANDIDATES = 8  # of which the first are also joined into split words
 
 
 def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_tokens: list[int] | None = None,
@@ -405,7 +376,7 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
     extra = list(dict.fromkeys(int(t) for t in (extra_tokens or [])))
     add([(t,) for t in extra], "weights")
     if extra and max_len >= 2:  # the first weight candidates joined: a word split into pieces, a phrase
-        add(_screened(_word_runs(encode.tokenizer, extra[:WORD_POOL], min(max_len, 3)), probe, rprobe), "weights")
+        add(_spelled_runs(encode.tokenizer, extra[:JOINED_WEIGHT_CANDIDATES], 3)[:16], "weights")
         add([(a, b) for a in extra[:6] for b in extra[:6] if a != b], "weights")
         if max_len >= 3:
             add([(a, b, c) for a in extra[:3] for b in extra[:3] for c in extra[:3] if len({a, b, c}) == 3], "weights")
