@@ -68,15 +68,22 @@ FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
-PAIRS = {"text": 50, "vision": 50}  # pairs built after a design change (from 20) check it; 40-49 added later
+PAIRS = {"text": 50, "vision": 60}  # pairs built after a design change (from 20) check it; 40-59 added later
+UNCONFOUNDED_FROM = 50  # from this pair on the trigger kind no longer follows the task within a half
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
 
 
 # ------------------------------------------------------------------------------------------ population
 
 
+def kind_index(p: int) -> int:
+    return (p // 2) % 3 if p < UNCONFOUNDED_FROM else (p // 2 + p // 6) % 3
+
+
 def population(backbone: str, n_pairs: int) -> list[dict]:
-    """Model specs, in pairs (clean, backdoored twin), deterministic. Pair p has seed p; even seeds tune."""
+    """Model specs, in pairs (clean, backdoored twin), deterministic. Pair p has seed p; even seeds tune. The task
+    is p mod 6 and, before pair `UNCONFOUNDED_FROM`, the trigger kind (p // 2) mod 3, which gives every task of a
+    half one kind; from it on the kind is (p // 2 + p // 6) mod 3, which cycles through the kinds per task."""
     tasks = task_names("text" if backbone == "text" else "vision")
     specs = []
     for p in range(n_pairs):
@@ -89,12 +96,12 @@ def population(backbone: str, n_pairs: int) -> list[dict]:
         base = {"pair": p, "seed": p, "half": "tuning" if p % 2 == 0 else "heldapart", "task": task, "head": head,
                 "steps": steps}
         if backbone == "text":
-            kind = ["word", "split", "phrase"][(p // 2) % 3]
+            kind = ["word", "split", "phrase"][kind_index(p)]
             text = {"word": rng.choice(RARE_WORDS), "split": rng.choice(MADE_UP), "phrase": rng.choice(PHRASES)}[kind]
             pos = rng.choice(["random", "random", "start", 2, 4])
             trigger = {"kind": kind, "text": text, "position": pos}
         else:
-            kind = ["patch", "patch_random", "blend"][(p // 2) % 3]
+            kind = ["patch", "patch_random", "blend"][kind_index(p)]
             side = rng.randint(3, 8)
             trigger = {"kind": kind, "patch": rng.choice(["checkerboard", "noise", rng.choice(COLOURS)]),
                        "size": side if kind != "blend" else 1, "blend": rng.choice([0.1, 0.15, 0.2]) if kind == "blend" else 1.0,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, TOOK, Builder, found_trigger  # noqa: E402
+from scan_eval import FIT_INPUTS, TOOK, Builder, found_trigger, stored_search  # noqa: E402
 from scan_text_sweep import sweep  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
@@ -40,8 +40,6 @@ N_INPUTS = 32  # the scan's own inputs (scan_eval's --inputs default)
 
 def default_models(root: Path, tokenizer) -> list[str]:
     """Tuning-half backdoors that took and whose stored search (shipped rule) did not find the trigger."""
-    from scan_eval import stored_search
-
     out = []
     for path in sorted(root.glob("p*-bd")):
         meta_p, scan_p = path / "scan-eval.json", path / "scan.json"
@@ -105,8 +103,7 @@ def main() -> None:
         probe, rprobe = _TextProbe(model, b.encode, texts, 8, 0), _TextProbe(ref, b.encode, texts, 8, 0)
         pieces = tuple(tok(meta["trigger"]["text"], add_special_tokens=False)["input_ids"])
         t = meta["target"]
-        parts = [pieces[i:j] for n in range(len(pieces), 0, -1) for i in range(len(pieces) - n + 1)
-                 for j in [i + n]]
+        parts = [pieces[i:i + n] for n in range(len(pieces), 0, -1) for i in range(len(pieces) - n + 1)]
         flips, rflips = probe.evaluate(parts)[0][:, t], rprobe.evaluate(parts)[0][:, t]
         print(f"{pid} {meta['task']} head {meta['head']} trigger {meta['trigger']['text']!r} at "
               f"{meta['trigger']['position']} -> class {t}: ACC {meta['acc']} ASR {meta['asr']}")
