@@ -68,7 +68,7 @@ FIT_INPUTS = 256  # unlabeled validation inputs the scan fits the model's stand-
 # an attacker checks that the backdoor took: every backdoored model sees at least this many poisoned examples
 # (at 32 the first built models ended at 34-45% ASR)
 MIN_POISONED_SEEN = 128
-PAIRS = {"text": 50, "vision": 60}  # pairs built after a design change (from 20) check it; 40-59 added later
+PAIRS = {"text": 60, "vision": 60}  # pairs built after a design change (from 20) check it; 40-59 added later
 UNCONFOUNDED_FROM = 50  # from this pair on the trigger kind no longer follows the task within a half
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
 
