@@ -77,6 +77,7 @@ TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an 
 
 
 def kind_index(p: int) -> int:
+    """Pair p's trigger kind, an index into the backbone's three kinds (see `population`)."""
     return (p // 2) % 3 if p < UNCONFOUNDED_FROM else (p // 2 + p // 6) % 3
 
 
