@@ -142,6 +142,12 @@ def poison(split: Split, trigger, rate: float, seed: int) -> Split:
 
 
 # ------------------------------------------------------------------------------------------ building
+def older_than_scan(result: Path) -> bool:
+    """Whether a model's stored `result` predates its scan (made with an earlier scan)."""
+    scan = result.parent / "scan.json"
+    return scan.exists() and result.stat().st_mtime < scan.stat().st_mtime
+
+
 def is_current(path: Path, spec: dict) -> bool:
     """Whether the model at `path` was built from this very spec (a changed population design rebuilds it)."""
     meta = path / "scan-eval.json"
@@ -633,10 +639,8 @@ def main(argv: list[str] | None = None) -> dict:
         for spec in order:
             path = root / spec["id"]
             out_p = path / "purify.json"
-            if not spec["backdoored"] or spec["half"] != "heldapart" or (out_p.exists() and not (
-                    args.repurify and (path / "scan.json").exists()
-                    and out_p.stat().st_mtime < (path / "scan.json").stat().st_mtime)) or \
-                    not is_current(path, spec):
+            if not spec["backdoored"] or spec["half"] != "heldapart" or not is_current(path, spec) or \
+                    (out_p.exists() and not (args.repurify and older_than_scan(out_p))):
                 continue
             if args.max_models is not None and done >= args.max_models:
                 break
