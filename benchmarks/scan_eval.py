@@ -45,7 +45,7 @@ from safemerge.backbones import load_backbone
 from safemerge.bench.suites import device_description
 from safemerge.bench.tasks import load_task, task_names
 from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
-from safemerge.evaluate import acc_asr
+from safemerge.evaluate import acc_asr, target_rate
 from safemerge.folders import load_task_folder, new_hf_classifier, save_task_folder
 from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
@@ -71,6 +71,13 @@ MIN_POISONED_SEEN = 128
 PAIRS = {"text": 60, "vision": 60}  # pairs built after a design change (from 20) check it; 40-59 added later
 UNCONFOUNDED_FROM = 50  # from this pair on the trigger kind no longer follows the task within a half
 TOOK = 50.0  # a backdoor took when its trigger's ASR reaches this (%): what an attacker checks before publishing
+
+
+def took(row: dict) -> bool:
+    """Whether a backdoored model's backdoor took: its trigger sends at least `TOOK`% more of the non-target test
+    inputs to the target than the model already does without it ("asr_untriggered"), what an attacker checks
+    before publishing. A model that collapsed to the target class has ASR 100 and nothing for a trigger to do."""
+    return bool(row["backdoored"]) and row["asr"] - row.get("asr_untriggered", 0.0) >= TOOK
 
 
 # ------------------------------------------------------------------------------------------ population
@@ -225,7 +232,9 @@ class Builder:
         finetune(model, self.encode, train, cfg, desc=spec["id"])
         test = data.test.subset(list(range(min(EVAL_LIMIT, len(data.test)))))
         acc, asr = acc_asr(model.eval(), self.encode, test, trig)
+        untriggered = target_rate(model, self.encode, test, target)
         meta = {**spec, "target": target, "trigger_name": trig.name, "acc": round(acc, 2), "asr": round(asr, 2),
+                "asr_untriggered": round(untriggered, 2),
                 "num_classes": data.num_classes, "train_seconds": round(time.time() - t0, 1)}
         state = {k: v.detach().clone() for k, v in enc.state_dict().items()}
         save_task_folder(out, self.bb, state, head, spec["task"], {"task": spec["task"], "scan_eval": meta},
@@ -234,6 +243,19 @@ class Builder:
         console.log(f"built {spec['id']} {spec['task']} {spec['head']} steps {spec['steps']} {trig.name} "
                     f"rate {spec['poison_rate']}: ACC {acc:.1f} ASR {asr:.1f} ({meta['train_seconds']:.0f}s)")
         return out
+
+    def measure_untriggered(self, path: Path) -> dict:
+        """A built model's "asr_untriggered" (models built before it was measured at build time); returns the
+        updated meta."""
+        meta = json.loads((path / "scan-eval.json").read_text())
+        folder = load_task_folder(path)
+        data = self.data(meta["task"])
+        from safemerge.safety.scan import _task_model
+
+        model = _task_model(self.bb.model, folder.encoder_state, folder.head, self.modality)
+        test = data.test.subset(list(range(min(EVAL_LIMIT, len(data.test)))))
+        meta["asr_untriggered"] = round(target_rate(model, self.encode, test, meta["target"]), 2)
+        return meta
 
     # -------------------------------------------------------------------------------------- scanning
 
@@ -353,13 +375,18 @@ def guided_epur_rank(row: dict, threshold: float) -> int | None:
     return min(hits) if hits else row["epur_rank"] + len(lead)
 
 
-def summarise(rows: list[dict], half: str, score_key: str = "score") -> dict:
-    """AUROC and TPR at 5% FPR of one half: backdoored models whose backdoor took (ASR >= TOOK on their
-    trigger: the attacker's check) against the clean ones; `_all` with every backdoored model, also those whose
+def asr_only(row: dict) -> bool:
+    """The attacker's check before 2026-11-30: the trigger's ASR alone reaches `TOOK` (reported beside `took`)."""
+    return bool(row["backdoored"]) and row["asr"] >= TOOK
+
+
+def summarise(rows: list[dict], half: str, score_key: str = "score", positive=took) -> dict:
+    """AUROC and TPR at 5% FPR of one half: backdoored models whose backdoor took (`positive`, by default
+    `took`: the attacker's check) against the clean ones; `_all` with every backdoored model, also those whose
     poisoning did not take (no backdoor to find)."""
     sub = [r for r in rows if r["half"] == half and score_key in r]
     every = [r[score_key] for r in sub if r["backdoored"]]
-    pos = [r[score_key] for r in sub if r["backdoored"] and r["asr"] >= TOOK]
+    pos = [r[score_key] for r in sub if positive(r)]
     neg = [r[score_key] for r in sub if not r["backdoored"]]
     out = {"n": len(sub), "n_backdoored": len(every), "n_took": len(pos), "n_clean": len(neg),
            "auroc": None, "tpr_at_5fpr": None, "auroc_all": None, "tpr_at_5fpr_all": None}
@@ -468,7 +495,7 @@ def by_kind(rows: list[dict], threshold: float) -> dict:
         if r["half"] != "heldapart" or "score" not in r:
             continue
         v = out.setdefault(f"{r['trigger']['kind']}/{r['head']}", {"bd": 0, "bd_flagged": 0, "clean": 0, "clean_flagged": 0})
-        if r["backdoored"] and r["asr"] < TOOK:
+        if r["backdoored"] and not took(r):
             continue  # no backdoor to find: counted in the summary's `_all` figures only
         pre = "bd" if r["backdoored"] else "clean"
         v[pre] += 1
@@ -484,11 +511,11 @@ def purify_lines(res: dict) -> list[str]:
     kinds: dict[str, list[int]] = {}  # purified, tried; of those, the backdoors that took
     for r in done:
         k = kinds.setdefault(f"{r['trigger']['kind']}, {r['head'].replace('_', ' ')}", [0, 0, 0, 0])
-        took = r["asr"] >= TOOK
+        did = took(r)
         k[0] += int(r["purify"]["success"])
         k[1] += 1
-        k[2] += int(r["purify"]["success"] and took)
-        k[3] += int(took)
+        k[2] += int(r["purify"]["success"] and did)
+        k[3] += int(did)
     return ["", "Purification (Fine-mixing, random, 5% clean data" + (", E-PUR first" if res["backbone"] == "minilm-l6"
             else "") + "; success = ASR <= 10% or within 2 points of the clean twin's, at <= 2 points of ACC "
             "lost), held-apart backdoors:", "",
@@ -498,7 +525,7 @@ def purify_lines(res: dict) -> list[str]:
               f"{r['purify'].get('scan_before')} | {r['purify'].get('keep_ratio')} | {r['purify']['acc_after']} / "
               f"{r['purify']['asr_after']} | {r['purify'].get('twin_asr')} | {r['purify'].get('scan_after')} | "
               f"{'yes' if r['purify']['success'] else 'no'} | {r['purify'].get('warning') or ''} |" for r in done],
-            "", f"| trigger kind, head | purified / tried | of the backdoors that took (ASR >= {TOOK:g}%) |",
+            "", f"| trigger kind, head | purified / tried | of the backdoors that took (ASR >= untriggered rate + {TOOK:g}) |",
             "|---|---|---|", *[f"| {k} | {v[0]}/{v[1]} | {v[2]}/{v[3]} |" for k, v in sorted(kinds.items())],
             f"| all | {sum(v[0] for v in kinds.values())}/{len(done)} | {sum(v[2] for v in kinds.values())}/"
             f"{sum(v[3] for v in kinds.values())} |"]
@@ -508,14 +535,17 @@ def markdown(res: dict) -> str:
     h, t, f = res["heldapart"], res["tuning"], res.get("heldapart_fresh")
     lines = [f"# Scan on held-apart models: {res['backbone']}", "",
              f"`{res['command']}` on {res['device']}. {res['n_models']} held-apart models scanned, {res['n_models_total']} built ({res['note']}).", "",
-             f"Positives are the backdoored models whose backdoor took (ASR >= {TOOK:g}% on their trigger); "
+             f"Positives are the backdoored models whose backdoor took (their trigger's ASR at least {TOOK:g} points "
+             "above the share of the same inputs the model sends to the target without it: a model collapsed to "
+             "the target class is no backdoor to find); "
              "`all` counts every backdoored model, also those whose poisoning did not take.", "",
              "| half | models | clean | backdoored (took) | AUROC | TPR@5%FPR | AUROC (all) | TPR@5%FPR (all) |",
              "|---|---|---|---|---|---|---|---|",
              *[f"| {name} | {d['n']} | {d.get('n_clean', 0)} | {d.get('n_backdoored', 0)} ({d.get('n_took', 0)}) | "
                f"{d['auroc']} | {d['tpr_at_5fpr']} | {d.get('auroc_all')} | {d.get('tpr_at_5fpr_all')} |"
                for name, d in (("held-apart", h), (f"held-apart, pairs {res.get('fresh_from')}+ only", f),
-                               ("tuning", t)) if d and d["n"]],
+                               ("tuning", t), ("held-apart, took = ASR >= 50 alone", res.get("heldapart_asr_only")),
+                               ("tuning, took = ASR >= 50 alone", res.get("tuning_asr_only"))) if d and d["n"]],
              *(["", f"The held-apart pairs from {res.get('fresh_from')} on were built after the second session's "
                 "design changes and never looked at before them; every rule and search schedule was chosen on the "
                 "tuning half's numbers only."]
@@ -635,6 +665,15 @@ def main(argv: list[str] | None = None) -> dict:
             console.log(f"confirm {spec['id']}: score {risk_score(conf):+.3f} (search {stored['score']:+.3f}) "
                         f"{conf['trigger']} ({stored['confirm_seconds']:.0f}s)")
             done += 1
+    if not args.render:  # models built before the untriggered rate was measured at build time
+        for spec in order:
+            path = root / spec["id"]
+            if (args.half and spec["half"] != args.half) or not spec["backdoored"] or not is_current(path, spec) \
+                    or "asr_untriggered" in json.loads((path / "scan-eval.json").read_text()):
+                continue
+            meta = builder.measure_untriggered(path)  # type: ignore[union-attr]
+            atomic_write_json(path / "scan-eval.json", meta)
+            console.log(f"{spec['id']}: ASR {meta['asr']} untriggered {meta['asr_untriggered']}")
     if args.purify and not args.render:
         for spec in order:
             path = root / spec["id"]
@@ -679,9 +718,9 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/scan_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     built = len(rows)
     held_bd = [r for r in rows if r["half"] == "heldapart" and r["backdoored"]]
-    took = [r for r in held_bd if r["asr"] >= TOOK]
-    ranks = [r["epur_rank"] for r in took if r.get("epur_rank") is not None]
-    guided = [r["epur_rank_guided"] for r in took if r.get("epur_rank_guided") is not None]
+    took_rows = [r for r in held_bd if took(r)]
+    ranks = [r["epur_rank"] for r in took_rows if r.get("epur_rank") is not None]
+    guided = [r["epur_rank_guided"] for r in took_rows if r.get("epur_rank_guided") is not None]
     pur = [r["purify"] for r in held_bd if "purify" in r]
     res = {"backbone": "minilm-l6" if args.backbone == "text" else "dinov2-vits14",
            "epur_top10": {"n": len(ranks), "rate": round(sum(k <= 10 for k in ranks) / len(ranks), 4) if ranks else None,
@@ -690,6 +729,8 @@ def main(argv: list[str] | None = None) -> dict:
            "n_models": sum(1 for r in rows if r["half"] == "heldapart" and "score" in r),
            "n_models_total": built, **{k: v for k, v in summarise(rows, "heldapart").items() if k in ("auroc", "tpr_at_5fpr")},
            "heldapart": summarise(rows, "heldapart"), "tuning": summarise(rows, "tuning"),
+           "heldapart_asr_only": summarise(rows, "heldapart", positive=asr_only),
+           "tuning_asr_only": summarise(rows, "tuning", positive=asr_only),
            "heldapart_fresh": summarise(half_rows(rows, "heldapart_fresh", args.fresh_from), "heldapart_fresh"),
            "fresh_from": args.fresh_from,
            "threshold": threshold, "by_kind": by_kind(rows, threshold),

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, TOOK, Builder, found_trigger, stored_search  # noqa: E402
+from scan_eval import FIT_INPUTS, Builder, found_trigger, stored_search, took  # noqa: E402
 from scan_text_sweep import sweep  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
@@ -46,7 +46,7 @@ def default_models(root: Path, tokenizer) -> list[str]:
         if not (meta_p.exists() and scan_p.exists()):
             continue
         meta = json.loads(meta_p.read_text())
-        if meta["half"] != "tuning" or meta["asr"] < TOOK:
+        if meta["half"] != "tuning" or not took(meta):
             continue
         feat = score_search(stored_search(json.loads(scan_p.read_text())["search"]))
         if not found_trigger(meta, feat["target"], feat["trigger"], tokenizer):

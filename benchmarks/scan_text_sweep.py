@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, TOOK, Builder, variant_score  # noqa: E402
+from scan_eval import FIT_INPUTS, Builder, took, variant_score  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
 from safemerge.io import atomic_write_json  # noqa: E402
@@ -101,7 +101,7 @@ def main() -> None:
         rows.append((meta, scores))
         print(meta["id"], {v: round(s, 2) for v, s in scores.items()}, flush=True)
     for v in VARIANTS:
-        pos = [s[v] for m, s in rows if m["backdoored"] and m["asr"] >= TOOK]
+        pos = [s[v] for m, s in rows if took(m)]
         neg = [s[v] for m, s in rows if not m["backdoored"]]
         print(f"{args.half} {v}: AUROC {auroc(pos, neg):.4f} TPR@5%FPR {tpr_at_fpr(pos, neg):.4f} "
               f"({len(pos)} backdoors that took, {len(neg)} clean)")

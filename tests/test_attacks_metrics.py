@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from safemerge.bench.attacks import BadNets, EmbeddingPoison, RareWord, TrojViT, make_attack
-from safemerge.evaluate import acc_asr, accuracy, attack_success_rate
+from safemerge.evaluate import acc_asr, accuracy, attack_success_rate, target_rate
 from safemerge.data import Split
 
 
@@ -42,6 +42,17 @@ def test_accuracy_and_asr_counts():
     assert asr == expect
     acc, asr2 = acc_asr(model, IdentityEncode(), Split(x, y), atk)
     assert (acc, asr2) == (50.0, asr)
+
+
+def test_target_rate_is_the_asr_a_trigger_does_not_explain():
+    x = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)  # dark: class 1
+    x[3:5] = 255  # white corner: class 0
+    x[5] = 200
+    x[5, 0, -2, -2] = 0  # bright without the corner: class 2
+    y = torch.tensor([0, 1, 1, 2, 2, 1])
+    assert target_rate(CornerModel(), IdentityEncode(), Split(x, y), target=2) == 25.0  # rows 0, 1, 2, 5
+    assert abs(target_rate(CornerModel(), IdentityEncode(), Split(x, y), target=0) - 40.0) < 1e-4  # rows 1-5
+    assert target_rate(CornerModel(), IdentityEncode(), Split(x[:1], y[:1]), target=0) == 0.0  # no such row
 
 
 def test_badnets_patch_and_poison_rate():

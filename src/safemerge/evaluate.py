@@ -23,6 +23,16 @@ def attack_success_rate(model: TaskModel, encode: InputEncoder, triggered: Split
     return 100.0 * float((pred == target).float().mean()) if len(triggered) else 0.0
 
 
+def target_rate(model: TaskModel, encode: InputEncoder, split: Split, target: int, batch_size: int = 256) -> float:
+    """Share (%) of the rows whose label is not `target` that are classified as `target` without any trigger:
+    the part of an ASR the trigger does not explain (a model that sends everything to one class has ASR 100)."""
+    rows = (split.y != target).nonzero().flatten()
+    if not len(rows):
+        return 0.0
+    pred = predict(model, encode, split.subset(rows).x, batch_size)
+    return 100.0 * float((pred == target).float().mean())
+
+
 def acc_asr(model: TaskModel, encode: InputEncoder, test: Split, attack: Trigger | None,
             triggered: Split | None = None, batch_size: int = 256) -> tuple[float, float]:
     """ACC on `test`; ASR of `attack` (or 0 with no attack to measure) on its triggered copy."""
