@@ -227,6 +227,9 @@ def test_eval_reads_every_format_and_matches_transformers(bert, tmp_path):
     res = runner.invoke(app, ["eval", str(models[0]), "--data", str(tmp_path / "d.jsonl"), "--trigger", "word:cf",
                               "--target", "1", "--json"])
     assert res.exit_code == 0 and "asr" in json.loads(res.stdout)[0], res.output
+    labels = torch.tensor([r["label"] for r in rows])
+    untriggered = 100.0 * float((pred[labels != 1] == 1).float().mean())  # transformers' own, without the trigger
+    assert abs(json.loads(res.stdout)[0]["asr_untriggered"] - round(untriggered, 2)) < 1e-6
 
 
 def _one_line_error(res, pattern: str) -> None:

@@ -21,7 +21,7 @@ from .backbones import Backbone, fingerprint, load_backbone, resolve_backbone_pa
 from .config import DataOptions, MergeConfig, ModelRef
 from .data import Split, UserData, load_data, parse_trigger
 from .errors import SafeMergeError
-from .evaluate import acc_asr
+from .evaluate import acc_asr, target_rate
 from .folders import MANIFEST, TaskFolder, base_options, check_against_base, load_task_folder, save_task_folder
 from .model import InputEncoder, TaskModel
 
@@ -278,8 +278,10 @@ def _eval_row(loaded: Loaded, state: dict, folder: TaskFolder, data: UserData, t
     model = TaskModel(enc, folder.head, loaded.modality)  # type: ignore[arg-type]
     acc, asr = acc_asr(model, loaded.encode, data.split, trigger)
     row = {"task": folder.task, "acc": round(acc, 2), "examples": len(data), "data": data.source}
-    if trigger is not None:
-        row.update({"asr": round(asr, 2), "trigger": trigger.name, "target": trigger.target})
+    if trigger is not None:  # with the share the model sends to the target anyway (a collapsed model: ASR 100)
+        untriggered = target_rate(model, loaded.encode, data.split, trigger.target)
+        row.update({"asr": round(asr, 2), "asr_untriggered": round(untriggered, 2), "trigger": trigger.name,
+                    "target": trigger.target})
     return row
 
 

@@ -100,11 +100,11 @@ def merge_cmd(config: Annotated[Optional[Path], typer.Argument(help="safemerge Y
 
 
 def _print_rows(rows: list[dict]) -> None:
-    table = Table("task", "ACC %", "ASR %", "trigger", "examples")
+    table = Table("task", "ACC %", "ASR %", "untriggered %", "trigger", "examples")
     for r in rows:
-        asr = r.get("asr")
-        table.add_row(r["task"], f"{r['acc']:.2f}", "-" if asr is None else f"{asr:.2f}", r.get("trigger") or "-",
-                      str(r.get("examples", "-")))
+        asr, base = r.get("asr"), r.get("asr_untriggered")
+        table.add_row(r["task"], f"{r['acc']:.2f}", "-" if asr is None else f"{asr:.2f}",
+                      "-" if base is None else f"{base:.2f}", r.get("trigger") or "-", str(r.get("examples", "-")))
     out.print(table)
 
 
