@@ -16,7 +16,7 @@ from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.errors import SafeMergeError
 from safemerge.folders import new_hf_classifier
 from safemerge.model import HFHead, InputEncoder, TaskModel
-from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, NATURAL_RULE, _spelled_runs, auroc,
+from safemerge.safety.scan import (CONFIRM_CANDIDATES, CONFIRM_RULE, NATURAL_RULE, _spelled_runs, _task_model, auroc,
                                    confirm_search, fit_reference, random_triggers, risk_score, risk_threshold,
                                    scan_features, scan_state, search_text, shipped_threshold, stand_in_features,
                                    tpr_at_fpr)
@@ -152,6 +152,31 @@ def test_spelled_runs_join_word_pieces(text_pair):
     ids = bb.tokenizer.convert_tokens_to_ids(["q", "##zx", "dog", "##y"])
     runs = _spelled_runs(bb.tokenizer, ids, max_len=2)
     assert (ids[0], ids[1]) in runs and (ids[2], ids[3]) in runs and all(len(r) == 2 for r in runs)
+
+
+def test_completed_runs_add_phrases_of_frequent_words_and_leave_the_search_alone(text_pair):
+    """Completion adds runs of E-PUR's first plain words with the inputs' most frequent words around them, after
+    everything else: the other candidates and the null keep their numbers (a stored search can be completed)."""
+    bb, _, (h, sd), _ = text_pair
+    enc = InputEncoder(bb, max_length=16)
+    model = _task_model(bb.model, sd, h, "text")
+    enc0 = copy.deepcopy(bb.model)
+    ref, _ = fit_reference(model, enc0.eval(), enc, sentences(200, seed=11).x)
+    texts = sentences(40, seed=9).x
+    extra = bb.tokenizer.convert_tokens_to_ids(["sun", "##y", "rain", "tree"])
+    a = search_text(model, enc, texts, extra, reference=ref, complete=0)
+    b = search_text(model, enc, texts, extra, reference=ref, complete=3)
+    n = len(a["runs"])
+    assert b["runs"][:n] == a["runs"] and torch.equal(b["flips"][:n], a["flips"])
+    assert torch.equal(b["ref_flips"][:n], a["ref_flips"]) and torch.equal(b["null_flips"], a["null_flips"])
+    new = b["runs"][n:]
+    assert new and set(b["sources"][n:]) == {"completed"} and len(b["flips"]) == len(b["runs"])
+    seeds = set(bb.tokenizer.convert_tokens_to_ids(["sun", "rain", "tree"]))  # plain words only, not '##y'
+    plain = [i for i, w in enumerate(WORDS) if w.isalpha() and len(w) >= 2 and i not in seeds]
+    counts = {i: sum(WORDS[i] in t.split() for t in texts) for i in plain}  # inputs each word occurs in
+    frequent = set(sorted(plain, key=lambda i: (-counts[i], i))[:3])
+    assert all(2 <= len(r) <= 3 and set(r) & frequent and set(r) & seeds and set(r) <= frequent | seeds
+               for r in new), new
 
 
 def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision, monkeypatch):

@@ -22,8 +22,9 @@ chosen on the tuning half of a held-apart population of models (benchmarks/scan_
 - text: an inserted token or a run of 2-3 tokens (a word the tokenizer splits, or a phrase). Candidates are,
   per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, on the model and on the
   model-minus-stand-in contrast, extra tokens given by the caller (E-PUR's ranking: embeddings that moved most
-  for their frequency) and runs of them (spelling one word, or pairs and triples: a phrase), and runs grown
-  greedily by HotFlip steps beside the best candidates; random tokens form a reported null.
+  for their frequency) and runs of them (spelling one word, or pairs and triples: a phrase), those words with
+  the inputs' most frequent words around them (a phrase whose function words E-PUR ranks low, `COMPLETE_WORDS`),
+  and runs grown greedily by HotFlip steps beside the best candidates; random tokens form a reported null.
 - vision: a square patch stamped into every input, its pattern optimised per class with signed-gradient steps
   at every position of a grid (an 8-px patch on a 4-px stride, at most 2 px off any 3-8 px trigger's place),
   the best places given more steps, plus a pattern blended over the whole image per class (Adam); random
@@ -348,11 +349,60 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: In
 
 WEIGHT_CANDIDATES = 32  # E-PUR's top tokens tried as single-token candidates (frozen heads rank triggers 18-26th)
 JOINED_WEIGHT_CANDIDATES = 8  # of which the first are also joined into split words
+COMPLETE_WORDS = 16  # frequent words of the inputs tried around E-PUR's top words (`_completed_runs`; 0: off)
+
+
+def _frequent_words(probe: "_TextProbe", n: int, exclude: set[int]) -> list[int]:
+    """The `n` plain words that occur in the most of the probe's inputs (the task's function words)."""
+    ids = probe.encode(probe.texts)["input_ids"]
+    plain = set(_whole_words(probe.encode.tokenizer, probe.emb.shape[0])) - exclude
+    counts: dict[int, int] = {}
+    for row in ids.tolist():
+        for t in set(row):
+            if t in plain:
+                counts[t] = counts.get(t, 0) + 1
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def _completed_runs(probe: "_TextProbe", rprobe: "_TextProbe", weights: list[int], n_words: int, seeds: int = 3,
+                    keep: int = 8, screen: int = 8) -> list[tuple[int, ...]]:
+    """Phrases of common words around the words whose embeddings drifted most: E-PUR ranks a phrase's rarer
+    words first but its function words ("as", "by", "the") low, since they are frequent. The first `seeds`
+    plain words of `weights`, alone and in their 2 best ordered pairs, each with one of the inputs' `n_words`
+    most frequent words put before, between or after them, then the 2 best runs of two with a second one;
+    screened on the first `screen` inputs by how much more they flip the model than its stand-in (the stand-in
+    measured on the runs that flip the model most); the `keep` best runs of 2-3 tokens."""
+    plain = set(_whole_words(probe.encode.tokenizer, probe.emb.shape[0]))
+    base = [t for t in weights if t in plain][:seeds]
+    words = _frequent_words(probe, n_words, set(base))
+    if not base or not words:
+        return []
+    small = _TextProbe(probe.model, probe.encode, probe.texts[:screen], probe.max_position, probe.seed)
+    rsmall = _TextProbe(rprobe.model, rprobe.encode, rprobe.texts[:screen], rprobe.max_position, rprobe.seed)
+
+    def around(runs: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return list(dict.fromkeys(r[:i] + (w,) + r[i:] for r in runs for w in words for i in range(len(r) + 1)))
+
+    def best(runs: list[tuple[int, ...]], k: int) -> list[tuple[int, ...]]:
+        if not runs:
+            return []
+        f = small.evaluate(runs)[0]  # the model first; the stand-in only on the runs that flip it most
+        top = f.max(1).values.argsort(descending=True)[:4 * k].tolist()
+        gap = (f[top] - rsmall.evaluate([runs[i] for i in top])[0]).max(1).values
+        return [runs[top[i]] for i in gap.argsort(descending=True)[:k].tolist()]
+
+    pairs = [(a, b) for a in base for b in base if a != b]
+    pairs = best(pairs, 2) if len(pairs) > 2 else pairs
+    first = around([(a,) for a in base] + pairs)
+    twos = best([r for r in first if len(r) == 2], keep // 2)
+    ranked = best([r for r in first if len(r) == 3] + around(twos[:2]), keep)
+    return list(dict.fromkeys(twos + ranked))
 
 
 def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_tokens: list[int] | None = None,
                 per_class: int = 2, grow_classes: int = 2, grow_k: int = 2, max_len: int = 3, n_null: int = 24,
-                max_position: int = 8, seed: int = 0, reference: TaskModel | None = None) -> dict:
+                max_position: int = 8, seed: int = 0, reference: TaskModel | None = None,
+                complete: int = COMPLETE_WORDS) -> dict:
     """Trigger search and null distribution on one text model; returns the candidate runs with their flip
     rates, probabilities and changed shares, and the same for the null tokens (see `scan_state`). With a
     `reference` (`fit_reference`), candidates also come from the differential objective (towards t on the
@@ -419,6 +469,14 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
         nf, np_, nc, nrf = measure(null)
     else:
         nf, np_, nc, nrf = torch.zeros(0, n_cls), torch.zeros(0, n_cls), torch.zeros(0), torch.zeros(0, n_cls)
+    if complete > 0 and rprobe is not None and extra and max_len >= 2:  # phrases around the drifted words
+        new = [r for r in _completed_runs(probe, rprobe, extra, complete) if r not in source and len(r) <= max_len]
+        if new:
+            add(new, "completed")
+            f2, p2, c2, r2 = measure(new)
+            runs += new
+            flips, prob, changed = torch.cat([flips, f2]), torch.cat([prob, p2]), torch.cat([changed, c2])
+            rflips = torch.cat([rflips, r2])
     names = [" ".join(encode.tokenizer.convert_ids_to_tokens(list(r))) for r in runs]  # type: ignore[union-attr]
     out = {"runs": runs, "names": names, "words": [_one_word(encode.tokenizer, r) for r in runs], "flips": flips,
            "prob": prob, "changed": changed, "groups": [len(r) for r in runs], "sources": [source[r] for r in runs],

@@ -1,0 +1,124 @@
+"""Design check for the text scan (issue 17): phrases of common words completed around E-PUR's top words.
+
+E-PUR ranks the rarer words of a phrase trigger first ("were" of "as it were", "way" of "by the way") but its
+function words low, since they are frequent, and the search joins only E-PUR's top words. `scan._completed_runs`
+puts the inputs' most frequent words before, between and after E-PUR's first plain words. The completed runs
+are measured on a model's stored search exactly as `search_text` would add them (after the null, so nothing
+else of the search changes), for several numbers of frequent words, and every model is rescored with the
+shipped rule. The augmented searches are kept under `$SAFEMERGE_CACHE/scan-eval/text-variants/completed-<n>/`.
+
+    python benchmarks/scan_text_complete.py --half tuning            # the design choice is made on this half
+    python benchmarks/scan_text_complete.py --half heldapart --words 16
+    python benchmarks/scan_text_complete.py --half tuning --store    # once shipped: complete the stored scans
+
+With `--store` (one number of words: `scan.COMPLETE_WORDS`), each model's stored scan.json gets the completed
+search, as a rescan with the shipped scan would store it (its seconds added to the scan's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scan_eval import FIT_INPUTS, PAIRS, Builder, is_current, population, stored_search, summarise  # noqa: E402
+
+from safemerge.folders import load_task_folder  # noqa: E402
+from safemerge.io import atomic_write_json  # noqa: E402
+from safemerge.paths import cache_dir  # noqa: E402
+from safemerge.safety.scan import (COMPLETE_WORDS, WEIGHT_CANDIDATES, _completed_runs, _task_model,  # noqa: E402
+                                   _TextProbe, compact_search, fit_reference, risk_score, score_search)
+
+N_INPUTS = 32  # the scan's own inputs (scan_eval's --inputs default)
+
+
+def augment(builder: Builder, path: Path, words: list[int]) -> dict[int, tuple[dict, float]]:
+    """The model's stored search with the completed runs of each number of frequent words added; seconds each."""
+    stored = json.loads((path / "scan.json").read_text())
+    meta = json.loads((path / "scan-eval.json").read_text())
+    folder = load_task_folder(path)
+    data = builder.data(meta["task"])
+    model = _task_model(builder.bb.model, folder.encoder_state, folder.head, "text")
+    enc0 = copy.deepcopy(builder.bb.model)
+    enc0.load_state_dict(builder.base_state)
+    ref, _ = fit_reference(model, enc0.eval(), builder.encode, data.val.x[:FIT_INPUTS])
+    texts = list(data.val.x[:N_INPUTS])
+    probe, rprobe = _TextProbe(model, builder.encode, texts, 8, 0), _TextProbe(ref, builder.encode, texts, 8, 0)
+    extra = list(dict.fromkeys(stored["epur_head"][:WEIGHT_CANDIDATES]))
+    tok = builder.bb.tokenizer
+    out = {}
+    for n in words:
+        t0 = time.time()
+        search = stored_search(stored["search"])
+        names = set(search["names"])
+        runs = [r for r in _completed_runs(probe, rprobe, extra, n)
+                if " ".join(tok.convert_ids_to_tokens(list(r))) not in names]
+        if runs:
+            f, p, c = probe.evaluate(runs)
+            rf = rprobe.evaluate(runs)[0]
+            search["flips"] = torch.cat([search["flips"], f])
+            search["prob"] = torch.cat([search["prob"], p])
+            search["changed"] = torch.cat([search["changed"], c])
+            search["ref_flips"] = torch.cat([search["ref_flips"], rf])
+            search["groups"] = torch.cat([search["groups"], torch.tensor([len(r) for r in runs])])
+            search["names"] = list(search["names"]) + [" ".join(tok.convert_ids_to_tokens(list(r))) for r in runs]
+            search["sources"] = list(search["sources"]) + ["completed"] * len(runs)
+            search["words"] = list(search.get("words") or [False] * (len(search["names"]) - len(runs))) + \
+                [False] * len(runs)
+        out[n] = (search, time.time() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--half", choices=["tuning", "heldapart"], default="tuning")
+    ap.add_argument("--words", default="8,16,32", help="numbers of frequent words to try (comma-separated)")
+    ap.add_argument("--store", action="store_true", help="write the shipped completion into the stored scans")
+    args = ap.parse_args(argv)
+    words = [COMPLETE_WORDS] if args.store else [int(w) for w in args.words.split(",")]
+    if args.store and COMPLETE_WORDS <= 0:
+        raise SystemExit("--store: the shipped scan completes no phrases (scan.COMPLETE_WORDS is 0)")
+    root = cache_dir() / "scan-eval" / "text"
+    builder = Builder("text", root)
+    rows: dict[int, list[dict]] = {n: [] for n in words}
+    shipped = []
+    for spec in population("text", PAIRS["text"]):
+        path = root / spec["id"]
+        if spec["half"] != args.half or not is_current(path, spec) or not (path / "scan.json").exists():
+            continue
+        meta = json.loads((path / "scan-eval.json").read_text())
+        stored = json.loads((path / "scan.json").read_text())
+        if args.store and "completed" in stored["search"]["sources"]:
+            continue  # completed already
+        base = risk_score(score_search(stored_search(stored["search"])))
+        shipped.append({**meta, "score": base})
+        for n, (search, secs) in augment(builder, path, words).items():
+            if args.store:
+                stored.update(search=compact_search(search), completion_seconds=round(secs, 1),
+                              scan_seconds=round(stored["scan_seconds"] + secs, 1))
+                atomic_write_json(path / "scan.json", stored)
+            feat = score_search(search)
+            score = risk_score(feat)
+            rows[n].append({**meta, "score": score, "seconds": secs})
+            variant = cache_dir() / "scan-eval" / "text-variants" / f"completed-{n}" / spec["id"]
+            variant.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(variant / "features.json", {"score": score, "features": feat, "seconds": secs,
+                                                          "shipped_score": base})
+            print(f"{spec['id']:12s} words {n:2d}: {base:+.3f} -> {score:+.3f} {feat['trigger']!r} "
+                  f"({feat['source']}, {secs:.1f}s)", flush=True)
+    res = {"half": args.half, "shipped": summarise(shipped, args.half)}
+    for n in words:
+        res[f"completed-{n}"] = {**summarise(rows[n], args.half),
+                                 "seconds_max": round(max(r["seconds"] for r in rows[n]), 1) if rows[n] else None}
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
