@@ -821,7 +821,7 @@ def stand_in_features(search: dict, skip: tuple[str, ...] = (), max_tokens: int 
     and class, how much more often the candidate sends inputs to the class on the model than on the stand-in.
     The largest gap is the suspected backdoor: what the base's representation explains (a topic word, a shape)
     moves both, a planted shortcut only the model. `skip` leaves out candidates from those sources (text:
-    'grown', 'hotflip', 'differential', 'weights'); `max_tokens` scores text runs of at most that many tokens
+    'grown', 'hotflip', 'differential', 'weights', 'completed'); `max_tokens` scores text runs of at most that many tokens
     (longer runs, searched with more freedom, are adversarial on any fine-tuned model). Same keys as
     `scan_features`, "other" being the stand-in's flip rate for the same candidate and class. With `words`,
     longer runs that spell one word (a word the tokenizer split into pieces) are scored too."""
