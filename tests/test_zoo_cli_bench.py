@@ -88,6 +88,7 @@ def test_merge_and_eval_cli(vision_zoo, tiny_vision, tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert [r["task"] for r in rows] == ["digits"] and all(0 <= r["acc"] <= 100 for r in rows)
+    assert all(0 <= r["asr_untriggered"] <= 100 for r in rows)  # what the model sends to the target anyway
     # the merged digits folder keeps its source's backdoor record: ASR is measured with the planted trigger
     kept = json.loads((out / "digits" / "safemerge.json").read_text())
     assert kept["source_attack"] == "trojvit" and kept["attack"] is None

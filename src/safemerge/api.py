@@ -401,7 +401,9 @@ def _evaluate_on_zoo_data(path, profile: str | None, attack: str | None, tasks: 
             raise SafeMergeError(f"{path}: no head for task '{t}' (heads: {', '.join(zm.heads)})")
         atk = make_attack(attack, seed=zoo.seed) if attack else own
         acc, asr = ev.evaluate(zm.encoder_state, zm.heads[t], t, atk)
-        rows.append({"task": t, "acc": round(acc, 2), "asr": round(asr, 2), "trigger": ev.trigger_for(t, atk).name})
+        rows.append({"task": t, "acc": round(acc, 2), "asr": round(asr, 2),
+                     "asr_untriggered": round(ev.untriggered(zm.encoder_state, zm.heads[t], t, atk), 2),
+                     "trigger": ev.trigger_for(t, atk).name})
     return rows
 
 

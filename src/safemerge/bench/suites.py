@@ -26,7 +26,7 @@ from .tasks import get_task
 from ..io import atomic_write_json, atomic_write_text
 from ..errors import SafeMergeError
 from ..memory import release_memory
-from ..evaluate import acc_asr, accuracy
+from ..evaluate import acc_asr, accuracy, target_rate
 from ..merging.methods import merge, weight_average
 from ..model import TaskModel
 from ..safety.defenses import defend
@@ -262,6 +262,14 @@ class PoolEvaluator:
             self._triggered[key] = atk.asr_split(test)
         return acc_asr(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, test, atk,
                        self._triggered[key])
+
+
+    def untriggered(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
+                    attack: Attack | None) -> float:
+        """Share (%) of the non-target examples sent to the attack's target without its trigger (`target_rate`)."""
+        self._enc.load_state_dict(encoder_state)
+        return target_rate(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.eval_split(task),
+                           self.trigger_for(task, attack).target)
 
 
 def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool,
