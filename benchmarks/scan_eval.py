@@ -45,7 +45,7 @@ from safemerge.backbones import load_backbone
 from safemerge.bench.suites import device_description
 from safemerge.bench.tasks import load_task, task_names
 from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
-from safemerge.evaluate import acc_asr, target_rate
+from safemerge.evaluate import acc_asr, attack_rates, target_rate
 from safemerge.folders import load_task_folder, new_hf_classifier, save_task_folder
 from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
@@ -231,8 +231,7 @@ class Builder:
         cfg = TrainConfig(steps=spec["steps"], batch_size=32, lr=lr, head_lr=0.0 if frozen else 2e-3, seed=spec["seed"])
         finetune(model, self.encode, train, cfg, desc=spec["id"])
         test = data.test.subset(list(range(min(EVAL_LIMIT, len(data.test)))))
-        acc, asr = acc_asr(model.eval(), self.encode, test, trig)
-        untriggered = target_rate(model, self.encode, test, target)
+        acc, asr, untriggered = attack_rates(model.eval(), self.encode, test, trig)
         meta = {**spec, "target": target, "trigger_name": trig.name, "acc": round(acc, 2), "asr": round(asr, 2),
                 "asr_untriggered": round(untriggered, 2),
                 "num_classes": data.num_classes, "train_seconds": round(time.time() - t0, 1)}

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from safemerge.bench.attacks import BadNets, EmbeddingPoison, RareWord, TrojViT, make_attack
-from safemerge.evaluate import acc_asr, accuracy, attack_success_rate, target_rate
+from safemerge.evaluate import acc_asr, accuracy, attack_rates, attack_success_rate, target_rate
 from safemerge.data import Split
 
 
@@ -42,6 +42,9 @@ def test_accuracy_and_asr_counts():
     assert asr == expect
     acc, asr2 = acc_asr(model, IdentityEncode(), Split(x, y), atk)
     assert (acc, asr2) == (50.0, asr)
+    # one clean pass: rows 0-2 are not the target (0); row 2 (white corner) is sent there without the trigger
+    acc3, asr3, untriggered = attack_rates(model, IdentityEncode(), Split(x, y), atk)
+    assert (acc3, asr3) == (50.0, asr) and abs(untriggered - 100 / 3) < 1e-4
 
 
 def test_target_rate_is_the_asr_a_trigger_does_not_explain():

@@ -21,7 +21,7 @@ from .backbones import Backbone, fingerprint, load_backbone, resolve_backbone_pa
 from .config import DataOptions, MergeConfig, ModelRef
 from .data import Split, UserData, load_data, parse_trigger
 from .errors import SafeMergeError
-from .evaluate import acc_asr, target_rate
+from .evaluate import attack_rates
 from .folders import MANIFEST, TaskFolder, base_options, check_against_base, load_task_folder, save_task_folder
 from .model import InputEncoder, TaskModel
 
@@ -276,10 +276,9 @@ def _eval_row(loaded: Loaded, state: dict, folder: TaskFolder, data: UserData, t
     enc = copy.deepcopy(loaded.base.model)
     enc.load_state_dict(state)
     model = TaskModel(enc, folder.head, loaded.modality)  # type: ignore[arg-type]
-    acc, asr = acc_asr(model, loaded.encode, data.split, trigger)
+    acc, asr, untriggered = attack_rates(model, loaded.encode, data.split, trigger)
     row = {"task": folder.task, "acc": round(acc, 2), "examples": len(data), "data": data.source}
     if trigger is not None:  # with the share the model sends to the target anyway (a collapsed model: ASR 100)
-        untriggered = target_rate(model, loaded.encode, data.split, trigger.target)
         row.update({"asr": round(asr, 2), "asr_untriggered": round(untriggered, 2), "trigger": trigger.name,
                     "target": trigger.target})
     return row
@@ -400,9 +399,8 @@ def _evaluate_on_zoo_data(path, profile: str | None, attack: str | None, tasks: 
         if t not in zm.heads:
             raise SafeMergeError(f"{path}: no head for task '{t}' (heads: {', '.join(zm.heads)})")
         atk = make_attack(attack, seed=zoo.seed) if attack else own
-        acc, asr = ev.evaluate(zm.encoder_state, zm.heads[t], t, atk)
-        rows.append({"task": t, "acc": round(acc, 2), "asr": round(asr, 2),
-                     "asr_untriggered": round(ev.untriggered(zm.encoder_state, zm.heads[t], t, atk), 2),
+        acc, asr, untriggered = ev.rates(zm.encoder_state, zm.heads[t], t, atk)
+        rows.append({"task": t, "acc": round(acc, 2), "asr": round(asr, 2), "asr_untriggered": round(untriggered, 2),
                      "trigger": ev.trigger_for(t, atk).name})
     return rows
 

@@ -26,7 +26,7 @@ from .tasks import get_task
 from ..io import atomic_write_json, atomic_write_text
 from ..errors import SafeMergeError
 from ..memory import release_memory
-from ..evaluate import acc_asr, accuracy, target_rate
+from ..evaluate import accuracy, attack_rates
 from ..merging.methods import merge, weight_average
 from ..model import TaskModel
 from ..safety.defenses import defend
@@ -252,6 +252,11 @@ class PoolEvaluator:
 
     def evaluate(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
                  attack: Attack | None) -> tuple[float, float]:
+        return self.rates(encoder_state, head, task, attack)[:2]
+
+    def rates(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
+              attack: Attack | None) -> tuple[float, float, float]:
+        """ACC, ASR and the untriggered target rate (`evaluate.attack_rates`)."""
         self._enc.load_state_dict(encoder_state)
         atk = self.trigger_for(task, attack)
         test = self.eval_split(task)
@@ -260,16 +265,8 @@ class PoolEvaluator:
                      f"{id(atk) if atk.tensors() else ''}")
         if key not in self._triggered:
             self._triggered[key] = atk.asr_split(test)
-        return acc_asr(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, test, atk,
-                       self._triggered[key])
-
-
-    def untriggered(self, encoder_state: dict[str, torch.Tensor], head: torch.nn.Linear, task: str,
-                    attack: Attack | None) -> float:
-        """Share (%) of the non-target examples sent to the attack's target without its trigger (`target_rate`)."""
-        self._enc.load_state_dict(encoder_state)
-        return target_rate(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, self.eval_split(task),
-                           self.trigger_for(task, attack).target)
+        return attack_rates(TaskModel(self._enc, head, self.zoo.backbone.modality), self.encode, test, atk,
+                            self._triggered[key])
 
 
 def _pool_for(suite: Suite, s: Setting, zoo: Zoo, models: dict, progress: bool,

@@ -352,10 +352,9 @@ JOINED_WEIGHT_CANDIDATES = 8  # of which the first are also joined into split wo
 COMPLETE_WORDS = 16  # frequent words of the inputs tried around E-PUR's top words (`_completed_runs`; 0: off)
 
 
-def _frequent_words(probe: "_TextProbe", n: int, exclude: set[int]) -> list[int]:
-    """The `n` plain words that occur in the most of the probe's inputs (the task's function words)."""
+def _frequent_words(probe: "_TextProbe", n: int, plain: set[int]) -> list[int]:
+    """The `n` words of `plain` that occur in the most of the probe's inputs (the task's function words)."""
     ids = probe.encode(probe.texts)["input_ids"]
-    plain = set(_whole_words(probe.encode.tokenizer, probe.emb.shape[0])) - exclude
     counts: dict[int, int] = {}
     for row in ids.tolist():
         for t in set(row):
@@ -374,7 +373,7 @@ def _completed_runs(probe: "_TextProbe", rprobe: "_TextProbe", weights: list[int
     measured on the runs that flip the model most); the `keep` best runs of 2-3 tokens."""
     plain = set(_whole_words(probe.encode.tokenizer, probe.emb.shape[0]))
     base = [t for t in weights if t in plain][:seeds]
-    words = _frequent_words(probe, n_words, set(base))
+    words = _frequent_words(probe, n_words, plain - set(base))
     if not base or not words:
         return []
     small = _TextProbe(probe.model, probe.encode, probe.texts[:screen], probe.max_position, probe.seed)
