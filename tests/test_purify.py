@@ -20,9 +20,9 @@ from safemerge.cli import app
 from safemerge.errors import SafeMergeError
 from safemerge.model import InputEncoder, TaskModel
 from safemerge.safety.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
-                              token_frequencies)
-from safemerge.safety.scan import (_optimise_patterns, _task_model, auroc, patch_positions, scan_state, search_vision,
-                                   vision_flip_rates, vision_triggers)
+                                     token_frequencies, with_trigger_copies)
+from safemerge.safety.scan import (ScanResult, _optimise_patterns, _task_model, auroc, patch_positions, scan_state,
+                                   search_vision, stamp_found, trigger_flip_rate, vision_flip_rates, vision_triggers)
 from safemerge.data import Split
 from safemerge.training import TrainConfig, finetune, fit_linear_probe
 from safemerge.bench.zoo import Profile
@@ -190,19 +190,69 @@ def test_fine_mixing_searches_keep_ratios_in_order(text_base):
 # ------------------------------------------------------------------------------------------------ scan
 
 
-def test_scan_ranks_a_planted_backdoor_above_its_clean_twin(text_base):
-    bb, base = text_base
+def _cf_pair(bb):
+    """A clean tiny text model and its backdoored twin ('cf' -> class 0) under one head, with unlabeled texts."""
     data = _sentences(96)
     head, clean = _trained_text_model(bb, data)
     poisoned = make_attack("rare_word", target=0, poison_rate=0.5).poison(data)  # 'cf' -> class 0
     _, backdoored = _trained_text_model(bb, poisoned, head=head)
-    enc = InputEncoder(bb, max_length=16)
-    texts = _sentences(48, seed=1).x
+    return data, head, clean, backdoored, InputEncoder(bb, max_length=16), _sentences(48, seed=1).x
+
+
+def test_scan_ranks_a_planted_backdoor_above_its_clean_twin(text_base):
+    bb, base = text_base
+    data, head, clean, backdoored, enc, texts = _cf_pair(bb)
     res = {name: scan_state(bb.model, base, sd, head, enc, texts) for name, sd in
            (("clean", clean), ("backdoored", backdoored))}
     assert "cf" in res["backdoored"].trigger.split() and res["backdoored"].target == 0  # found by HotFlip steps
     assert res["backdoored"].flip_rate > 0.6 and res["backdoored"].score > res["clean"].score + 0.3, res
     assert res["backdoored"].stand_in_flip_rate < 0.3  # the stand-in on the base barely follows the trigger
+
+
+def test_purification_unlearns_the_trigger_the_scan_found(text_base):
+    """With the found trigger put into the clean data (true labels), the fine-tuning step removes a backdoor
+    that fine-tuning on clean data alone keeps, and the largest keep ratio that does so is chosen first."""
+    bb, base = text_base
+    data, head, _, backdoored, enc, texts = _cf_pair(bb)
+    found = scan_state(bb.model, base, backdoored, head, enc, texts)
+    assert "cf" in found.trigger.split() and found.target == 0  # (a tiny model: not necessarily flagged)
+    put = stamp_found(found, ["good dog", "the movie is slow"], bb.tokenizer, seed=3)
+    word = bb.tokenizer.convert_tokens_to_string(bb.tokenizer.convert_ids_to_tokens(list(found.pattern["run"])))
+    assert all(word.strip() in t and len(t.split()) == len(o.split()) + len(word.split())
+               for t, o in zip(put, ["good dog", "the movie is slow"]))
+    both = with_trigger_copies(data.subset(list(range(4))), lambda x: stamp_found(found, x, bb.tokenizer))
+    assert len(both) == 8 and both.y.tolist() == data.y[:4].tolist() * 2 and both.x[:4] == data.x[:4]
+
+    def rate(st):
+        return trigger_flip_rate(bb.model, st, head, enc, texts, found)
+    assert rate(backdoored) > 0.6
+    cfg = FineTuneConfig(epochs=3, batch_size=16, lr=1e-3)
+    clean = clean_subset(data, 0.5)
+    kept = fine_mixing(bb.model, head, base, backdoored, enc, clean, data, keep_ratios=(1.0,), max_acc_drop=100,
+                       finetune_cfg=cfg, trigger_rate=rate)
+    unlearned = fine_mixing(bb.model, head, base, backdoored, enc, clean, data, keep_ratios=(0.2, 1.0),
+                            max_acc_drop=100, finetune_cfg=cfg, trigger_rate=rate,
+                            unlearn=lambda x: stamp_found(found, x, bb.tokenizer), largest_first=True)
+    assert kept.trigger_rate > 0.5 and kept.warning  # clean data alone keeps it, and says so
+    assert unlearned.trigger_rate <= 0.2 and not unlearned.warning and unlearned.finetuned
+    assert [t["keep_ratio"] for t in unlearned.trials] == [1.0] and unlearned.keep_ratio == 1.0
+
+
+def test_found_patch_is_stamped_into_uint8_images():
+    mask = torch.zeros(1, 6, 6)
+    mask[:, 1:3, 2:4] = 1
+    pattern = torch.rand(3, 6, 6)
+    found = ScanResult(1.0, 1.0, 0.0, 0, "2-px patch at (1, 2)", pattern={"mask": mask, "pattern": pattern})
+    x = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8)
+    out = stamp_found(found, x)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out[:, :, 1:3, 2:4], (pattern[:, 1:3, 2:4] * 255).round().to(torch.uint8).expand(5, -1, -1, -1))
+    inside = mask.bool().expand(5, 3, 6, 6)
+    assert torch.equal(out[~inside], x[~inside])  # the rest of the image untouched
+    with pytest.raises(SafeMergeError, match="px"):
+        stamp_found(found, torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(SafeMergeError, match="tokenizer"):
+        stamp_found(ScanResult(1.0, 1.0, 0.0, 0, "cf", pattern={"run": (5,)}), ["a text"])
 
 
 def test_vision_trigger_search_mechanics(tiny_vision):
@@ -289,6 +339,8 @@ def test_purify_and_scan_cli(text_base, tiny_text, tmp_path):
     m = json.loads((out / "safemerge.json").read_text())
     assert m["purified"]["method"] == "both" and m["purified"]["e_pur"]["flagged"][0] == "cf"
     assert m["purified"]["fine_mixing"]["keep_ratio"] in (0.1, 1.0) and m["attack"] == "rare_word"
+    fm = m["purified"]["fine_mixing"]  # a trigger is unlearned only when the scan flagged the suspect
+    assert (fm["unlearned"] is not None) == m["purified"]["scan"]["before"]["flagged"]
     sc = m["purified"]["scan"]  # the suspect and the purified model were scanned: both scores are reported
     assert -1 <= sc["before"]["score"] <= 1 and -1 <= sc["after"]["score"] <= 1 and "scan risk" in res.output
     pure = load_state_dict(out)

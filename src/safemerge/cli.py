@@ -247,6 +247,11 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF cla
                top_n: Annotated[int, typer.Option(help="E-PUR: word embeddings to reset")] = 100,
                epochs: Annotated[float, typer.Option(help="fine-tuning epochs over the clean data")] = 3.0,
                lr: Annotated[float, typer.Option(help="fine-tuning learning rate of the encoder")] = 1e-5,
+               unlearn: Annotated[bool, typer.Option(help="when the scan flags the model, also fine-tune on the clean "
+                                                     "data with the found trigger put in (true labels), trying "
+                                                     "keep ratios from the largest down")] = True,
+               unlearn_lr: Annotated[Optional[float], typer.Option(help="the fine-tuning learning rate when "
+                                                                   "unlearning (default 1e-4 text, 1e-5 vision)")] = None,
                base_model: Annotated[Optional[str], typer.Option("--base", help="pre-trained base: 'vision', 'text' or "
                                                                  "an HF folder (default: the manifest's)")] = None,
                profile: Annotated[Optional[str], typer.Option(help="data profile (default: the model's)")] = None,
@@ -263,7 +268,7 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF cla
                                  resolution=resolution, mode=mode,
                                  keep_ratios=tuple(keep_ratio) if keep_ratio else KEEP_RATIOS,
                                  max_acc_drop=max_acc_drop, select_on=select_on, top_n=top_n, epochs=epochs, lr=lr,
-                                 seed=seed)
+                                 unlearn=unlearn, seed=seed, **({} if unlearn_lr is None else {"unlearn_lr": unlearn_lr}))
     parts = []
     if "e_pur" in summary:
         e = summary["e_pur"]
@@ -273,6 +278,8 @@ def purify_cmd(model: Annotated[str, typer.Argument(help="a model folder (HF cla
         step = "fine-tuned" if f["finetuned"] else "not fine-tuned: the step lowered val ACC"
         parts.append(f"fine-mixing ({f['mode']}) kept {f['keep_ratio']:g} of the update ({step}), val ACC {f['val_acc']:.2f} "
                      f"(suspect {f['suspect_val_acc']:.2f}, {f['clean_examples']} clean examples)")
+        if f.get("unlearned"):
+            parts.append(f"unlearned the found trigger '{f['unlearned']}'")
         if f.get("trigger_rate") is not None:
             parts.append(f"found trigger's flip rate {f['trigger_rate']:.2f}")
         if f.get("warning"):

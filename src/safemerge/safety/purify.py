@@ -3,7 +3,9 @@ E-PUR (Zhang et al., "Fine-mixing: Mitigating Backdoors in Fine-tuned Language M
 
 - Fine-mixing: keep a share `keep_ratio` of the suspect's fine-tuned update and reset the rest to the
   pre-trained weights (`mix_states`), then fine-tune the mix on a little clean labeled data (`fine_mixing`).
-  The backdoor lives in the update; most of it goes, and the clean data brings the task accuracy back.
+  The backdoor lives in the update; most of it goes, and the clean data brings the task accuracy back. When
+  a scan found the trigger, the fine-tuning step also unlearns it (the clean data again with the trigger put
+  in and the true labels) and keeps as much of the update as that allows.
 - E-PUR (text): word embeddings that moved far from the pre-trained ones although their token is rare in clean
   text are where rare-word and embedding-poisoning triggers live; reset them (`e_pur`).
 
@@ -19,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -33,9 +35,16 @@ from ..model import Head, InputEncoder, TaskModel
 from ..data import Split
 from ..training import TrainConfig, finetune
 
+if TYPE_CHECKING:
+    from .scan import ScanResult
+
 StateDict = dict[str, torch.Tensor]
 MixMode = Literal["random", "sel"]
 KEEP_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# the fine-tuning step's encoder learning rate when it also unlearns a found trigger, per modality (chosen on
+# the scan population's tuning half, benchmarks/purify_unlearn.py: on MiniLM 1e-5, the clean step's own, left
+# the trigger in; on DINOv2 1e-4 cost up to 35 points of accuracy)
+UNLEARN_LR = {"text": 1e-4, "vision": 1e-5}
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
@@ -171,6 +180,15 @@ def clean_subset(split: Split, fraction: float, seed: int = 0) -> Split:
     return split.subset(chosen[torch.randperm(len(chosen), generator=g)])
 
 
+def with_trigger_copies(clean: Split, put_in: Callable) -> Split:
+    """`clean` followed by a copy of it with a trigger put in (`put_in`) and the same, true labels."""
+    x = put_in(clean.x)
+    if len(x) != len(clean):
+        raise SafeMergeError(f"putting the trigger in returned {len(x)} inputs for {len(clean)}")
+    both = list(clean.x) + list(x) if isinstance(clean.x, list) else torch.cat([clean.x, torch.as_tensor(x)])
+    return Split(both, torch.cat([clean.y, clean.y]))
+
+
 def check_head_fits(head: Head, num_classes: int, task: str) -> None:
     if head.num_labels != num_classes:
         raise SafeMergeError(f"task head '{task}' has {head.num_labels} labels; the task's data has {num_classes} classes")
@@ -227,7 +245,8 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
                 max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
                 finetune_cfg: FineTuneConfig | None = None, scope: Literal["global", "tensor"] = "global",
                 seed: int = 0, trigger_rate: Callable[[StateDict], float] | None = None,
-                max_trigger_rate: float = 0.2) -> FineMixResult:
+                max_trigger_rate: float = 0.2, unlearn: Callable | None = None,
+                largest_first: bool = False) -> FineMixResult:
     """Fine-mixing: the smallest keep ratio of `keep_ratios` whose clean validation accuracy stays within
     `max_acc_drop` points of the suspect's, mixed (`mix_states`) and then fine-tuned on `clean`.
 
@@ -236,15 +255,23 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
     alone passes ratios that keep the backdoor. If no ratio passes both, the largest ratio that removes the
     trigger is returned (its accuracy loss is reported in `warning`), else the one with the lowest rate.
 
+    With `unlearn` (inputs -> the same inputs with the found trigger put in, `scan.stamp_found`), the
+    fine-tuning step also learns the clean data with the trigger in and the true labels (Neural Cleanse's
+    unlearning): a weak task's accuracy needs most of the update kept, and then mixing alone keeps the backdoor.
+    `largest_first` (with a trigger to measure) tries the ratios from the largest down and keeps the first that
+    removes the trigger within the accuracy drop: as much of the update as the trigger allows, where the
+    smallest ratio within the drop sits at the edge of the accuracy budget.
+
     `select_on="finetuned"` (default) judges each keep ratio by the accuracy after the fine-tuning step, since
     that step is part of the method and is what brings the accuracy back; `"mix"` judges the mix alone (one
     fine-tuning instead of one per ratio tried). The fine-tuned model is kept only if its validation accuracy
     is at least the mix's: on a few dozen examples the step can cost accuracy instead of restoring it (it
-    does on DINOv2), and then the mix is the better purification. Ratios are tried in increasing order and
-    the search stops at the first that passes; if none does, the largest is used. `clean=None` skips the
+    does on DINOv2), and then the mix is the better purification. Ratios are tried in increasing order (see
+    `largest_first`) and the search stops at the first that passes; if none does, the largest is used (with a
+    trigger: the largest that removes it, else the one that leaves the least of it). `clean=None` skips the
     fine-tuning step (the paper's "mixing without fine-tuning" ablation). `val` is a labeled clean validation
     split; the `encoder` template is not modified."""
-    ratios = sorted({check_keep_ratio(r) for r in keep_ratios})
+    ratios = sorted({check_keep_ratio(r) for r in keep_ratios}, reverse=largest_first and trigger_rate is not None)
     if not ratios:
         raise SafeMergeError("fine-mixing needs at least one keep ratio")
     if select_on not in ("finetuned", "mix"):
@@ -253,6 +280,8 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
     if len(val) == 0:
         raise SafeMergeError("fine-mixing needs a non-empty clean validation split")
     cfg = finetune_cfg or FineTuneConfig(seed=seed)
+    if clean is not None and unlearn is not None and len(clean):
+        clean = with_trigger_copies(clean, unlearn)
     modality = encode.modality
     enc = copy.deepcopy(encoder).eval()
 
@@ -260,11 +289,16 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
         enc.load_state_dict(state)
         return accuracy(TaskModel(enc, head, modality), encode, val)
 
+    def removes(state: StateDict) -> bool:
+        return trigger_rate is not None and float(trigger_rate(state)) <= max_trigger_rate
+
     def finetuned_if_better(state: StateDict, acc: float, trial: dict) -> tuple[StateDict, float, bool]:
         tuned = finetune_state(encoder, head, state, encode, clean, cfg)  # type: ignore[arg-type]
         tuned_acc = val_acc(tuned)
-        trial.update(finetuned_val_acc=round(tuned_acc, 2), finetuned=tuned_acc >= acc)
-        return (tuned, tuned_acc, True) if tuned_acc >= acc else (state, acc, False)
+        # unlearning may cost a little accuracy: the tuned model is also better if only it removes the trigger
+        keep = tuned_acc >= acc or (unlearn is not None and removes(tuned) and not removes(state))
+        trial.update(finetuned_val_acc=round(tuned_acc, 2), finetuned=keep)
+        return (tuned, tuned_acc, True) if keep else (state, acc, False)
 
     reference = val_acc(suspect)
     threshold = reference - max_acc_drop
@@ -290,7 +324,7 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
     else:
         if trigger_rate is not None:
             safe = [t for t in tried if t[4] is not None and t[4] <= max_trigger_rate]
-            pick = safe[-1] if safe else min(tried, key=lambda t: (t[4], -t[0]))
+            pick = max(safe, key=lambda t: t[0]) if safe else min(tried, key=lambda t: (t[4], -t[0]))
             chosen = pick[:4]
     assert chosen is not None
     r, state, acc, tuned = chosen
@@ -331,7 +365,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                  clean_fraction: float = 0.05, mode: MixMode = "random", keep_ratios: Sequence[float] = KEEP_RATIOS,
                  max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
                  top_n: int = 100, c: float = 20.0, epochs: float = 3.0, lr: float = 1e-5,
-                 seed: int = 0, scan: bool = True, max_trigger_rate: float = 0.2) -> tuple[StateDict, dict]:
+                 seed: int = 0, scan: bool = True, max_trigger_rate: float = 0.2, unlearn: bool = True,
+                 unlearn_lr: float | None = None, found: ScanResult | None = None) -> tuple[StateDict, dict]:
     """Purify a loaded suspect; returns the encoder state and a summary (what was done, chosen keep ratio,
     flagged tokens). E-PUR counts token frequencies in the task's training texts (labels unused) and runs
     before fine-mixing in "both", so the mix starts from purified embeddings. Fine-mixing's clean data is a
@@ -339,19 +374,27 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
 
     With `scan` (default), the suspect is scanned first; if it is flagged, a keep ratio must also bring the
     found trigger's flip rate to `max_trigger_rate` or less (`fine_mixing`), and the purified model is
-    scanned again: both scores are in the summary ("scan")."""
-    from .scan import CONFIRM_INPUTS, scan_state, scan_suspect, trigger_flip_rate
+    scanned again: both scores are in the summary ("scan"). With `unlearn` (default) and a flagged suspect,
+    Fine-mixing's fine-tuning step also unlearns the found trigger (`fine_mixing`), at learning rate
+    `unlearn_lr` (default: `UNLEARN_LR` of the modality) instead of `lr`, and the keep ratios are tried from
+    the largest down. `found`: a `ScanResult` of this suspect to use instead of scanning it first."""
+    from .scan import CONFIRM_INPUTS, scan_state, scan_suspect, stamp_found, trigger_flip_rate
 
     if method not in ("fine-mixing", "e-pur", "both"):
         raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
     modality = s.backbone.modality
     state, summary = s.state, {"method": method}
-    found = scan_suspect(s, seed=seed) if scan else None
+    if found is None and scan:
+        found = scan_suspect(s, seed=seed)
     inputs = s.val.x[:48]
-    rate_of = None
+    rate_of, put_in = None, None
     if found is not None and found.flagged:
         def rate_of(st: StateDict) -> float:
             return trigger_flip_rate(s.backbone.model, st, s.head, s.encode, inputs, found, seed)
+
+        if unlearn:
+            def put_in(x):
+                return stamp_found(found, x, s.backbone.tokenizer, seed + 1)
     if method in ("e-pur", "both"):
         if modality != "text":
             raise SafeMergeError(f"{s.path}: E-PUR purifies word embeddings; this is a {modality} model "
@@ -367,10 +410,13 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                             "first": tok.convert_ids_to_tokens(lead)}
     if method in ("fine-mixing", "both"):
         clean = clean_subset(s.train, clean_fraction, seed) if clean_fraction < 1 else s.train
+        if put_in is not None:
+            lr = UNLEARN_LR[modality] if unlearn_lr is None else unlearn_lr
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
         res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.val,
                             mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
-                            finetune_cfg=cfg, seed=seed, trigger_rate=rate_of, max_trigger_rate=max_trigger_rate)
+                            finetune_cfg=cfg, seed=seed, trigger_rate=rate_of, max_trigger_rate=max_trigger_rate,
+                            unlearn=put_in, largest_first=put_in is not None)
         state = res_m.state
         summary["fine_mixing"] = {"mode": mode, "keep_ratio": res_m.keep_ratio, "finetuned": res_m.finetuned,
                                   "val_acc": round(res_m.val_acc, 2),
@@ -379,8 +425,9 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                                   "max_acc_drop": max_acc_drop, "select_on": select_on, "epochs": epochs,
                                   "lr": cfg.lr, "trigger_rate": res_m.trigger_rate,
                                   "max_trigger_rate": max_trigger_rate if rate_of else None,
+                                  "unlearned": found.trigger if put_in is not None and found is not None else None,
                                   "warning": res_m.warning}
-    if found is not None:
+    if found is not None and scan:
         after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed,
                            fit_inputs=s.val.x[:256],
                            confirm_inputs=s.val.x[len(inputs):len(inputs) + CONFIRM_INPUTS])

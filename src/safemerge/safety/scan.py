@@ -967,6 +967,27 @@ def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: 
                                result.pattern["pattern"][None])[0][0, result.target])
 
 
+def stamp_found(result: ScanResult, x: torch.Tensor | list[str], tokenizer=None, seed: int = 0,
+                max_position: int = 8) -> torch.Tensor | list[str]:
+    """The inputs `x` with the trigger a scan found put in, as the search put it: text, the found token run
+    written out as a word inserted at a seeded random word position among the first `max_position`; vision,
+    the found patch or blend stamped into the uint8 images. What purification unlearns (`purify.fine_mixing`)."""
+    if "run" in result.pattern:
+        if tokenizer is None:
+            raise SafeMergeError("putting a text trigger in needs the model's tokenizer")
+        word = tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(result.pattern["run"])))
+        return insert_placeholder(list(x), word.strip(), seed, max_position)
+    if "mask" not in result.pattern:
+        raise SafeMergeError("this scan result carries no trigger to put in")
+    images = torch.as_tensor(x)
+    m, p = result.pattern["mask"].float(), result.pattern["pattern"].float()
+    if m.shape[-2:] != images.shape[-2:]:
+        raise SafeMergeError(f"the found trigger is {tuple(m.shape[-2:])} px, the images {tuple(images.shape[-2:])}")
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    out = (1 - m) * images.float() + m * p * scale
+    return out.round().clamp(0, 255).to(images.dtype) if images.dtype == torch.uint8 else out.to(images.dtype)
+
+
 def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
                inputs: torch.Tensor | list[str], extra_tokens: list[int] | None = None, per_class: int = 2,
                sides: tuple[int, ...] = (8,), steps: int = 8, seed: int = 0, *, n_null: int = 24,
