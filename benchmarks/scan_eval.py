@@ -340,9 +340,8 @@ class Builder:
         from safemerge.safety.purify import purify_state
 
         meta = json.loads((path / "scan-eval.json").read_text())
-        folder = load_task_folder(path)
-        data = self.data(meta["task"])
         s = self.suspect(path)
+        data = self.data(meta["task"])
         t0 = time.time()
         state, summary = purify_state(s, "both" if self.modality == "text" else "fine-mixing", 0.05, seed=0,
                                       **options)
@@ -350,7 +349,7 @@ class Builder:
         enc.load_state_dict(state)
         trig = make_trigger(meta, meta["target"], self.root)
         test = data.test.subset(list(range(min(EVAL_LIMIT, len(data.test)))))
-        acc, asr = acc_asr(TaskModel(enc, folder.head, self.modality).eval(), self.encode, test, trig)
+        acc, asr = acc_asr(TaskModel(enc, s.head, self.modality).eval(), self.encode, test, trig)
         twin_asr = twin["asr"] if twin else None
         ok = acc >= meta["acc"] - 2 and (asr <= 10 or (twin_asr is not None and asr <= twin_asr + 2))
         fm = summary.get("fine_mixing", {})
