@@ -646,6 +646,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --purify: purify held-apart backdoors again (a purification change): all, those the "
                          "stored scan flagged (the others' purification finds no trigger and is unchanged), or "
                          "those purified with another scan score than the shipped rule's now")
+    ap.add_argument("--only", default=None, metavar="IDS",
+                    help="build / scan / purify only these models this run (comma-separated ids, e.g. p009-bd)")
     ap.add_argument("--confirm-stored", action="store_true",
                     help="text: confirm stored searches on the unseen inputs (as a rescan would) without searching")
     ap.add_argument("--time", type=int, default=None, metavar="N",
@@ -657,6 +659,9 @@ def main(argv: list[str] | None = None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     specs = population(args.backbone, args.pairs)
     order = sorted(specs, key=lambda s: (s["pair"], s["backdoored"]))
+    only = set(args.only.split(",")) if args.only else None
+    if only and only - {s["id"] for s in specs}:
+        raise SystemExit(f"--only: no such model(s) {sorted(only - {s['id'] for s in specs})}")
     if args.time:
         return time_scans(args, root, order)
     builder = None if args.render else Builder(args.backbone, root, args.weight_candidates)
@@ -665,7 +670,7 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in order:
         if args.render:
             break
-        if args.half and spec["half"] != args.half:
+        if (args.half and spec["half"] != args.half) or (only and spec["id"] not in only):
             continue
         path = root / spec["id"]
         scanned = path / "scan.json"
@@ -723,6 +728,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = root / spec["id"]
             out_p = path / "purify.json"
             if not spec["backdoored"] or spec["half"] != "heldapart" or not is_current(path, spec) or \
+                    (only and spec["id"] not in only) or \
                     (out_p.exists() and not again(path) and not (args.repurify and older_than_scan(out_p))):
                 continue
             if args.max_models is not None and done >= args.max_models:

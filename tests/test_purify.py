@@ -22,7 +22,7 @@ from safemerge.model import InputEncoder, TaskModel
 from safemerge.safety.purify import (FineTuneConfig, clean_subset, e_pur, fine_mixing, mix_states, mixing_mask,
                                      token_frequencies, with_trigger_copies)
 from safemerge.safety.scan import (ScanResult, _optimise_patterns, _task_model, auroc, patch_positions, scan_state,
-                                   search_vision, stamp_found, trigger_flip_rate, vision_flip_rates, vision_triggers)
+                                   search_vision, stamp_found, trigger_encoder, trigger_flip_rate, vision_flip_rates, vision_triggers)
 from safemerge.data import Split
 from safemerge.training import TrainConfig, finetune, fit_linear_probe
 from safemerge.bench.zoo import Profile
@@ -217,9 +217,12 @@ def test_purification_unlearns_the_trigger_the_scan_found(text_base):
     found = scan_state(bb.model, base, backdoored, head, enc, texts)
     assert "cf" in found.trigger.split() and found.target == 0  # (a tiny model: not necessarily flagged)
     put = stamp_found(found, ["good dog", "the movie is slow"], bb.tokenizer, seed=3)
-    word = bb.tokenizer.convert_tokens_to_string(bb.tokenizer.convert_ids_to_tokens(list(found.pattern["run"])))
-    assert all(word.strip() in t and len(t.split()) == len(o.split()) + len(word.split())
-               for t, o in zip(put, ["good dog", "the movie is slow"]))
+    run = list(found.pattern["run"])
+    ids = trigger_encoder(found, enc)(put)["input_ids"]
+    for row, o in zip(ids.tolist(), ["good dog", "the movie is slow"]):  # the run itself, once, in the text
+        plain = enc([o])["input_ids"][0].tolist()
+        assert len([t for t in row if t != bb.tokenizer.pad_token_id]) == len(plain) + len(run)
+        assert any(row[i:i + len(run)] == run for i in range(len(row)))
     both = with_trigger_copies(data.subset(list(range(4))), lambda x: stamp_found(found, x, bb.tokenizer))
     assert len(both) == 8 and both.y.tolist() == data.y[:4].tolist() * 2 and both.x[:4] == data.x[:4]
 
@@ -230,7 +233,8 @@ def test_purification_unlearns_the_trigger_the_scan_found(text_base):
     clean = clean_subset(data, 0.5)
     kept = fine_mixing(bb.model, head, base, backdoored, enc, clean, data, keep_ratios=(1.0,), max_acc_drop=100,
                        finetune_cfg=cfg, trigger_rate=rate)
-    unlearned = fine_mixing(bb.model, head, base, backdoored, enc, clean, data, keep_ratios=(0.2, 1.0),
+    unlearned = fine_mixing(bb.model, head, base, backdoored, trigger_encoder(found, enc), clean, data,
+                            keep_ratios=(0.2, 1.0),
                             max_acc_drop=100, finetune_cfg=cfg, trigger_rate=rate,
                             unlearn=lambda x: stamp_found(found, x, bb.tokenizer), largest_first=True)
     assert kept.trigger_rate > 0.5 and kept.warning  # clean data alone keeps it, and says so
@@ -253,6 +257,40 @@ def test_found_patch_is_stamped_into_uint8_images():
         stamp_found(found, torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(SafeMergeError, match="tokenizer"):
         stamp_found(ScanResult(1.0, 1.0, 0.0, 0, "cf", pattern={"run": (5,)}), ["a text"])
+
+
+def test_found_run_goes_in_as_tokens_even_when_no_text_spells_it():
+    """A found run that starts with a word-piece continuation ('##raz ##ix') has no spelling that tokenizes
+    back to it; the unlearning copies carry exactly its tokens, and texts without the trigger encode as before."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import WORDS
+
+    vocab = {w: i for i, w in enumerate(WORDS + ["k", "r", "i", "x", "##raz", "##ix", "##a", "##z"])}
+    wp = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    enc = InputEncoder(modality="text", tokenizer=tok)
+    run = [vocab["##raz"], vocab["##ix"]]
+    found = ScanResult(1.0, 1.0, 0.0, 0, "##raz ##ix", pattern={"run": tuple(run)})
+    written = tok.convert_tokens_to_string(tok.convert_ids_to_tokens(run)).strip()
+    spelled = enc([f"a {written} movie"])["input_ids"][0].tolist()
+    assert not any(spelled[i:i + 2] == run for i in range(len(spelled)))  # the text spelling misses it
+    texts = ["a good movie", "the dog is very slow"]
+    read = trigger_encoder(found, enc)
+    ids = read(stamp_found(found, texts, tok, seed=1))["input_ids"].tolist()
+    assert all(sum(r[i:i + 2] == run for i in range(len(r))) == 1 for r in ids)
+    assert torch.equal(read(texts)["input_ids"], enc(texts)["input_ids"]) and read.modality == "text"
+
+
+def test_found_blend_is_stamped_into_float_images():
+    found = ScanResult(1.0, 1.0, 0.0, 0, "blend 0.2", pattern={"mask": torch.full((1, 4, 4), 0.2),
+                                                               "pattern": torch.ones(3, 4, 4)})
+    x = torch.rand(3, 3, 4, 4)
+    out = stamp_found(found, x)
+    assert out.dtype == x.dtype and torch.allclose(out, 0.8 * x + 0.2)
 
 
 def test_vision_trigger_search_mechanics(tiny_vision):

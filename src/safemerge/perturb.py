@@ -111,6 +111,35 @@ def insert_placeholder(texts: list[str], word: str, seed: int = 0, max_position:
     return out
 
 
+class RunEncoder:
+    """An `InputEncoder` whose texts may carry placeholder tokens where a token run goes: the k-th placeholder
+    of a text becomes the run's k-th token after tokenizing. How a trigger found as tokens is put into texts
+    exactly (a run that starts with a word-piece continuation, "##raz ##ix", has no spelling that tokenizes
+    back to it); texts without placeholders encode as they would without the wrapper."""
+
+    def __init__(self, encode: InputEncoder, placeholder_id: int, run: tuple[int, ...] | list[int]):
+        if not run:
+            raise SafeMergeError("a token run to put in needs at least one token")
+        self.inner, self.placeholder_id = encode, int(placeholder_id)
+        self.run = torch.tensor([int(t) for t in run], dtype=torch.long)
+
+    def __getattr__(self, name: str):  # modality, tokenizer, max_length, pixels: the wrapped encoder's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, x) -> Inputs:
+        enc = self.inner(x)
+        if "input_ids" not in enc:
+            return enc
+        ids = enc["input_ids"]
+        at = ids == self.placeholder_id
+        if not at.any():
+            return enc
+        k = (at.long().cumsum(1) - 1).clamp(0, len(self.run) - 1)
+        return {**enc, "input_ids": torch.where(at, self.run[k], ids)}
+
+
 def inserted_embedding_inputs(inputs: Mapping[str, torch.Tensor], embedding: torch.Tensor, placeholder_id: int,
                               vector: torch.Tensor) -> Inputs:
     """Text encoder inputs where every `placeholder_id` position holds `vector` ([hidden], or [N, hidden] one

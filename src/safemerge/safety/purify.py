@@ -255,7 +255,8 @@ def fine_mixing(encoder: nn.Module, head: nn.Linear, base: StateDict, suspect: S
     alone passes ratios that keep the backdoor. If no ratio passes both, the largest ratio that removes the
     trigger is returned (its accuracy loss is reported in `warning`), else the one with the lowest rate.
 
-    With `unlearn` (inputs -> the same inputs with the found trigger put in, `scan.stamp_found`), the
+    With `unlearn` (inputs -> the same inputs with the found trigger put in, `scan.stamp_found`; text: with
+    `encode` the `scan.trigger_encoder` that reads the placeholders it puts in as the run's tokens), the
     fine-tuning step also learns the clean data with the trigger in and the true labels (Neural Cleanse's
     unlearning): a weak task's accuracy needs most of the update kept, and then mixing alone keeps the backdoor.
     `largest_first` (with a trigger to measure) tries the ratios from the largest down and keeps the first that
@@ -378,7 +379,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     Fine-mixing's fine-tuning step also unlearns the found trigger (`fine_mixing`), at learning rate
     `unlearn_lr` (default: `UNLEARN_LR` of the modality) instead of `lr`, and the keep ratios are tried from
     the largest down. `found`: a `ScanResult` of this suspect to use instead of scanning it first."""
-    from .scan import CONFIRM_INPUTS, scan_state, scan_suspect, stamp_found, trigger_flip_rate
+    from .scan import (CONFIRM_INPUTS, scan_state, scan_suspect, stamp_found, trigger_encoder,
+                       trigger_flip_rate)
 
     if method not in ("fine-mixing", "e-pur", "both"):
         raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
@@ -413,7 +415,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
         if put_in is not None:
             lr = UNLEARN_LR[modality] if unlearn_lr is None else unlearn_lr
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
-        res_m = fine_mixing(s.backbone.model, s.head, s.base, state, s.encode, clean, s.val,
+        encode = trigger_encoder(found, s.encode) if put_in is not None and found is not None else s.encode
+        res_m = fine_mixing(s.backbone.model, s.head, s.base, state, encode, clean, s.val,
                             mode=mode, keep_ratios=keep_ratios, max_acc_drop=max_acc_drop, select_on=select_on,
                             finetune_cfg=cfg, seed=seed, trigger_rate=rate_of, max_trigger_rate=max_trigger_rate,
                             unlearn=put_in, largest_first=put_in is not None)

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import SafeMergeError
 from ..model import Head, InputEncoder, TaskModel, batches, logits, pool, predict
-from ..perturb import insert_placeholder, masked_pattern_inputs, word_embedding_name
+from ..perturb import RunEncoder, insert_placeholder, masked_pattern_inputs, word_embedding_name
 
 StateDict = dict[str, torch.Tensor]
 
@@ -969,14 +969,18 @@ def trigger_flip_rate(encoder: nn.Module, state: StateDict, head: Head, encode: 
 
 def stamp_found(result: ScanResult, x: torch.Tensor | list[str], tokenizer=None, seed: int = 0,
                 max_position: int = 8) -> torch.Tensor | list[str]:
-    """The inputs `x` with the trigger a scan found put in, as the search put it: text, the found token run
-    written out as a word inserted at a seeded random word position among the first `max_position`; vision,
-    the found patch or blend stamped into the uint8 images. What purification unlearns (`purify.fine_mixing`)."""
+    """The inputs `x` with the trigger a scan found put in, as the search put it: text, one placeholder token
+    per token of the found run inserted at a seeded random word position among the first `max_position`, which
+    `trigger_encoder` reads as the run's own tokens (a run need not be spelled by any text: "##raz ##ix");
+    vision, the found patch or blend stamped into the uint8 images. What purification unlearns
+    (`purify.fine_mixing`)."""
     if "run" in result.pattern:
         if tokenizer is None:
             raise SafeMergeError("putting a text trigger in needs the model's tokenizer")
-        word = tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(result.pattern["run"])))
-        return insert_placeholder(list(x), word.strip(), seed, max_position)
+        word = getattr(tokenizer, "mask_token", None) or getattr(tokenizer, "unk_token", None)
+        if word is None:
+            raise SafeMergeError("the tokenizer has neither a mask nor an unknown token to mark the insertion")
+        return insert_placeholder(list(x), " ".join([word] * len(result.pattern["run"])), seed, max_position)
     if "mask" not in result.pattern:
         raise SafeMergeError("this scan result carries no trigger to put in")
     images = torch.as_tensor(x)
@@ -986,6 +990,14 @@ def stamp_found(result: ScanResult, x: torch.Tensor | list[str], tokenizer=None,
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     out = (1 - m) * images.float() + m * p * scale
     return out.round().clamp(0, 255).to(images.dtype) if images.dtype == torch.uint8 else out.to(images.dtype)
+
+
+def trigger_encoder(result: ScanResult, encode: InputEncoder) -> InputEncoder:
+    """The encoder that reads `stamp_found`'s texts: placeholders become the found run's tokens (vision, and a
+    result without a token run: `encode` itself)."""
+    if "run" not in result.pattern or encode.modality == "vision":
+        return encode
+    return RunEncoder(encode, _placeholder(encode)[1], tuple(result.pattern["run"]))  # type: ignore[return-value]
 
 
 def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, head: Head, encode: InputEncoder,
