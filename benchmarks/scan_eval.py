@@ -343,8 +343,8 @@ class Builder:
         s = self.suspect(path)
         data = self.data(meta["task"])
         t0 = time.time()
-        state, summary = purify_state(s, "both" if self.modality == "text" else "fine-mixing", 0.05, seed=0,
-                                      **options)
+        options.setdefault("seed", 0)
+        state, summary = purify_state(s, "both" if self.modality == "text" else "fine-mixing", 0.05, **options)
         enc = copy.deepcopy(self.bb.model)
         enc.load_state_dict(state)
         trig = make_trigger(meta, meta["target"], self.root)

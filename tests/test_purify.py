@@ -392,6 +392,23 @@ def test_purify_and_scan_cli(text_base, tiny_text, tmp_path):
     assert res.exit_code == 0 and "risk" in res.output, res.output
 
 
+def test_unlearning_can_teach_the_suspects_own_predictions(text_base, tiny_text, tmp_path):
+    """`unlearn_targets="suspect"` (tried on the tuning half, not the default) labels the clean examples and their
+    triggered copies with the suspect's predictions; an unknown choice is one clear error and writes nothing."""
+    from safemerge.api import purify_model
+
+    bb, base = text_base
+    model = _folder(tmp_path, tiny_text, "suspect", _perturbed(base, eps=0.01))
+    found = ScanResult(1.0, 1.0, 0.0, 0, "cf", pattern={"run": (bb.tokenizer.convert_tokens_to_ids("cf"),)})
+    assert found.flagged
+    _, summary = purify_model(str(model), str(tmp_path / "pure"), base=str(tiny_text), found=found, scan=False,
+                              keep_ratios=(1.0,), epochs=1, unlearn_targets="suspect")
+    assert summary["fine_mixing"]["unlearn_targets"] == "suspect" and summary["fine_mixing"]["unlearned"] == "cf"
+    with pytest.raises(SafeMergeError, match="unknown unlearning targets 'magic'"):
+        purify_model(str(model), str(tmp_path / "nothing"), base=str(tiny_text), unlearn_targets="magic")
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tmp_path):
     bb, base = text_base
     sus = _perturbed(base, eps=0.01)

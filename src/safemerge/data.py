@@ -50,6 +50,13 @@ class Split:
         x = self.x[idx] if isinstance(self.x, torch.Tensor) else [self.x[i] for i in idx.tolist()]
         return Split(x, self.y[idx])
 
+    def concat(self, other: "Split") -> "Split":
+        """This split's examples followed by `other`'s (both texts or both images)."""
+        if isinstance(self.x, torch.Tensor) != isinstance(other.x, torch.Tensor):
+            raise SafeMergeError("cannot join a split of texts with a split of images")
+        x = torch.cat([self.x, other.x]) if isinstance(self.x, torch.Tensor) else [*self.x, *other.x]
+        return Split(x, torch.cat([self.y, other.y]))
+
 
 @dataclass
 class UserData:

@@ -271,8 +271,7 @@ class Zoo:
         extra = extra_test_split(task, self.profile, self.seed, n - len(test))
         if len(extra) == 0:
             return test
-        x = torch.cat([test.x, extra.x]) if isinstance(test.x, torch.Tensor) else [*test.x, *extra.x]
-        return Split(x, torch.cat([test.y, extra.y]))
+        return test.concat(extra)
 
     def default_attack(self, knobs: bool = True) -> Attack:
         """The trigger ASR is measured with on a clean task: the modality's default attack, with the profile's

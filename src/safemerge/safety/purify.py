@@ -31,7 +31,7 @@ from ..io import check_finite, check_same_keys
 from ..merging.engine import dare_keep, topk_masks
 from ..errors import SafeMergeError
 from ..evaluate import accuracy
-from ..model import Head, InputEncoder, TaskModel
+from ..model import Head, InputEncoder, TaskModel, predict
 from ..data import Split
 from ..training import TrainConfig, finetune
 
@@ -185,8 +185,7 @@ def with_trigger_copies(clean: Split, put_in: Callable) -> Split:
     x = put_in(clean.x)
     if len(x) != len(clean):
         raise SafeMergeError(f"putting the trigger in returned {len(x)} inputs for {len(clean)}")
-    both = list(clean.x) + list(x) if isinstance(clean.x, list) else torch.cat([clean.x, torch.as_tensor(x)])
-    return Split(both, torch.cat([clean.y, clean.y]))
+    return clean.concat(Split(list(x) if isinstance(clean.x, list) else torch.as_tensor(x), clean.y))
 
 
 def check_head_fits(head: Head, num_classes: int, task: str) -> None:
@@ -367,7 +366,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                  max_acc_drop: float = 2.0, select_on: Literal["finetuned", "mix"] = "finetuned",
                  top_n: int = 100, c: float = 20.0, epochs: float = 3.0, lr: float = 1e-5,
                  seed: int = 0, scan: bool = True, max_trigger_rate: float = 0.2, unlearn: bool = True,
-                 unlearn_lr: float | None = None, found: ScanResult | None = None) -> tuple[StateDict, dict]:
+                 unlearn_lr: float | None = None, found: ScanResult | None = None,
+                 unlearn_targets: Literal["labels", "suspect"] = "labels") -> tuple[StateDict, dict]:
     """Purify a loaded suspect; returns the encoder state and a summary (what was done, chosen keep ratio,
     flagged tokens). E-PUR counts token frequencies in the task's training texts (labels unused) and runs
     before fine-mixing in "both", so the mix starts from purified embeddings. Fine-mixing's clean data is a
@@ -378,12 +378,18 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     scanned again: both scores are in the summary ("scan"). With `unlearn` (default) and a flagged suspect,
     Fine-mixing's fine-tuning step also unlearns the found trigger (`fine_mixing`), at learning rate
     `unlearn_lr` (default: `UNLEARN_LR` of the modality) instead of `lr`, and the keep ratios are tried from
-    the largest down. `found`: a `ScanResult` of this suspect to use instead of scanning it first."""
+    the largest down. `unlearn_targets`: what the unlearning step teaches on the clean examples and their
+    triggered copies: the true "labels", or the "suspect"'s own predictions on the clean examples (the trigger
+    should change nothing; the model keeps its function instead of fitting a few dozen labels; "labels"
+    purified more on the tuning half, BENCHMARKS.md). `found`: a
+    `ScanResult` of this suspect to use instead of scanning it first."""
     from .scan import (CONFIRM_INPUTS, scan_state, scan_suspect, stamp_found, trigger_encoder,
                        trigger_flip_rate)
 
     if method not in ("fine-mixing", "e-pur", "both"):
         raise SafeMergeError(f"unknown purification method '{method}' (known: fine-mixing, e-pur, both)")
+    if unlearn_targets not in ("labels", "suspect"):
+        raise SafeMergeError(f"unknown unlearning targets '{unlearn_targets}' (known: labels, suspect)")
     modality = s.backbone.modality
     state, summary = s.state, {"method": method}
     if found is None and scan:
@@ -414,6 +420,10 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
         clean = clean_subset(s.train, clean_fraction, seed) if clean_fraction < 1 else s.train
         if put_in is not None:
             lr = UNLEARN_LR[modality] if unlearn_lr is None else unlearn_lr
+            if unlearn_targets == "suspect" and len(clean):
+                suspect = TaskModel(copy.deepcopy(s.backbone.model), s.head, modality)
+                suspect.encoder.load_state_dict(s.state)
+                clean = Split(clean.x, predict(suspect.eval(), s.encode, clean.x).clone())
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
         encode = trigger_encoder(found, s.encode) if put_in is not None and found is not None else s.encode
         res_m = fine_mixing(s.backbone.model, s.head, s.base, state, encode, clean, s.val,
@@ -429,6 +439,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
                                   "lr": cfg.lr, "trigger_rate": res_m.trigger_rate,
                                   "max_trigger_rate": max_trigger_rate if rate_of else None,
                                   "unlearned": found.trigger if put_in is not None and found is not None else None,
+                                  "unlearn_targets": unlearn_targets if put_in is not None else None,
                                   "warning": res_m.warning}
     if found is not None and scan:
         after = scan_state(s.backbone.model, s.base, state, s.head, s.encode, inputs, None, seed=seed,
