@@ -545,7 +545,7 @@ def purify_lines(res: dict) -> list[str]:
         k[1] += 1
         k[2] += int(r["purify"]["success"] and did)
         k[3] += int(did)
-    return ["", "Purification (Fine-mixing, random, 5% clean data" + (", E-PUR first" if res["backbone"] == "minilm-l6"
+    return ["", "Purification (Fine-mixing, random, 5% clean data" + (", E-PUR first" if res["modality"] == "text"
             else "") + "; success = ASR <= 10% or within 2 points of the clean twin's, at <= 2 points of ACC "
             "lost; a flagged model's found trigger is unlearned in the fine-tuning step, ratios tried from the "
             "largest down), held-apart backdoors:", "",
@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> dict:
     ranks = [r["epur_rank"] for r in took_rows if r.get("epur_rank") is not None]
     guided = [r["epur_rank_guided"] for r in took_rows if r.get("epur_rank_guided") is not None]
     pur = [r["purify"] for r in held_bd if "purify" in r]
-    res = {"backbone": "minilm-l6" if args.backbone == "text" else "dinov2-vits14",
+    res = {"backbone": "minilm-l6" if args.backbone == "text" else "dinov2-vits14", "modality": args.backbone,
            "epur_top10": {"n": len(ranks), "rate": round(sum(k <= 10 for k in ranks) / len(ranks), 4) if ranks else None,
                           "scan_guided_rate": round(sum(k <= 10 for k in guided) / len(guided), 4) if guided else None},
            "purify": {"n": len(pur), "success_rate": round(sum(p["success"] for p in pur) / len(pur), 4) if pur else None},
