@@ -150,12 +150,17 @@ def fit_reference(model: TaskModel, base_encoder: nn.Module, encode: InputEncode
 # ---------------------------------------------------------------------------------------------- text
 
 
-def _placeholder(encode: InputEncoder) -> tuple[str, int]:
-    tok = encode.tokenizer
-    word = getattr(tok, "mask_token", None) or getattr(tok, "unk_token", None)
+def _placeholder_word(tokenizer) -> str:
+    """The token that marks where a searched or found trigger token goes: the mask token, else the unknown."""
+    word = getattr(tokenizer, "mask_token", None) or getattr(tokenizer, "unk_token", None)
     if word is None:
         raise SafeMergeError("the tokenizer has neither a mask nor an unknown token to mark the insertion")
-    return word, int(tok.convert_tokens_to_ids(word))  # type: ignore[union-attr]
+    return word
+
+
+def _placeholder(encode: InputEncoder) -> tuple[str, int]:
+    word = _placeholder_word(encode.tokenizer)
+    return word, int(encode.tokenizer.convert_tokens_to_ids(word))  # type: ignore[union-attr]
 
 
 class _Slots:
@@ -977,9 +982,7 @@ def stamp_found(result: ScanResult, x: torch.Tensor | list[str], tokenizer=None,
     if "run" in result.pattern:
         if tokenizer is None:
             raise SafeMergeError("putting a text trigger in needs the model's tokenizer")
-        word = getattr(tokenizer, "mask_token", None) or getattr(tokenizer, "unk_token", None)
-        if word is None:
-            raise SafeMergeError("the tokenizer has neither a mask nor an unknown token to mark the insertion")
+        word = _placeholder_word(tokenizer)
         return insert_placeholder(list(x), " ".join([word] * len(result.pattern["run"])), seed, max_position)
     if "mask" not in result.pattern:
         raise SafeMergeError("this scan result carries no trigger to put in")
