@@ -383,7 +383,7 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
     should change nothing; the model keeps its function instead of fitting a few dozen labels; "labels"
     purified more on the tuning half, BENCHMARKS.md). `found`: a
     `ScanResult` of this suspect to use instead of scanning it first."""
-    from .scan import (CONFIRM_INPUTS, scan_state, scan_suspect, stamp_found, trigger_encoder,
+    from .scan import (CONFIRM_INPUTS, _task_model, scan_state, scan_suspect, stamp_found, trigger_encoder,
                        trigger_flip_rate)
 
     if method not in ("fine-mixing", "e-pur", "both"):
@@ -421,9 +421,8 @@ def purify_state(s: Suspect, method: Literal["fine-mixing", "e-pur", "both"] = "
         if put_in is not None:
             lr = UNLEARN_LR[modality] if unlearn_lr is None else unlearn_lr
             if unlearn_targets == "suspect" and len(clean):
-                suspect = TaskModel(copy.deepcopy(s.backbone.model), s.head, modality)
-                suspect.encoder.load_state_dict(s.state)
-                clean = Split(clean.x, predict(suspect.eval(), s.encode, clean.x).clone())
+                suspect = _task_model(s.backbone.model, s.state, s.head, modality)
+                clean = Split(clean.x, predict(suspect, s.encode, clean.x).clone())
         cfg = FineTuneConfig(epochs=epochs, lr=lr, seed=seed)
         encode = trigger_encoder(found, s.encode) if put_in is not None and found is not None else s.encode
         res_m = fine_mixing(s.backbone.model, s.head, s.base, state, encode, clean, s.val,
