@@ -10,6 +10,7 @@ shipped rule. The augmented searches are kept under `$SAFEMERGE_CACHE/scan-eval/
     python benchmarks/scan_text_complete.py --half tuning            # the design choice is made on this half
     python benchmarks/scan_text_complete.py --half heldapart --words 16
     python benchmarks/scan_text_complete.py --half tuning --store    # once shipped: complete the stored scans
+    python benchmarks/scan_text_complete.py --half tuning --words 16 --order gap   # seeds by measured gap
 
 With `--store` (one number of words: `scan.COMPLETE_WORDS`), each model's stored scan.json gets the completed
 search, as a rescan with the shipped scan would store it (its seconds added to the scan's).
@@ -38,8 +39,34 @@ from safemerge.safety.scan import (COMPLETE_WORDS, WEIGHT_CANDIDATES, _completed
 N_INPUTS = 32  # the scan's own inputs (scan_eval's --inputs default)
 
 
-def augment(builder: Builder, path: Path, words: list[int]) -> dict[int, tuple[dict, float]]:
-    """The model's stored search with the completed runs of each number of frequent words added; seconds each."""
+def completion_order(runs: list[tuple[int, ...]], flips: torch.Tensor, rflips: torch.Tensor,
+                     weights: list[int]) -> list[int]:
+    """The weight candidates ordered by how much more they flip the model than its stand-in alone (their
+    largest gap over the classes, as measured among `runs`; E-PUR's order breaks ties): the tenth session's
+    try, completing phrases around the words that already move the model, whatever their drift rank (not
+    shipped: the search completes around E-PUR's first plain words)."""
+    gap = (torch.as_tensor(flips) - torch.as_tensor(rflips)).max(1).values
+    alone = {r[0]: float(gap[i]) for i, r in enumerate(runs) if len(r) == 1}
+    return sorted(weights, key=lambda t: -alone.get(t, float("-inf")))
+
+
+def without_completed(search: dict) -> dict:
+    """A stored search without its completed runs (a rescan's search before the completion step)."""
+    keep = [i for i, s in enumerate(search["sources"]) if s != "completed"]
+    out = dict(search)
+    for key in ("flips", "prob", "changed", "ref_flips", "groups"):
+        out[key] = search[key][keep]
+    for key in ("names", "sources", "words"):
+        if key in search:
+            out[key] = [search[key][i] for i in keep]
+    return out
+
+
+def augment(builder: Builder, path: Path, words: list[int], order: str = "epur") -> dict[int, tuple[dict, float]]:
+    """The model's stored search with the completed runs of each number of frequent words added; seconds each.
+    With `order` "gap", the stored completed runs are dropped and the completion starts from the weight
+    candidates in `completion_order` (by their measured gap); "epur": from E-PUR's order, as the search
+    does."""
     stored = json.loads((path / "scan.json").read_text())
     meta = json.loads((path / "scan-eval.json").read_text())
     folder = load_task_folder(path)
@@ -56,6 +83,10 @@ def augment(builder: Builder, path: Path, words: list[int]) -> dict[int, tuple[d
     for n in words:
         t0 = time.time()
         search = stored_search(stored["search"])
+        if order == "gap":
+            search = without_completed(search)
+            runs = [tuple(tok.convert_tokens_to_ids(x.split())) for x in search["names"]]
+            extra = completion_order(runs, search["flips"], search["ref_flips"], extra)
         names = set(search["names"])
         runs = [r for r in _completed_runs(probe, rprobe, extra, n)
                 if " ".join(tok.convert_ids_to_tokens(list(r))) not in names]
@@ -80,6 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--half", choices=["tuning", "heldapart"], default="tuning")
     ap.add_argument("--words", default="8,16,32", help="numbers of frequent words to try (comma-separated)")
     ap.add_argument("--store", action="store_true", help="write the shipped completion into the stored scans")
+    ap.add_argument("--order", choices=["epur", "gap"], default="epur",
+                    help="complete around E-PUR's first plain words (epur, as the search does) or those of largest "
+                         "measured gap (gap: the stored completed runs replaced)")
     args = ap.parse_args(argv)
     words = [COMPLETE_WORDS] if args.store else [int(w) for w in args.words.split(",")]
     if args.store and COMPLETE_WORDS <= 0:
@@ -94,11 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         meta = json.loads((path / "scan-eval.json").read_text())
         stored = json.loads((path / "scan.json").read_text())
-        if args.store and "completed" in stored["search"]["sources"]:
+        if args.store and args.order == "epur" and "completed" in stored["search"]["sources"]:
             continue  # completed already
         base = risk_score(score_search(stored_search(stored["search"])))
         shipped.append({**meta, "score": base})
-        for n, (search, secs) in augment(builder, path, words).items():
+        for n, (search, secs) in augment(builder, path, words, args.order).items():
             if args.store:
                 stored.update(search=compact_search(search), completion_seconds=round(secs, 1),
                               scan_seconds=round(stored["scan_seconds"] + secs, 1))
@@ -106,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
             feat = score_search(search)
             score = risk_score(feat)
             rows[n].append({**meta, "score": score, "seconds": secs})
-            variant = cache_dir() / "scan-eval" / "text-variants" / f"completed-{n}" / spec["id"]
+            tag = f"completed-{n}" + ("-gap" if args.order == "gap" else "")
+            variant = cache_dir() / "scan-eval" / "text-variants" / tag / spec["id"]
             variant.mkdir(parents=True, exist_ok=True)
             atomic_write_json(variant / "features.json", {"score": score, "features": feat, "seconds": secs,
                                                           "shipped_score": base})
@@ -114,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({feat['source']}, {secs:.1f}s)", flush=True)
     res = {"half": args.half, "shipped": summarise(shipped, args.half)}
     for n in words:
-        res[f"completed-{n}"] = {**summarise(rows[n], args.half),
+        res[f"completed-{n}" + ("-gap" if args.order == "gap" else "")] = {**summarise(rows[n], args.half),
                                  "seconds_max": round(max(r["seconds"] for r in rows[n]), 1) if rows[n] else None}
     print(json.dumps(res, indent=1))
     return res

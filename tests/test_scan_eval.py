@@ -179,6 +179,29 @@ def test_completed_runs_add_phrases_of_frequent_words_and_leave_the_search_alone
                for r in new), new
 
 
+def test_differential_step_gives_more_tokens_per_class_than_the_models_own(text_pair):
+    """The differential HotFlip step (towards t on the model, away from t on its stand-in) proposes
+    `differential` tokens per class, the model's own step `per_class`: more differential tokens add candidates
+    and leave the own step's alone; `per_class` 0 turns both off."""
+    bb, _, (h, sd), _ = text_pair
+    enc = InputEncoder(bb, max_length=16)
+    model = _task_model(bb.model, sd, h, "text")
+    ref, _ = fit_reference(model, copy.deepcopy(bb.model).eval(), enc, sentences(200, seed=11).x)
+    texts = sentences(40, seed=9).x
+
+    def singles(search: dict, source: str) -> set:
+        return {r for r, s in zip(search["runs"], search["sources"]) if s == source and len(r) == 1}
+
+    a = search_text(model, enc, texts, reference=ref, per_class=2, differential=2, complete=0)
+    b = search_text(model, enc, texts, reference=ref, per_class=2, differential=6, complete=0)
+    assert singles(a, "differential") < singles(b, "differential")
+    assert singles(a, "hotflip") == singles(b, "hotflip") and singles(a, "hotflip")
+    assert len(singles(b, "differential") | singles(b, "hotflip")) >= 6  # 6 per class, some shared with own
+    extra = bb.tokenizer.convert_tokens_to_ids(["sun", "rain"])
+    c = search_text(model, enc, texts, extra, reference=ref, per_class=0, differential=6, complete=0)
+    assert not singles(c, "differential") and not singles(c, "hotflip") and singles(c, "weights")
+
+
 def test_vision_scan_flags_a_small_patch_at_a_random_place(tiny_vision, monkeypatch):
     bb = load_backbone(str(tiny_vision))
     g = torch.Generator().manual_seed(0)

@@ -20,8 +20,8 @@ chosen on the tuning half of a held-apart population of models (benchmarks/scan_
 17); what the scan catches and misses on the other half is there.
 
 - text: an inserted token or a run of 2-3 tokens (a word the tokenizer splits, or a phrase). Candidates are,
-  per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, on the model and on the
-  model-minus-stand-in contrast, extra tokens given by the caller (E-PUR's ranking: embeddings that moved most
+  per class, the tokens of a first-order (HotFlip) step on an inserted placeholder, on the model and (more of
+  them, `DIFFERENTIAL_PER_CLASS`) on the model-minus-stand-in contrast, extra tokens given by the caller (E-PUR's ranking: embeddings that moved most
   for their frequency) and runs of them (spelling one word, or pairs and triples: a phrase), those words with
   the inputs' most frequent words around them (a phrase whose function words E-PUR ranks low, `COMPLETE_WORDS`),
   and runs grown greedily by HotFlip steps beside the best candidates; random tokens form a reported null.
@@ -355,6 +355,7 @@ def text_flip_rates(encoder: nn.Module, state: StateDict, head: Head, encode: In
 WEIGHT_CANDIDATES = 32  # E-PUR's top tokens tried as single-token candidates (frozen heads rank triggers 18-26th)
 JOINED_WEIGHT_CANDIDATES = 8  # of which the first are also joined into split words
 COMPLETE_WORDS = 16  # frequent words of the inputs tried around E-PUR's top words (`_completed_runs`; 0: off)
+DIFFERENTIAL_PER_CLASS = 8  # tokens per class from the differential HotFlip step (the model's own step: `per_class`)
 
 
 def _frequent_words(probe: "_TextProbe", n: int, plain: set[int]) -> list[int]:
@@ -406,12 +407,13 @@ def _completed_runs(probe: "_TextProbe", rprobe: "_TextProbe", weights: list[int
 def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_tokens: list[int] | None = None,
                 per_class: int = 2, grow_classes: int = 2, grow_k: int = 2, max_len: int = 3, n_null: int = 24,
                 max_position: int = 8, seed: int = 0, reference: TaskModel | None = None,
-                complete: int = COMPLETE_WORDS) -> dict:
+                complete: int = COMPLETE_WORDS, differential: int = DIFFERENTIAL_PER_CLASS) -> dict:
     """Trigger search and null distribution on one text model; returns the candidate runs with their flip
     rates, probabilities and changed shares, and the same for the null tokens (see `scan_state`). With a
     `reference` (`fit_reference`), candidates also come from the differential objective (towards t on the
     model, away from t on the reference), runs grow where the model flips more than the reference, and every
-    candidate's flip rates on the reference come back too (`ref_flips`, `null_ref_flips`)."""
+    candidate's flip rates on the reference come back too (`ref_flips`, `null_ref_flips`). The differential
+    step gives `differential` tokens per class (at least `per_class`; with `per_class` 0, none)."""
     probe = _TextProbe(model, encode, texts, max_position, seed)
     rprobe = _TextProbe(reference, encode, texts, max_position, seed) if reference is not None else None
     n_cls = probe.n_cls
@@ -426,7 +428,8 @@ def search_text(model: TaskModel, encode: InputEncoder, texts: list[str], extra_
         add([(t,) for ts in probe.top_tokens(own, per_class).values() for t in ts], "hotflip")
         if rprobe is not None:
             both = _plus(own, rprobe.token_scores(list(range(n_cls)), (None,), avoid=True))
-            add([(t,) for ts in probe.top_tokens(both, per_class).values() for t in ts], "differential")
+            k = max(per_class, differential)
+            add([(t,) for ts in probe.top_tokens(both, k).values() for t in ts], "differential")
     extra = list(dict.fromkeys(int(t) for t in (extra_tokens or [])))
     add([(t,) for t in extra], "weights")
     if extra and max_len >= 2:  # the first weight candidates joined: a word split into pieces, a phrase
