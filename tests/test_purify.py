@@ -409,7 +409,7 @@ def test_unlearning_can_teach_the_suspects_own_predictions(text_base, tiny_text,
     assert not (tmp_path / "nothing").exists()
 
 
-def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tmp_path):
+def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tmp_path, monkeypatch):
     bb, base = text_base
     sus = _perturbed(base, eps=0.01)
     model = _folder(tmp_path, tiny_text, "suspect", sus)
@@ -427,6 +427,16 @@ def test_purify_and_scan_refuse_bad_inputs(text_base, tiny_text, tiny_vision, tm
     wrong = _folder(tmp_path, tiny_text, "wrong-head", sus, n_classes=4)
     _one_line_error(runner.invoke(app, ["purify", str(wrong), *common]), "head 'tweet_sentiment' has 4 labels; the task has 3 classes")
     _one_line_error(runner.invoke(app, ["scan", str(wrong), "--base", str(tiny_text)]), "task has 3 classes")
+    # several models, the second bad: refused before the first is scanned
+    import safemerge.safety.scan as scan_module
+    from safemerge.api import scan_models
+
+    scanned: list = []
+    monkeypatch.setattr(scan_module, "scan_suspect", lambda s, **kw: scanned.append(s))
+    with pytest.raises(SafeMergeError, match="task has 3 classes"):
+        scan_models([str(model), str(wrong)], str(tiny_text))
+    assert scanned == []
+    monkeypatch.undo()
     # NaN weights, named
     bad = _folder(tmp_path, tiny_text, "nan", sus)
     sd = load_state_dict(bad)

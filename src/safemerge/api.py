@@ -477,13 +477,20 @@ def scan_models(models: list[str], base: str | None = None, profile: str | None 
                 **options) -> list:
     """Scan model folders (or zoo references) for backdoors with unlabeled examples (`data`, or a zoo model's
     validation split; images resized to `resolution` if given); `options` go to `safety.scan.scan_suspect`.
-    The base is loaded once for all models."""
+    The base is loaded once for all models. Every model is loaded and checked against the base and the data
+    before the first scan, so a bad folder or data file fails at once, not after the other models' scans."""
     from .safety.scan import scan_suspect
 
     cache = {} if cache is None else cache
     opts = DataOptions(resolution=resolution)
-    return [scan_suspect(load_suspect(m, base, profile, data, opts, require_labels=False, seed=seed, cache=cache),
-                         n_inputs=n_inputs, seed=seed, **options) for m in models]
+
+    def load(m: str):
+        return load_suspect(m, base, profile, data, opts, require_labels=False, seed=seed, cache=cache)
+
+    if len(models) > 1:
+        for m in models:  # checks only; each is loaded again to scan, so only one model is held at a time
+            load(m)
+    return [scan_suspect(load(m), n_inputs=n_inputs, seed=seed, **options) for m in models]
 
 
 def purify_model(model: str, out: str, method: str = "fine-mixing", clean_fraction: float = 0.05,
