@@ -289,6 +289,12 @@ class Builder:
             out.update(trigger_pieces=pieces, found_run=list(r.pattern.get("run", ())), epur_head=epur_head)
         return out
 
+    def base_encoder(self):
+        """A copy of the pre-trained encoder in eval mode: what the scan fits a model's stand-in on."""
+        enc0 = copy.deepcopy(self.bb.model)
+        enc0.load_state_dict(self.base_state)
+        return enc0.eval()
+
     def confirm_stored(self, path: Path, n_inputs: int) -> dict:
         """A text model's stored search confirmed on the unseen inputs as `scan_state` does it (same stand-in,
         same candidates: the stored search's runs), without searching again; returns the updated scan.json."""
@@ -299,9 +305,7 @@ class Builder:
         folder = load_task_folder(path)
         data = self.data(meta["task"])
         model = _task_model(self.bb.model, folder.encoder_state, folder.head, self.modality)
-        enc0 = copy.deepcopy(self.bb.model)
-        enc0.load_state_dict(self.base_state)
-        ref, _ = fit_reference(model, enc0.eval(), self.encode, data.val.x[:FIT_INPUTS])
+        ref, _ = fit_reference(model, self.base_encoder(), self.encode, data.val.x[:FIT_INPUTS])
         search = stored_search(stored["search"])
         search["runs"] = [tuple(self.bb.tokenizer.convert_tokens_to_ids(n.split())) for n in search["names"]]
         search["classes"] = search["flips"].shape[1]

@@ -19,7 +19,6 @@ search, as a rescan with the shipped scan would store it (its seconds added to t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -72,9 +71,7 @@ def augment(builder: Builder, path: Path, words: list[int], order: str = "epur")
     folder = load_task_folder(path)
     data = builder.data(meta["task"])
     model = _task_model(builder.bb.model, folder.encoder_state, folder.head, "text")
-    enc0 = copy.deepcopy(builder.bb.model)
-    enc0.load_state_dict(builder.base_state)
-    ref, _ = fit_reference(model, enc0.eval(), builder.encode, data.val.x[:FIT_INPUTS])
+    ref, _ = fit_reference(model, builder.base_encoder(), builder.encode, data.val.x[:FIT_INPUTS])
     texts = list(data.val.x[:N_INPUTS])
     probe, rprobe = _TextProbe(model, builder.encode, texts, 8, 0), _TextProbe(ref, builder.encode, texts, 8, 0)
     extra = list(dict.fromkeys(stored["epur_head"][:WEIGHT_CANDIDATES]))

@@ -17,7 +17,6 @@ target, and that minus the stand-in's.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -86,9 +85,7 @@ def main() -> None:
     tok = b.bb.tokenizer
     ids = args.models.split(",") if args.models else default_models(root, tok)
     key = word_embedding_key(b.base_state)
-    enc0 = copy.deepcopy(b.bb.model)
-    enc0.load_state_dict(b.base_state)
-    enc0.eval()
+    enc0 = b.base_encoder()
     for pid in ids:
         path = root / pid
         meta = json.loads((path / "scan-eval.json").read_text())

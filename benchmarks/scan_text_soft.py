@@ -20,7 +20,6 @@ Rows go to `benchmarks/results/scan-text-soft.json`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = cache_dir() / "scan-eval" / "text"
     b = Builder("text", root)
     tok = b.bb.tokenizer
-    enc0 = copy.deepcopy(b.bb.model)
-    enc0.load_state_dict(b.base_state)
-    enc0.eval()
+    enc0 = b.base_encoder()
     rows = []
     for mid in args.models:
         path = root / mid

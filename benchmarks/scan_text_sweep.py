@@ -13,7 +13,6 @@ larger. Results per model are cached under `$SAFEMERGE_CACHE/scan-eval/text-swee
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -83,9 +82,7 @@ def main() -> None:
     store = cache_dir() / "scan-eval" / "text-sweep"
     store.mkdir(parents=True, exist_ok=True)
     b = Builder("text", root)
-    enc0 = copy.deepcopy(b.bb.model)
-    enc0.load_state_dict(b.base_state)
-    enc0.eval()
+    enc0 = b.base_encoder()
     rows = []
     for path in sorted(root.glob("p*")):
         meta = json.loads((path / "scan-eval.json").read_text())
