@@ -47,6 +47,7 @@ from safemerge.bench.suites import device_description
 from safemerge.bench.tasks import load_task, task_names
 from safemerge.data import ImageTrigger, Split, TextTrigger, poison_split
 from safemerge.evaluate import acc_asr, attack_rates, target_rate
+from safemerge.errors import SafeMergeError
 from safemerge.folders import load_task_folder, new_hf_classifier, save_task_folder
 from safemerge.io import atomic_write_json, atomic_write_text
 from safemerge.model import HFHead, InputEncoder, TaskModel
@@ -476,7 +477,10 @@ def variant_score(search: dict, variant: str, row: dict | None = None, tokenizer
         gap = {**t, "flips": t["flips"] - t["ref_flips"], "null_flips": t["null_flips"][:0]}
         return risk_score(scan_features(gap))
     if variant in ("single_tokens", "words"):
-        return risk_score(stand_in_features(t, max_tokens=1, words=variant == "words"))
+        try:
+            return risk_score(stand_in_features(t, max_tokens=1, words=variant == "words"))
+        except SafeMergeError:  # a confirmed search whose 16 best candidates are all longer runs
+            return 0.0
     src = t.get("sources") or ["search"] * len(t["flips"])
     if variant == "narrow_weights":
         if row is None or "epur_head" not in row or tokenizer is None:
