@@ -438,6 +438,17 @@ def current_features(scan: dict) -> dict:
     return score_search(stored_search(scan["search"]))
 
 
+def add_searches_option(ap: argparse.ArgumentParser) -> None:
+    """The diagnostics' `--searches DIR`: read stored searches from a copy of the cache's scan.json files."""
+    ap.add_argument("--searches", default=None,
+                    help="a folder of <id>/scan.json to read the stored searches from (default: the cache's)")
+
+
+def stored_scan(path: Path, searches: str | None) -> dict:
+    """A model's stored scan.json: from the cache folder `path`, or from `searches`/<id>/ where given."""
+    return json.loads(((Path(searches) / path.name if searches else path) / "scan.json").read_text())
+
+
 def stored_search(search: dict) -> dict:
     """A search as stored in scan.json, its numbers back as tensors."""
     return {k: stored_search(v) if isinstance(v, dict) else

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, Builder, stored_search, took  # noqa: E402
+from scan_eval import FIT_INPUTS, Builder, add_searches_option, stored_scan, stored_search, took  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
 from safemerge.io import atomic_write_json  # noqa: E402
@@ -62,8 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--half", default="tuning", choices=["tuning", "heldapart"])
     ap.add_argument("--models", default=None, help="comma-separated ids (default: every model of the half)")
-    ap.add_argument("--searches", default=None,
-                    help="a folder of <id>/scan.json to read the stored searches from (default: the cache's)")
+    add_searches_option(ap)
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/scan-stand-in-<half>.json)")
     args = ap.parse_args()
     root = cache_dir() / "scan-eval" / "text"
@@ -82,8 +81,7 @@ def main() -> None:
         folder = load_task_folder(path)
         data = b.data(meta["task"])
         model = _task_model(b.bb.model, folder.encoder_state, folder.head, "text")
-        stored_at = (Path(args.searches) / pid if args.searches else path) / "scan.json"
-        search = stored_search(json.loads(stored_at.read_text())["search"])
+        search = stored_search(stored_scan(path, args.searches)["search"])
         runs = [tuple(tok.convert_tokens_to_ids(n.split())) for n in search["names"]]
         fit = list(data.val.x[:FIT_INPUTS])
         pool = word_pool(fit)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, Builder, stored_search, took  # noqa: E402
+from scan_eval import FIT_INPUTS, Builder, add_searches_option, stored_scan, stored_search, took  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
 from safemerge.io import atomic_write_json  # noqa: E402
@@ -35,8 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--half", default="tuning", choices=["tuning", "heldapart"])
     ap.add_argument("--k", type=int, nargs="+", default=[3, 4, 6, 8], help="tokens per class to estimate")
-    ap.add_argument("--searches", default=None,
-                    help="a folder of <id>/scan.json to read the stored searches from (default: the cache's)")
+    add_searches_option(ap)
     ap.add_argument("--out", default=None, help="default benchmarks/results/scan-text-differential-<half>.json")
     args = ap.parse_args()
     root = cache_dir() / "scan-eval" / "text"
@@ -53,8 +52,7 @@ def main() -> None:
         folder = load_task_folder(path)
         data = b.data(meta["task"])
         model = _task_model(b.bb.model, folder.encoder_state, folder.head, "text")
-        stored_at = (Path(args.searches) / path.name if args.searches else path) / "scan.json"
-        search = stored_search(json.loads(stored_at.read_text())["search"])
+        search = stored_search(stored_scan(path, args.searches)["search"])
         feat = stand_in_features(search, skip=STAND_IN_SKIP)
         stored = feat["flip"] - feat["other"]
         ref, _ = fit_reference(model, enc0, b.encode, list(data.val.x[:FIT_INPUTS]))
