@@ -124,6 +124,20 @@ def test_text_scan_with_the_base_scores_against_the_models_stand_in(text_pair):
     assert d.confirm_inputs == 0 and "confirm" not in d.search  # no unseen inputs given: the search's own numbers
 
 
+def test_scan_fits_the_stand_in_with_the_ridge_it_is_given(text_pair, monkeypatch):
+    """`stand_in_ridge` reaches the stand-in's fit (the diagnostics compare penalties through `scan_state`)."""
+    import safemerge.safety.scan as scan_mod
+
+    bb, _, (h_dirty, dirty), _ = text_pair
+    enc = InputEncoder(bb, max_length=16)
+    base = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    seen, real = [], scan_mod.fit_reference
+    monkeypatch.setattr(scan_mod, "fit_reference", lambda *a, **k: seen.append(k.get("ridge")) or real(*a, **k))
+    d = scan_state(bb.model, base, dirty, h_dirty, enc, sentences(40, seed=9).x, fit_inputs=sentences(200, seed=11).x,
+                   stand_in_ridge=0.5)
+    assert seen == [0.5] and d.features["other_rule"] == "stand_in"
+
+
 def test_text_candidates_confirmed_on_unseen_inputs(text_pair):
     """`confirm_search` measures a text search's best candidates again on inputs the search did not see (the
     benchmark's variant; text ships the search's own numbers): the planted trigger still flips them, the

@@ -105,8 +105,11 @@ class ProbeHead(Head):
         return lg + self.alpha * self.head(out, inputs) if self.head is not None else lg
 
 
+STAND_IN_RIDGE = 1e-2  # the ridge penalty of the stand-in's linear probe (`fit_reference`)
+
+
 def fit_reference(model: TaskModel, base_encoder: nn.Module, encode: InputEncoder, inputs: torch.Tensor | list[str],
-                  steps: int = 300, lr: float = 1e-2, ridge: float = 1e-2,
+                  steps: int = 300, lr: float = 1e-2, ridge: float = STAND_IN_RIDGE,
                   batch_size: int = 128) -> tuple[TaskModel, float]:
     """The suspect's stand-in on the pre-trained encoder, fitted with soft targets to the suspect's predictions
     on unlabeled inputs: the suspect's own head on the base's output, scaled per class (a head that fits the
@@ -1012,7 +1015,8 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
                max_len: int = 3, blend: float = 0.15, reference: bool = False, stand_in: bool = True,
                fit_inputs: torch.Tensor | list[str] | None = None,
                confirm_inputs: torch.Tensor | list[str] | None = None,
-               strides: tuple[int, ...] | None = None, vision_search: dict | None = None) -> ScanResult:
+               strides: tuple[int, ...] | None = None, vision_search: dict | None = None,
+               stand_in_ridge: float = STAND_IN_RIDGE) -> ScanResult:
     """Risk score of one encoder `state` under `head` from unlabeled `inputs`: search triggers on the model,
     measure each against random tokens / patches on the same model and against the other classes
     (`scan_features`, `risk_score`). Text: HotFlip candidates (`per_class` per class) plus `extra_tokens`
@@ -1020,9 +1024,9 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     `sides` over a position grid (`strides`, default half of each side, or each side where that grid would
     not fit in memory) searched on the schedule of `VISION_SEARCH` (`vision_search` overrides it) with `steps`
     steps at the kept places, and a blend of weight `blend`. `n_null` random tokens / patches form the null. With a `base` and `stand_in`, the
-    model's stand-in on the base (`fit_reference`, fitted on `fit_inputs`, default `inputs`) steers the search
-    and calibrates the flips. With `confirm_inputs` (other unlabeled inputs than `inputs`, at least
-    `MIN_CONFIRM_INPUTS`) and where `CONFIRM_RULE` says so for the modality (neither ships it), the search's
+    model's stand-in on the base (`fit_reference`, fitted on `fit_inputs`, default `inputs`, its probe's ridge
+    penalty `stand_in_ridge`) steers the search and calibrates the flips. With `confirm_inputs` (other unlabeled
+    inputs than `inputs`, at least `MIN_CONFIRM_INPUTS`) and where `CONFIRM_RULE` says so for the modality (neither ships it), the search's
     candidates are measured again on them and the score comes from those numbers (`confirm_search`; text:
     with a stand-in only)."""
     t0 = time.time()
@@ -1042,7 +1046,8 @@ def scan_state(encoder: nn.Module, base: StateDict | None, state: StateDict, hea
     if stand_in and base is not None:
         enc0 = copy.deepcopy(encoder)
         enc0.load_state_dict(base)
-        ref_model, agree = fit_reference(model, enc0.eval(), encode, inputs if fit_inputs is None else fit_inputs)
+        ref_model, agree = fit_reference(model, enc0.eval(), encode, inputs if fit_inputs is None else fit_inputs,
+                                         ridge=stand_in_ridge)
     if encode.modality == "text":
         search = search_text(model, encode, list(inputs), extra_tokens, per_class, max_len=max_len, n_null=n_null,
                              seed=seed, reference=ref_model)
