@@ -432,6 +432,16 @@ VARIANTS = BASE_VARIANTS + tuple(f"{v}+confirm" for v in BASE_VARIANTS if v not 
 NARROW_WEIGHTS = 8  # E-PUR's top tokens tried as single candidates before 2026-11-29's second session
 
 
+def rates(rows: list[dict], score) -> dict | None:
+    """A diagnostic's AUROC and TPR at 5% FPR: rows with "took" and "backdoored", `score(row)` the variant's
+    score; None where either side is empty."""
+    pos = [score(r) for r in rows if r["took"]]
+    neg = [score(r) for r in rows if not r["backdoored"]]
+    if not pos or not neg:
+        return None
+    return {"auroc": round(auroc(pos, neg), 4), "tpr_at_5fpr": round(tpr_at_fpr(pos, neg), 4)}
+
+
 def current_features(scan: dict) -> dict:
     """A stored scan's features under the shipped rule, recomputed from its stored search (the stored
     top-level score and trigger are the rule's at scan time; a changed rule needs no rescan)."""

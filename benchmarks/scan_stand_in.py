@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, Builder, add_searches_option, stored_scan, stored_search, took  # noqa: E402
+from scan_eval import FIT_INPUTS, Builder, add_searches_option, rates, stored_scan, stored_search, took  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
 from safemerge.io import atomic_write_json  # noqa: E402
 from safemerge.paths import cache_dir  # noqa: E402
-from safemerge.safety.scan import (STAND_IN_SKIP, _task_model, _TextProbe, auroc, fit_reference,  # noqa: E402
-                                   stand_in_features, tpr_at_fpr)
+from safemerge.safety.scan import (STAND_IN_SKIP, _task_model, _TextProbe, fit_reference,  # noqa: E402
+                                   stand_in_features)
 
 N_INPUTS = 32
 
@@ -101,12 +101,7 @@ def main() -> None:
         rows.append(row)
         print(pid, row["took"], {k: (row[k]["score"], row[k]["trigger"]) for k in VARIANTS}, row["seconds"],
               flush=True)
-    summary = {}
-    for name in VARIANTS:
-        pos = [r[name]["score"] for r in rows if r["took"]]
-        neg = [r[name]["score"] for r in rows if not r["backdoored"]]
-        if pos and neg:
-            summary[name] = {"auroc": round(auroc(pos, neg), 4), "tpr_at_5fpr": round(tpr_at_fpr(pos, neg), 4)}
+    summary = {name: r for name in VARIANTS if (r := rates(rows, lambda row: row[name]["score"])) is not None}
     print(json.dumps(summary, indent=1))
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"scan-stand-in-{args.half}.json"
     atomic_write_json(out, {"command": "python benchmarks/scan_stand_in.py " + " ".join(sys.argv[1:]),

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import FIT_INPUTS, Builder, add_searches_option, stored_scan, stored_search, took  # noqa: E402
+from scan_eval import FIT_INPUTS, Builder, add_searches_option, rates, stored_scan, stored_search, took  # noqa: E402
 
 from safemerge.folders import load_task_folder  # noqa: E402
 from safemerge.io import atomic_write_json  # noqa: E402
 from safemerge.paths import cache_dir  # noqa: E402
-from safemerge.safety.scan import (STAND_IN_SKIP, _plus, _task_model, _TextProbe, auroc, fit_reference,  # noqa: E402
-                                   stand_in_features, tpr_at_fpr)
+from safemerge.safety.scan import (STAND_IN_SKIP, _plus, _task_model, _TextProbe, fit_reference,  # noqa: E402
+                                   stand_in_features)
 
 N_INPUTS = 32  # the scan's own inputs (scan_eval's --inputs default)
 STORED_PER_CLASS = 2  # what the stored searches took from the differential step
@@ -81,13 +81,8 @@ def main() -> None:
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(row["id"], row["stored"], {k: v for k, v in row.items() if k.startswith("k")}, flush=True)
-    summary = {}
-    for name in ["stored"] + [f"k{k}" for k in args.k]:
-        def score(r: dict) -> float:
-            return r[name] if name == "stored" else r[name]["score"]
-        pos = [score(r) for r in rows if r["took"]]
-        neg = [score(r) for r in rows if not r["backdoored"]]
-        summary[name] = {"auroc": round(auroc(pos, neg), 4), "tpr_at_5fpr": round(tpr_at_fpr(pos, neg), 4)}
+    summary = {name: rates(rows, lambda r: r[name] if name == "stored" else r[name]["score"])
+               for name in ["stored"] + [f"k{k}" for k in args.k]}
     print(json.dumps(summary, indent=1))
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"scan-text-differential-{args.half}.json"
     atomic_write_json(out, {"command": "python benchmarks/scan_text_differential.py " + " ".join(sys.argv[1:]),

@@ -19,20 +19,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_eval import PAIRS, Builder, current_features, is_current, population, took  # noqa: E402
+from scan_eval import PAIRS, Builder, current_features, is_current, population, rates, took  # noqa: E402
 
 from safemerge.io import atomic_write_json  # noqa: E402
 from safemerge.paths import cache_dir  # noqa: E402
-from safemerge.safety.scan import auroc, risk_score, tpr_at_fpr  # noqa: E402
+from safemerge.safety.scan import risk_score  # noqa: E402
 
 
-def rates(rows: list[dict], key: str) -> dict:
-    pos = [r[key] for r in rows if r["took"]]
-    neg = [r[key] for r in rows if not r["backdoored"]]
-    if not pos or not neg:
-        return {"auroc": None, "tpr_at_5fpr": None, "n_pos": len(pos), "n_neg": len(neg)}
-    return {"auroc": round(auroc(pos, neg), 4), "tpr_at_5fpr": round(tpr_at_fpr(pos, neg), 4),
-            "n_pos": len(pos), "n_neg": len(neg)}
+def counted(rows: list[dict], key: str) -> dict:
+    """`rates` of one score column, with how many positives and negatives it rests on."""
+    n = {"n_pos": sum(r["took"] for r in rows), "n_neg": sum(not r["backdoored"] for r in rows)}
+    return {**(rates(rows, lambda r: r[key]) or {"auroc": None, "tpr_at_5fpr": None}), **n}
 
 
 def main() -> None:
@@ -74,7 +71,7 @@ def main() -> None:
         r = rows[-1]
         print(f"{r['id']:<11} took={r['took']!s:<5} shipped {r['shipped']:+.3f} {r['shipped_trigger']!r:<24} "
               f"ridge {args.ridge:g} {r['variant']:+.3f} {r['variant_trigger']!r}", flush=True)
-    summary = {"shipped": rates(rows, "shipped"), f"ridge_{args.ridge:g}": rates(rows, "variant")}
+    summary = {"shipped": counted(rows, "shipped"), f"ridge_{args.ridge:g}": counted(rows, "variant")}
     print(json.dumps(summary))
     dest = Path(args.out or f"benchmarks/results/scan-text-ridge-{args.ridge:g}-{args.half}.json")
     atomic_write_json(dest, {"command": "python benchmarks/scan_text_ridge.py " + " ".join(sys.argv[1:]),
